@@ -1,0 +1,32 @@
+# `make demo` and `make test` build .venv themselves when it is missing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv demo test test-all lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fmtransfer pipeline $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -m "" $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check fmtransfer tests scripts
+
+bench: $(STAMP)
+	$(PY) scripts/bench_train.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,5 @@
+"""`python -m fmtransfer <stage> ...`."""
+
+from fmtransfer.cli import main
+
+raise SystemExit(main())

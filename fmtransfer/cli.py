@@ -1,0 +1,97 @@
+"""``fmtransfer <stage> [hydra overrides]``: a dispatcher over thin ``@hydra.main`` wrappers.
+
+The stage functions live in ``fmtransfer.tasks``; this module only parses, calls and reports.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from collections.abc import Callable
+
+from fmtransfer import __version__
+
+# stage -> (function, one-line description)
+STAGES: dict[str, tuple[str, str]] = {
+    "pretrain": ("fmtransfer.tasks.pretrain:pretrain", "train a global backbone + head on a data recipe"),
+    "evaluate": ("fmtransfer.tasks.evaluate:evaluate", "score a model on any recipe and split, per region"),
+    "pipeline": ("fmtransfer.tasks.pipeline:pipeline",
+                 "the main job: pretrain globally, evaluate globally and zero-shot on a region, write report.md"),
+}
+
+USAGE = """usage: fmtransfer <stage> [key=value ...] [-m] [--help]
+
+Stages:
+{stages}
+
+Each stage is a Hydra app: `fmtransfer <stage> --help` lists its config groups and keys,
+`-m` runs a sweep (e.g. `fmtransfer pretrain -m backbone=resnet18,vit_tiny`), and
+`python -m fmtransfer.<stage>` is the same command. Configs: configs/; data recipes: data_recipes/.
+"""
+
+
+def _load(stage: str) -> Callable:
+    module, func = STAGES[stage][0].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _summary(result: dict) -> str:
+    lines = [f"run dir: {result.get('run_dir')}"]
+    if result.get("report"):
+        lines.append(f"report:  {result['report']}")
+    metrics = result.get("metrics") or {}
+    overall = (metrics.get("test") or metrics).get("overall")
+    if overall:
+        shown = {k: round(v, 4) for k, v in overall.items() if isinstance(v, float)}
+        lines.append(f"metrics: {json.dumps(shown)}")
+    return "\n".join(lines)
+
+
+def run_stage(stage: str, args: list[str]) -> None:
+    """Run ``stage`` as a Hydra app with ``args`` as its command line."""
+    import hydra
+    from omegaconf.errors import MissingMandatoryValue
+
+    from fmtransfer.config import config_dir
+    from fmtransfer.errors import FmtError
+
+    task = _load(stage)
+
+    @hydra.main(config_path=str(config_dir()), config_name=stage, version_base="1.3")
+    def app(cfg) -> None:
+        try:
+            result = task(cfg)
+        except FmtError as e:
+            print(f"fmtransfer {stage}: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except MissingMandatoryValue as e:
+            print(f"fmtransfer {stage}: error: missing value for {e.full_key!r}: pass {e.full_key}=...",
+                  file=sys.stderr)
+            raise SystemExit(2) from None
+        print(_summary(result))
+
+    sys.argv = [f"fmtransfer-{stage}", *args]
+    app()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        width = max(map(len, STAGES))
+        print(USAGE.format(stages="\n".join(f"  {s:<{width}}  {d}" for s, (_, d) in STAGES.items())))
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"fmtransfer {__version__}")
+        return 0
+    stage = argv[0]
+    if stage not in STAGES:
+        print(f"fmtransfer: unknown stage {stage!r}; choose one of: {', '.join(STAGES)} "
+              f"(fmtransfer --help)", file=sys.stderr)
+        return 2
+    run_stage(stage, argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

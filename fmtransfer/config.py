@@ -1,0 +1,107 @@
+"""Config plumbing: where configs live, OmegaConf resolvers, and early validation helpers."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from fmtransfer.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def config_dir() -> Path:
+    """The Hydra config directory (``FMTRANSFER_CONFIG_DIR`` overrides the checkout's ``configs/``)."""
+    path = Path(os.environ.get("FMTRANSFER_CONFIG_DIR", PROJECT_ROOT / "configs"))
+    if not path.is_dir():
+        raise ConfigError(f"config directory {path} does not exist (set FMTRANSFER_CONFIG_DIR)")
+    return path
+
+
+def wandb_offline() -> bool:
+    """W&B runs offline unless the user has logged in (API key in the environment or ~/.netrc)."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"] in ("offline", "disabled", "dryrun")
+    if os.environ.get("WANDB_API_KEY"):
+        return False
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" not in netrc.read_text()
+    except OSError:
+        return True
+
+
+def register_resolvers() -> None:
+    """Register the ``fmt.*`` resolvers once (idempotent)."""
+    if not OmegaConf.has_resolver("fmt.wandb_offline"):
+        OmegaConf.register_new_resolver("fmt.wandb_offline", wandb_offline)
+
+
+register_resolvers()
+
+
+def build(node: Any, key: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` with a clear error naming the config key when the object cannot be built."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        target = node.get("_target_", "?") if hasattr(node, "get") else "?"
+        raise ConfigError(f"{key}: cannot build {target} ({type(cause).__name__}: {cause})") from e
+
+
+def to_plain(node: Any) -> Any:
+    """DictConfig/ListConfig -> plain dict/list (resolved); other values pass through."""
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def build_dataclass(cls: type, values: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, with clear errors for unknown keys and bad ``Literal`` values.
+
+    Args:
+        cls: a dataclass type.
+        values: a dict or DictConfig.
+        where: the config key that holds ``values`` (named in errors), e.g. ``"data"``.
+    """
+    values = to_plain(values) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(values).__name__}: {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; "
+                          f"allowed: {', '.join(sorted(fields))}")
+    missing = [n for n, f in fields.items() if n not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing required key(s): {', '.join(f'{where}.{k}' for k in missing)}")
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        check_literal(hints.get(name), value, f"{where}.{name}")
+    return cls(**values)
+
+
+def check_literal(hint: Any, value: Any, key: str) -> None:
+    """Raise ConfigError if ``hint`` is a Literal (or Optional Literal) that does not admit ``value``."""
+    if hint is None:
+        return
+    options: tuple = ()
+    if get_origin(hint) is Literal:
+        options = get_args(hint)
+    else:
+        for arg in get_args(hint):
+            if get_origin(arg) is Literal:
+                options = get_args(arg) + ((None,) if type(None) in get_args(hint) else ())
+    if options and value not in options:
+        raise ConfigError(f"{key}={value!r} is not allowed; expected one of: "
+                          f"{', '.join(repr(o) for o in options)}")

@@ -1,0 +1,155 @@
+"""One LightningDataModule for every recipe."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+
+from fmtransfer.data.dataset import EpochSampler, TableDataset
+from fmtransfer.data.preprocess import Preprocess
+from fmtransfer.data.recipe import SPLITS, Recipe
+from fmtransfer.data.table import SampleTable, build_table
+from fmtransfer.errors import ConfigError, DataError
+from fmtransfer.lineage.io import write_text_atomic
+
+
+def resolve_workers(num_workers: int | str, file_backed: bool) -> int:
+    """``auto``: in-memory arrays need no workers; files get up to 4 decoding processes."""
+    if num_workers == "auto":
+        return min(4, max(0, (os.cpu_count() or 1) - 1)) if file_backed else 0
+    try:
+        value = int(num_workers)
+    except (TypeError, ValueError):
+        raise ConfigError(f"loader.num_workers={num_workers!r}; expected 'auto' or an integer >= 0") from None
+    if value < 0:
+        raise ConfigError(f"loader.num_workers={value}; expected 'auto' or an integer >= 0")
+    return value
+
+
+class RecipeDataModule(pl.LightningDataModule):
+    """Reads a recipe once, then serves any split.
+
+    Args:
+        recipe: the validated data recipe.
+        batch_size: samples per batch.
+        num_workers: DataLoader workers, or "auto".
+        preprocess: the model's preprocessing (default: the recipe's size, channels and normalisation).
+        classes: map labels onto this class order (a trained head's), instead of the recipe's.
+        seed: seed of the training order (epoch k is shuffled with ``seed + k``).
+        output_dir: where the split manifest and the skipped-image list are written.
+    """
+
+    def __init__(self, recipe: Recipe, *, batch_size: int = 64, num_workers: int | str = "auto",
+                 preprocess: Preprocess | None = None, classes: list[str] | None = None, seed: int = 0,
+                 output_dir: str | Path | None = None):
+        super().__init__()
+        if int(batch_size) < 1:
+            raise ConfigError(f"loader.batch_size={batch_size} must be >= 1")
+        self.recipe = recipe
+        self.batch_size = int(batch_size)
+        self.num_workers_setting = num_workers
+        self.preprocess = preprocess or Preprocess.from_recipe(recipe)
+        self.forced_classes = classes
+        self.seed = seed
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.table: SampleTable | None = None
+        self.files: dict[str, Path] = {}
+        self._datasets: dict[str, TableDataset] = {}
+
+    # --- reading ---------------------------------------------------------------------------------
+    def prepare(self) -> SampleTable:
+        """Read, validate and split the data (idempotent). Raises DataError before any training."""
+        if self.table is None:
+            self.table = build_table(self.recipe, classes=self.forced_classes)
+            if self.output_dir is not None:
+                self.files = self.write_manifests(self.output_dir / "data")
+        return self.table
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare()
+
+    @property
+    def classes(self) -> list[str] | None:
+        return self.prepare().classes
+
+    @property
+    def num_outputs(self) -> int:
+        """Head width: the class count, or 1 for regression."""
+        return len(self.classes) if self.recipe.task == "classification" else 1
+
+    def split_size(self, split: str) -> int:
+        return len(self.prepare().indices(split))
+
+    # --- serving -----------------------------------------------------------------------------------
+    def dataset(self, split: str) -> TableDataset:
+        if split not in self._datasets:
+            table = self.prepare()
+            rows = table.indices(split)
+            if len(rows) == 0:
+                raise DataError(f"recipe {self.recipe.name!r} has no samples in split {split!r} "
+                                f"(sizes: {self.split_sizes()}); adjust data.split")
+            self._datasets[split] = TableDataset(table, rows, self.preprocess)
+        return self._datasets[split]
+
+    def split_sizes(self) -> dict[str, int]:
+        table = self.prepare()
+        return {s: int((table.splits == s).sum()) for s in SPLITS}
+
+    def dataloader(self, split: str, shuffle: bool = False) -> DataLoader:
+        ds = self.dataset(split)
+        workers = resolve_workers(self.num_workers_setting, ds.paths is not None)
+        drop_last = shuffle and len(ds) > self.batch_size  # a last batch of 1 breaks BatchNorm
+        return DataLoader(ds, batch_size=self.batch_size, sampler=EpochSampler(len(ds), shuffle, self.seed),
+                          num_workers=workers, persistent_workers=workers > 0, drop_last=drop_last)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.dataloader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.dataloader("test")
+
+    # --- manifests -----------------------------------------------------------------------------------
+    def write_manifests(self, folder: Path) -> dict[str, Path]:
+        """Write ``<recipe>.splits.csv`` (id,label,region,split) and, if any, ``<recipe>.skipped.csv``."""
+        table = self.prepare()
+        name = self.recipe.name
+        out = {"splits": folder / f"{name}.splits.csv"}
+        labels = ([table.classes[t] for t in table.targets] if table.classes is not None
+                  else [f"{t:.6g}" for t in table.targets])
+        write_text_atomic(out["splits"], _csv(["id", "label", "region", "split"],
+                                              zip(table.ids, labels, table.regions, table.splits)))
+        if table.skipped:
+            out["skipped"] = folder / f"{name}.skipped.csv"
+            write_text_atomic(out["skipped"], _csv(["id", "path", "reason"],
+                                                   ((s.id, s.where, s.reason) for s in table.skipped)))
+        return out
+
+    def summary(self) -> dict:
+        table = self.prepare()
+        return {"recipe": self.recipe.name, "samples": len(table), "listed": table.total,
+                "skipped": len(table.skipped), "splits": self.split_sizes(),
+                "classes": table.classes, "regions": sorted(set(table.regions.tolist())),
+                "fingerprint": table.fingerprint}
+
+
+def _csv(header: list[str], rows) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def rows_by_region(table: SampleTable, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """{region: positions into ``rows``} for per-region metrics."""
+    regions = table.regions[rows]
+    return {r: np.flatnonzero(regions == r) for r in sorted(set(regions.tolist()))}

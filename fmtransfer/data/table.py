@@ -1,0 +1,216 @@
+"""From a recipe to a validated sample table: labels mapped, files checked, splits fixed, content hashed."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fmtransfer.data.images import default_cache_dir, scan_images
+from fmtransfer.data.recipe import SPLITS, Recipe
+from fmtransfer.data.sources import SourceTable, read_source
+from fmtransfer.errors import DataError
+
+
+@dataclass
+class Skipped:
+    id: str
+    where: str
+    reason: str
+
+
+@dataclass
+class SampleTable:
+    """Every usable sample of a recipe.
+
+    Attributes:
+        ids: (n,) sample ids.
+        targets: (n,) int64 class indices into ``classes``, or float32 regression targets.
+        regions: (n,) region names.
+        splits: (n,) one of ``SPLITS``.
+        classes: class names in head order (None for regression).
+        images: (n, H, W, C) float32 in [0, 1] for array sources, else None.
+        paths: (n,) image files for file sources, else None.
+        fingerprint: sha256 over ids, content, labels, regions and splits.
+        skipped: unreadable samples that were left out.
+        total: samples the source listed (before skipping).
+    """
+
+    recipe: Recipe
+    ids: np.ndarray
+    targets: np.ndarray
+    regions: np.ndarray
+    splits: np.ndarray
+    classes: list[str] | None
+    images: np.ndarray | None
+    paths: list[Path] | None
+    fingerprint: str
+    skipped: list[Skipped] = field(default_factory=list)
+    total: int = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def indices(self, split: str) -> np.ndarray:
+        if split not in SPLITS:
+            raise DataError(f"split={split!r} is not known; expected one of {SPLITS}")
+        return np.flatnonzero(self.splits == split)
+
+
+def natural_key(text: str) -> tuple:
+    """Sort key that puts "2" before "10" and "class2" before "class10"."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text))
+
+
+def _map_labels(src: SourceTable, recipe: Recipe, classes: list[str] | None) -> tuple[np.ndarray, list[str] | None]:
+    if recipe.task == "regression":
+        targets = np.empty(len(src.labels), dtype=np.float32)
+        for i, value in enumerate(src.labels):
+            try:
+                targets[i] = float(value)
+            except (TypeError, ValueError):
+                raise DataError(f"{src.where[i]}: label {value!r} is not a number, but data.task='regression' "
+                                f"(recipe {recipe.name!r}); the label column must hold numbers") from None
+        if not np.isfinite(targets).all():
+            bad = int(np.flatnonzero(~np.isfinite(targets))[0])
+            raise DataError(f"{src.where[bad]}: label {src.labels[bad]!r} is not a finite number")
+        return targets, None
+    raw = [str(v) for v in src.labels]
+    if recipe.label_map:
+        raw = [recipe.label_map.get(v, v) for v in raw]
+    classes = list(classes or recipe.classes or sorted(set(raw), key=natural_key))
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = [i for i, v in enumerate(raw) if v not in index]
+    if unknown:
+        labels = sorted({raw[i] for i in unknown}, key=natural_key)
+        examples = "; ".join(f"{src.where[i]}: {raw[i]!r}" for i in unknown[:3])
+        raise DataError(f"recipe {recipe.name!r}: {len(unknown)} sample(s) have labels not in the class list "
+                        f"{labels[:10]} (e.g. {examples}); expected one of {classes} "
+                        f"(set data.classes, or map them with data.label_map)")
+    return np.array([index[v] for v in raw], dtype=np.int64), classes
+
+
+def _stratified_choice(groups: np.ndarray, keys: list[str], n: int, seed: int) -> np.ndarray:
+    """Deterministically pick ``n`` rows keeping each group's share (to within one). Returns sorted rows.
+
+    Args:
+        groups: (m,) group of each row.
+        keys: (m,) row ids; the pick depends on ids and seed, not on listing order.
+    """
+    order = np.argsort(np.array(keys, dtype=object), kind="stable")
+    perm = order[np.random.default_rng(seed).permutation(len(order))]
+    _, inv = np.unique(groups[perm], return_inverse=True)
+    sizes = np.bincount(inv)
+    rank = np.empty(len(perm), dtype=np.float64)
+    counters = np.zeros(len(sizes), dtype=np.int64)
+    for pos, g in enumerate(inv):
+        counters[g] += 1
+        rank[pos] = counters[g]
+    # taking rows in order of how far through its group each one is keeps every group's share
+    return np.sort(perm[np.argsort(rank / sizes[inv], kind="stable")[:n]])
+
+
+def assign_splits(ids: list[str], strata: np.ndarray, fractions: dict[str, float], seed: int) -> np.ndarray:
+    """Split rows into train/val/test, stratified by ``strata``, deterministic in (ids, seed).
+
+    Rows are ordered by id before shuffling, so the listing order of a source does not change the split.
+
+    Args:
+        ids: (n,) sample ids.
+        strata: (n,) group of each row (class index; all zeros for regression).
+        fractions: {"train": f, "val": f, "test": f}, adding up to 1.
+        seed: split seed.
+    Returns:
+        (n,) array of split names.
+    """
+    out = np.empty(len(ids), dtype=object)
+    id_arr = np.array(ids, dtype=object)
+    rng = np.random.default_rng(seed)
+    for group in sorted(set(strata.tolist())):
+        rows = np.flatnonzero(strata == group)
+        rows = rows[np.argsort(id_arr[rows], kind="stable")]
+        rows = rows[rng.permutation(len(rows))]
+        n_test = int(round(len(rows) * fractions["test"]))
+        n_val = int(round(len(rows) * fractions["val"]))
+        out[rows[:n_test]] = "test"
+        out[rows[n_test:n_test + n_val]] = "val"
+        out[rows[n_test + n_val:]] = "train"
+    return out
+
+
+def _fingerprint(src_images: np.ndarray | None, shas: list[str] | None, ids, targets, regions, splits) -> str:
+    h = hashlib.sha256()
+    if src_images is not None:
+        h.update(np.ascontiguousarray(src_images).tobytes())
+    for i in range(len(ids)):
+        content = shas[i] if shas is not None else ""
+        h.update(f"{ids[i]}\t{content}\t{targets[i]}\t{regions[i]}\t{splits[i]}\n".encode())
+    return h.hexdigest()
+
+
+def build_table(recipe: Recipe, *, classes: list[str] | None = None, scan_workers: int | None = None,
+                cache_dir: Path | None | str = "default") -> SampleTable:
+    """Read the recipe's source and return its validated :class:`SampleTable`.
+
+    Args:
+        recipe: a validated recipe.
+        classes: force this class order (a model's head) instead of the recipe's or the data's.
+        scan_workers: threads that decode files during the scan.
+        cache_dir: scan cache folder; "default" uses ``$FMTRANSFER_CACHE`` or ~/.cache/fmtransfer.
+    Raises:
+        DataError: unknown labels, non-numeric regression labels, channel mismatches, or more unreadable
+            images than ``recipe.max_skipped_fraction`` allows.
+    """
+    src = read_source(recipe)
+    targets, classes = _map_labels(src, recipe, classes)
+    keep = np.arange(len(src.ids))
+    strata = targets if recipe.task == "classification" else np.zeros(len(targets), dtype=np.int64)
+    if recipe.limit is not None and recipe.limit < len(keep):
+        keep = _stratified_choice(strata, src.ids, recipe.limit, recipe.split.seed)
+
+    skipped: list[Skipped] = []
+    shas: list[str] | None = None
+    if src.paths is not None:
+        paths = [src.paths[i] for i in keep]
+        scan = scan_images(paths, recipe.channels, workers=scan_workers,
+                           cache_dir=default_cache_dir() if cache_dir == "default" else cache_dir,
+                           desc=f"checking {recipe.name} images")
+        if scan.mismatched:
+            rows = sorted(scan.mismatched)
+            examples = "; ".join(f"{paths[i]} {scan.mismatched[i]}" for i in rows[:3])
+            raise DataError(f"recipe {recipe.name!r} asks for data.channels={recipe.channels}, but "
+                            f"{len(rows)} image(s) cannot be converted (e.g. {examples}); set data.channels "
+                            f"to the images' band count")
+        skipped = [Skipped(src.ids[keep[i]], str(paths[i]), reason) for i, reason in sorted(scan.unreadable.items())]
+        fraction = len(skipped) / len(keep)
+        if skipped:
+            names = ", ".join(s.where for s in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+            warnings.warn(f"recipe {recipe.name!r}: skipped {len(skipped)} unreadable image(s) of {len(keep)} "
+                          f"({fraction:.2%}): {names}", stacklevel=2)
+        if fraction > recipe.max_skipped_fraction:
+            raise DataError(f"recipe {recipe.name!r}: {len(skipped)} of {len(keep)} images ({fraction:.2%}) are "
+                            f"unreadable, more than data.max_skipped_fraction={recipe.max_skipped_fraction:g} "
+                            f"(first: {skipped[0].where}: {skipped[0].reason})")
+        shas = [scan.sha256[i] for i in range(len(keep)) if scan.ok[i]]
+        keep = keep[scan.ok]
+
+    ids = [src.ids[i] for i in keep]
+    targets, strata = targets[keep], strata[keep]
+    regions = np.array([src.regions[i] for i in keep], dtype=object)
+    if src.splits is not None:
+        splits = np.array([src.splits[i] for i in keep], dtype=object)
+    else:
+        s = recipe.split
+        splits = assign_splits(ids, strata, {"train": s.train, "val": s.val, "test": s.test}, s.seed)
+    images = src.images[keep] if src.images is not None else None
+    paths = [src.paths[i] for i in keep] if src.paths is not None else None
+    if not ids:
+        raise DataError(f"recipe {recipe.name!r}: no usable samples in {src.origin}")
+    return SampleTable(recipe=recipe, ids=np.array(ids, dtype=object), targets=targets, regions=regions,
+                       splits=splits, classes=classes, images=images, paths=paths,
+                       fingerprint=_fingerprint(images, shas, ids, targets, regions, splits),
+                       skipped=skipped, total=len(src.ids) if recipe.limit is None else recipe.limit)

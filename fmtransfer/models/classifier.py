@@ -1,0 +1,117 @@
+"""A backbone with a head, and the model artifact format (``model.safetensors`` + ``model.json``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from fmtransfer.data.preprocess import Preprocess
+from fmtransfer.errors import ArtifactError
+from fmtransfer.lineage.io import atomic_path, sha256_file, write_json_atomic
+from fmtransfer.models.backbone import BackboneSpec, create_backbone, read_state_dict
+
+MODEL_FORMAT = "fmtransfer.model"
+MODEL_FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "model.json"
+
+
+class Classifier(nn.Module):
+    """``backbone`` features -> linear ``head`` (class logits, or one value for regression)."""
+
+    def __init__(self, backbone: nn.Module, num_outputs: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.num_features, num_outputs)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.backbone.num_features)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, C, H, W) -> (N, embed_dim)."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def model_meta(model: Classifier, spec: BackboneSpec, *, task: str, classes: list[str] | None,
+               preprocess: Preprocess, **lineage: Any) -> dict[str, Any]:
+    """The JSON header that makes a weights file usable on its own."""
+    return {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "backbone": spec.architecture(),
+            "embed_dim": model.embed_dim, "task": task, "classes": classes,
+            "num_outputs": model.head.out_features, "preprocess": preprocess.to_dict(), "lineage": lineage}
+
+
+def save_model(model: Classifier, meta: dict[str, Any], folder: str | Path) -> tuple[Path, Path]:
+    """Write ``model.safetensors`` then ``model.json`` (with the weights' sha256), each atomically."""
+    folder = Path(folder)
+    weights = folder / WEIGHTS_FILE
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp), metadata={"format": MODEL_FORMAT})
+    meta = {**meta, "weights": WEIGHTS_FILE, "weights_sha256": sha256_file(weights)}
+    return weights, write_json_atomic(folder / META_FILE, meta)
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """A run dir, model.json, model.safetensors or Lightning .ckpt -> the file to load."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        for candidate in (path / META_FILE, path / "pretrain" / META_FILE, path / "checkpoints" / "last.ckpt"):
+            if candidate.is_file():
+                return candidate
+        raise ArtifactError(f"{path} holds no model: expected {META_FILE} (a pretrain run dir), "
+                            f"pretrain/{META_FILE} (a pipeline run dir) or checkpoints/last.ckpt")
+    if path.suffix == ".safetensors":
+        path = path.with_name(META_FILE) if path.name == WEIGHTS_FILE else path.with_suffix(".json")
+    if not path.is_file():
+        raise ArtifactError(f"model {path} does not exist")
+    return path
+
+
+def load_model(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
+    """Load a model artifact (see ``resolve_model_path``); weights are checked against the header's sha256.
+
+    Returns:
+        (model in eval mode, its meta dict).
+    """
+    path = resolve_model_path(path)
+    if path.suffix == ".ckpt":
+        from fmtransfer.models.module import read_checkpoint_meta
+
+        meta = read_checkpoint_meta(path)
+        state = {k.removeprefix("model."): v for k, v in read_state_dict(path).items()}
+    else:
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ArtifactError(f"{path} is not a readable model header ({e})") from e
+        if meta.get("format") != MODEL_FORMAT:
+            raise ArtifactError(f"{path} is not an fmtransfer model header (format={meta.get('format')!r})")
+        weights = path.parent / meta["weights"]
+        if not weights.is_file():
+            raise ArtifactError(f"{path} names weights {weights}, which do not exist")
+        digest = sha256_file(weights)
+        if digest != meta["weights_sha256"]:
+            raise ArtifactError(f"{weights}: sha256 {digest[:12]}... differs from {meta['weights_sha256'][:12]}... "
+                                f"recorded in {path}; the file was changed or truncated")
+        state = read_state_dict(weights)
+    model = build_classifier(meta)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ArtifactError(f"{path}: weights do not fit the recorded architecture ({e})") from e
+    return model.eval(), meta
+
+
+def build_classifier(meta: dict[str, Any]) -> Classifier:
+    """An untrained :class:`Classifier` with the architecture recorded in ``meta``."""
+    spec = BackboneSpec(**meta["backbone"])
+    return Classifier(create_backbone(spec), int(meta["num_outputs"]))

@@ -1,0 +1,136 @@
+"""The supervised LightningModule (classification or regression) and its checkpoint helpers."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics import MeanAbsoluteError, MetricCollection, R2Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from fmtransfer.errors import ArtifactError
+from fmtransfer.models.classifier import Classifier
+
+STAGES = ("train", "val", "test")
+
+
+def _metrics(task: str, num_outputs: int) -> MetricCollection:
+    if task == "classification":
+        return MetricCollection({"acc": MulticlassAccuracy(num_outputs, average="micro"),
+                                 "macro_f1": MulticlassF1Score(num_outputs, average="macro")})
+    return MetricCollection({"r2": R2Score(), "mae": MeanAbsoluteError()})
+
+
+class SupervisedModule(pl.LightningModule):
+    """Trains a :class:`Classifier` on labelled batches ``(x, y, row)``.
+
+    Args:
+        model: backbone + head.
+        task: "classification" (``loss`` on logits and class indices) or "regression" (on one output).
+        loss: the loss module (from config ``_target_``: CrossEntropyLoss, MSELoss, HuberLoss, ...).
+        optimizer: ``params -> Optimizer`` (a config partial).
+        scheduler: ``(optimizer, total_steps) -> LRScheduler`` (a config partial), stepped every step.
+        meta: the model's header (architecture, classes, preprocessing), stored in every checkpoint so a
+            checkpoint alone can be evaluated.
+    """
+
+    def __init__(self, model: Classifier, task: str, loss: nn.Module, optimizer: Callable,
+                 scheduler: Callable | None = None, meta: dict[str, Any] | None = None):
+        super().__init__()
+        self.model, self.task, self.loss_fn = model, task, loss
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.meta = meta or {}
+        # ModuleDict keys cannot be "train" (nn.Module.train), hence the suffix
+        self.metrics = nn.ModuleDict({f"{s}_metrics": _metrics(task, model.head.out_features) for s in STAGES})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def model_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One step shared by train/val/test: (loss, outputs, targets)."""
+        x, y, _ = batch
+        out = self.model(x)
+        if self.task == "regression":
+            out, y = out.squeeze(-1), y.float()
+        return self.loss_fn(out, y), out, y
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        loss, out, y = self.model_step(batch)
+        self.metrics[f"{stage}_metrics"].update(out.detach(), y)
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True,
+                 batch_size=len(y))
+        return loss
+
+    def _epoch_end(self, stage: str) -> None:
+        values = self.metrics[f"{stage}_metrics"].compute()
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val")
+        self.metrics[f"{stage}_metrics"].reset()
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+    def on_train_epoch_end(self) -> None:
+        self._epoch_end("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_end("test")
+
+    def predict_step(self, batch, batch_idx):
+        x, y, rows = batch
+        return self.model(x), y, rows
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, total_steps=self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["fmtransfer"] = self.meta
+
+
+class EpochSeed(pl.Callback):
+    """Reseeds torch, NumPy and ``random`` with ``seed + epoch`` at every epoch start.
+
+    Epoch k then draws the same random numbers (dropout, augmentation) whether the run got there in one
+    go or resumed from a checkpoint, so resumed runs end with the same metrics.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        s = self.seed + trainer.current_epoch
+        torch.manual_seed(s)
+        np.random.seed(s % 2**32)
+        random.seed(s)
+
+
+def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """The model header stored in a Lightning checkpoint by :class:`SupervisedModule` (weights_only load)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ArtifactError(f"cannot read checkpoint {path} safely ({type(e).__name__}: {e})") from e
+    meta = ckpt.get("fmtransfer") if isinstance(ckpt, dict) else None
+    if not meta:
+        raise ArtifactError(f"checkpoint {path} was not written by fmtransfer (no 'fmtransfer' header); "
+                            f"use it as backbone.checkpoint=... instead")
+    return meta

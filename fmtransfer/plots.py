@@ -1,0 +1,77 @@
+"""Plots people would rather look at than read: confusion matrices, training curves."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fmtransfer.lineage.io import atomic_path  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
+
+
+def confusion_matrix_png(cm: np.ndarray, classes: list[str], path: str | Path, title: str) -> Path:
+    """Row-normalised confusion matrix with counts in the cells. cm: (k, k), row = true class."""
+    cm = np.asarray(cm)
+    k = len(classes)
+    rows = cm.sum(1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
+    size = max(4.0, 0.45 * k + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), classes, rotation=45 if k > 10 else 0, ha="right" if k > 10 else "center")
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    if k <= 30:
+        for i in range(k):
+            for j in range(k):
+                if cm[i, j]:
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    return _save(fig, Path(path))
+
+
+def training_curves_png(metrics_csv: str | Path, path: str | Path, title: str = "training") -> Path | None:
+    """Loss and validation metrics per epoch from a Lightning CSVLogger ``metrics.csv`` (None if absent)."""
+    metrics_csv = Path(metrics_csv)
+    if not metrics_csv.is_file():
+        return None
+    with open(metrics_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    series: dict[str, dict[int, float]] = {}
+    for row in rows:
+        if not row.get("epoch"):
+            continue
+        epoch = int(float(row["epoch"]))
+        for key, value in row.items():
+            if value and (key.endswith("_epoch") or key.startswith("val/")) and key not in ("epoch", "step"):
+                series.setdefault(key.removesuffix("_epoch"), {})[epoch] = float(value)
+    if not series:
+        return None
+    losses = {k: v for k, v in series.items() if k.endswith("loss")}
+    others = {k: v for k, v in series.items() if not k.endswith("loss")}
+    fig, axes = plt.subplots(1, 2 if others else 1, figsize=(10 if others else 5, 3.6), squeeze=False)
+    for ax, group, ylabel in ((axes[0][0], losses, "loss"), (axes[0][-1], others, "metric")):
+        for name, points in sorted(group.items()):
+            xs = sorted(points)
+            ax.plot([x + 1 for x in xs], [points[x] for x in xs], marker="o", ms=3, label=name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, Path(path))

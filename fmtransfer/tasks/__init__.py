@@ -1,0 +1,1 @@
+"""Stage functions: plain ``stage(cfg) -> dict`` callables; the CLI only parses and calls them."""

@@ -1,0 +1,195 @@
+"""What every stage does: output folders, loggers, trainers, checkpoints, predictions."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from fmtransfer.config import build
+from fmtransfer.errors import ArtifactError, ConfigError
+from fmtransfer.metrics import classification_metrics, regression_metrics
+from fmtransfer.models.classifier import Classifier
+
+# Lightning's chatter that says nothing to a user of this framework
+for pattern in (r".*does not have many workers.*", r".*LeafSpec.*", r".*treespec.*",
+                r".*The number of training batches.*smaller than the logging interval.*"):
+    warnings.filterwarnings("ignore", message=pattern)
+
+
+class _DropAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+_LIGHTNING_LOG = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+_LIGHTNING_LOG.addFilter(_DropAdverts())
+
+
+@contextlib.contextmanager
+def quiet_lightning():
+    """Hide Lightning's device banner for helper trainers (inference), where it is noise."""
+    level = _LIGHTNING_LOG.level
+    _LIGHTNING_LOG.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        _LIGHTNING_LOG.setLevel(level)
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    try:
+        path = Path(cfg.run_dir)
+    except Exception as e:  # noqa: BLE001 - ${hydra:...} outside a Hydra app
+        raise ConfigError("run_dir is not set: pass run_dir=<folder> when calling a stage from Python") from e
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def resolve_precision(precision: Any) -> Any:
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def build_logger(cfg: DictConfig):
+    node = cfg.get("logger")
+    if not node or "_target_" not in node:
+        return False
+    if "WandbLogger" in str(node["_target_"]):
+        os.environ.setdefault("WANDB_SILENT", "true")
+        os.environ.setdefault("WANDB_CONSOLE", "off")
+    return build(node, "logger")
+
+
+class AtomicModelCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose files appear whole: written beside, then renamed into place.
+
+    A run killed while saving keeps its previous ``last.ckpt`` intact.
+    """
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        partial = f"{filepath}.partial"
+        trainer.save_checkpoint(partial, self.save_weights_only)
+        if trainer.is_global_zero:
+            os.replace(partial, filepath)
+        trainer.strategy.barrier("atomic_checkpoint")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(self)
+
+
+class TrainThroughput(pl.Callback):
+    """Training images per second of each epoch (data loading, forward, backward, step; no validation)."""
+
+    def __init__(self) -> None:
+        self.per_epoch: list[float] = []
+        self._start = 0.0
+        self._images = 0
+        self._end = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start, self._images = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._images += len(batch[0])
+        self._end = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._images:
+            self.per_epoch.append(self._images / max(1e-9, self._end - self._start))
+
+
+def checkpoint_callback(cfg: DictConfig, folder: Path) -> AtomicModelCheckpoint:
+    ck = cfg.checkpoint
+    return AtomicModelCheckpoint(dirpath=folder, filename="epoch{epoch:03d}", auto_insert_metric_name=False,
+                                 monitor=ck.monitor, mode=ck.mode, save_top_k=ck.save_top_k, save_last=True,
+                                 every_n_epochs=1, enable_version_counter=False)
+
+
+def extra_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    node = cfg.get("callbacks") or {}
+    return [build(v, f"callbacks.{k}") for k, v in node.items() if v is not None]
+
+
+def build_trainer(cfg: DictConfig, *, callbacks: list, logger, default_root_dir: Path) -> pl.Trainer:
+    node = OmegaConf.to_container(cfg.trainer, resolve=True)
+    node["precision"] = resolve_precision(node.get("precision", "auto"))
+    for key in ("limit_train_batches", "limit_val_batches"):
+        if node.get(key) is None:
+            node.pop(key, None)
+    return build(node, "trainer", callbacks=callbacks, logger=logger, default_root_dir=str(default_root_dir))
+
+
+def resolve_resume(resume: str | None) -> Path | None:
+    """``resume=<ckpt or run dir>`` -> the checkpoint to continue from (None: a fresh run)."""
+    if not resume:
+        return None
+    path = Path(resume).expanduser()
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.ckpt", path / "pretrain" / "checkpoints" / "last.ckpt"):
+            if candidate.is_file():
+                return candidate
+        raise ArtifactError(f"resume={resume}: no checkpoints/last.ckpt in that run dir (did the run finish "
+                            f"its first epoch?)")
+    if not path.is_file():
+        raise ArtifactError(f"resume={resume}: no such checkpoint file or run dir")
+    return path
+
+
+class _Predictor(pl.LightningModule):
+    def __init__(self, model: Classifier):
+        super().__init__()
+        self.model = model
+
+    def predict_step(self, batch, batch_idx):
+        x, y, rows = batch
+        return self.model(x).float(), y, rows
+
+
+def predict(model: Classifier, loader, accelerator: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Model outputs over a loader with Lightning (device placement, progress bar).
+
+    Returns:
+        outputs: (n, num_outputs) float32 logits or values; targets: (n,); rows: (n,) table rows.
+    """
+    with quiet_lightning():
+        trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
+                             enable_model_summary=False, enable_progress_bar=len(loader) > 5)
+        model.eval()
+        batches = trainer.predict(_Predictor(model), loader)
+    outputs = torch.cat([b[0] for b in batches]).cpu().numpy()
+    targets = torch.cat([b[1] for b in batches]).cpu().numpy()
+    rows = torch.cat([b[2] for b in batches]).cpu().numpy()
+    return outputs, targets, rows
+
+
+def score(task: str, outputs: np.ndarray, targets: np.ndarray, num_classes: int | None) -> dict[str, Any]:
+    """Metrics of one set of outputs: classification (accuracy, macro-F1, confusion) or regression."""
+    if task == "classification":
+        return classification_metrics(outputs.argmax(1), targets, num_classes)
+    return regression_metrics(outputs[:, 0], targets)
+
+
+def score_by_region(task: str, outputs: np.ndarray, targets: np.ndarray, regions: np.ndarray,
+                    num_classes: int | None) -> dict[str, Any]:
+    """``{"overall": metrics, "regions": {region: metrics}}``."""
+    result: dict[str, Any] = {"overall": score(task, outputs, targets, num_classes), "regions": {}}
+    for region in sorted(set(regions.tolist())):
+        mask = regions == region
+        result["regions"][region] = score(task, outputs[mask], targets[mask], num_classes)
+    return result

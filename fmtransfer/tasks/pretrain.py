@@ -1,0 +1,109 @@
+"""``pretrain``: supervised training of a global backbone + head on a data recipe."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+
+from fmtransfer.config import build
+from fmtransfer.data import Preprocess, RecipeDataModule, load_recipe
+from fmtransfer.errors import ConfigError
+from fmtransfer.lineage import RunRecord, write_json_atomic
+from fmtransfer.models.backbone import backbone_spec, create_backbone
+from fmtransfer.models.classifier import Classifier, model_meta, save_model
+from fmtransfer.models.module import EpochSeed, SupervisedModule
+from fmtransfer.plots import training_curves_png
+from fmtransfer.tasks.common import (
+    TrainThroughput,
+    build_logger,
+    build_trainer,
+    checkpoint_callback,
+    extra_callbacks,
+    resolve_resume,
+    run_dir,
+)
+from fmtransfer.tasks.evaluate import score_model
+
+
+def validate(cfg: DictConfig):
+    """Every check that needs no data: recipe, backbone, method and their fit. Returns (recipe, spec)."""
+    recipe = load_recipe(cfg.data)
+    spec = backbone_spec(cfg.backbone)
+    if int(spec.in_chans) != recipe.channels:
+        raise ConfigError(f"backbone.in_chans={spec.in_chans} does not fit data recipe {recipe.name!r}, whose images "
+                          f"have data.channels={recipe.channels}; set backbone.in_chans={recipe.channels} (or "
+                          f"data.channels={spec.in_chans} to convert the images)")
+    task = cfg.method.get("task", "classification")
+    if task != recipe.task:
+        fix = "method=regression" if recipe.task == "regression" else "method=supervised"
+        raise ConfigError(f"method is for {task} but data recipe {recipe.name!r} is a {recipe.task} task; use {fix}")
+    return recipe, spec
+
+
+def pretrain(cfg: DictConfig) -> dict[str, Any]:
+    """Train, checkpoint every epoch, save ``model.safetensors`` + ``model.json``, score the test split.
+
+    Returns ``{"run_dir", "model", "metrics"}``. Raises FmtError on bad config or data before training.
+    """
+    out = run_dir(cfg)
+    recipe, spec = validate(cfg)
+    resume = resolve_resume(cfg.get("resume"))
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    dm = RecipeDataModule(recipe, batch_size=cfg.loader.batch_size, num_workers=cfg.loader.num_workers,
+                          seed=cfg.seed, output_dir=out)
+    with RunRecord("pretrain", out, cfg) as record:
+        table = dm.prepare()
+        record.set_data(recipe.name, recipe.to_dict(), table.fingerprint)
+        if spec.checkpoint:
+            record.add_input(spec.checkpoint, "backbone_checkpoint")
+        if resume is not None:
+            record.add_input(resume, "resumed_from")
+            record.set("resumed_from", str(resume))
+            if (resume.parent.parent / "run.json").is_file():
+                record.add_parent(resume.parent.parent)
+
+        preprocess = Preprocess.from_recipe(recipe)
+        model = Classifier(create_backbone(spec), dm.num_outputs)
+        meta = model_meta(model, spec, task=recipe.task, classes=table.classes, preprocess=preprocess,
+                          run_id=record.data["run_id"], run_dir=str(out.resolve()), recipe=recipe.name,
+                          data_fingerprint=table.fingerprint)
+        scheduler = build(cfg.method.scheduler, "method.scheduler") if cfg.method.get("scheduler") else None
+        module = SupervisedModule(model, recipe.task, build(cfg.method.loss, "method.loss"),
+                                  build(cfg.method.optimizer, "method.optimizer"), scheduler, meta)
+        throughput = TrainThroughput()
+        ckpt = checkpoint_callback(cfg, out / "checkpoints")
+        callbacks = [ckpt, EpochSeed(cfg.seed), throughput, *extra_callbacks(cfg)]
+        trainer = build_trainer(cfg, callbacks=callbacks, logger=build_logger(cfg), default_root_dir=out)
+        record.set("trainable_parameters", sum(p.numel() for p in model.parameters() if p.requires_grad))
+        started = time.perf_counter()
+        trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
+        fit_seconds = time.perf_counter() - started
+
+        files = dict(zip(("weights", "model"), save_model(model, meta, out)))
+        test = score_model(model, meta, recipe, split="test", out_dir=out, datamodule=dm,
+                           title=f"{spec.name} on {recipe.name} test")
+        curves = training_curves_png(out / "logs" / "metrics.csv", out / "training_curves.png",
+                                     f"{spec.name} on {recipe.name}")
+        per_epoch = throughput.per_epoch
+        metrics = {
+            "stage": "pretrain", "task": recipe.task, "backbone": spec.name, "recipe": recipe.name,
+            "epochs": trainer.current_epoch, "global_step": trainer.global_step, "fit_seconds": round(fit_seconds, 2),
+            "train_images_per_s": {"median": statistics.median(per_epoch) if per_epoch else None,
+                                   "per_epoch": [round(v, 1) for v in per_epoch]},
+            "last_epoch": {k: float(v) for k, v in trainer.callback_metrics.items()},
+            "test": {k: v for k, v in test.items() if k != "files"},
+            "data": dm.summary(),
+        }
+        write_json_atomic(out / "metrics.json", metrics)
+        outputs = {**files, "metrics": out / "metrics.json", **test["files"], **dm.files}
+        if curves:
+            outputs["training_curves"] = curves
+        if ckpt.last_model_path:
+            outputs["last_checkpoint"] = ckpt.last_model_path
+        for role, path in outputs.items():
+            record.add_output(path, role)
+    return {"run_dir": str(out), "model": str(files["model"]), "metrics": metrics}

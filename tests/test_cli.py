@@ -1,0 +1,63 @@
+"""The command line as a user meets it: help, errors without tracebacks, multirun, python -m."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, cli_env
+
+
+def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fmtransfer", *args], cwd=ROOT, env=cli_env(),
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_help_lists_stages():
+    proc = run("--help")
+    assert proc.returncode == 0
+    for stage in ("pretrain", "evaluate", "pipeline"):
+        assert stage in proc.stdout
+
+
+def test_unknown_stage():
+    proc = run("train")
+    assert proc.returncode == 2 and "unknown stage 'train'" in proc.stderr
+
+
+def test_stage_help_is_hydras():
+    proc = run("pretrain", "--help")
+    assert proc.returncode == 0
+    assert "fmtransfer pretrain" in proc.stdout and "backbone: " in proc.stdout and "data: " in proc.stdout
+
+
+def test_user_errors_are_one_clear_line(tmp_path):
+    proc = run("pretrain", "data=image_folder", f"data.source.root={tmp_path}/nowhere", "data.channels=1",
+               f"hydra.run.dir={tmp_path}/run")
+    assert proc.returncode == 2
+    assert f"error: data.source.root: folder {tmp_path}/nowhere does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run("evaluate", f"hydra.run.dir={tmp_path}/run2")
+    assert proc.returncode == 2 and "missing value for 'model'" in proc.stderr
+
+
+def test_wrong_key_is_named(tmp_path):
+    proc = run("pretrain", "data.colour=3", f"hydra.run.dir={tmp_path}/run")
+    assert proc.returncode != 0 and "data.colour" in proc.stderr
+    proc = run("pretrain", "backbone=resnet180", f"hydra.run.dir={tmp_path}/run")
+    assert proc.returncode != 0 and "resnet180" in proc.stderr and "resnet18" in proc.stderr
+
+
+@pytest.mark.parametrize("entry", [["-m", "fmtransfer"], ["-m", "fmtransfer.pretrain"]])
+def test_multirun_and_module_entry(tmp_path, entry):
+    args = entry + (["pretrain"] if entry[-1] == "fmtransfer" else [])
+    proc = subprocess.run([sys.executable, *args, "-m", "backbone=tiny_cnn,tiny_vit", "experiment=smoke",
+                           "data.limit=200", "trainer.limit_val_batches=1", f"hydra.sweep.dir={tmp_path}/sweep"],
+                          cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=400,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/model.json"))
+    assert len(runs) == 2  # sub-dirs are named by job number and overrides
+    assert runs[0].startswith("0_backbone=tiny_cnn,") and runs[1].startswith("1_backbone=tiny_vit,")
