@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/fmtransfer pipeline $(ARGS)
+	$(VENV)/bin/fmtransfer pipeline experiment=demo $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)

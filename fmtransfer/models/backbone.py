@@ -128,3 +128,29 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
     if result.unexpected_keys:
         raise ArtifactError(f"checkpoint {path} has {len(result.unexpected_keys)} weight(s) this backbone does "
                             f"not, e.g. {result.unexpected_keys[:3]}; is it a checkpoint of this architecture?")
+
+
+def check_input_size(model: nn.Module, spec: BackboneSpec, image_size: list[int] | tuple[int, int], channels: int) -> None:
+    """One dry forward pass at the data's size; a model that cannot take it is a ConfigError that suggests a size.
+
+    Some families cannot take small images (ConvNeXt and others downsample 32x): better to say so now than
+    after the data is read and a trainer is built.
+    """
+    def works(size) -> bool:
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, channels, *size))
+            return True
+        except RuntimeError:
+            return False
+
+    was_training = model.training
+    model.eval()
+    try:
+        if works(tuple(image_size)) or spec.img_size not in (None, list(image_size)):
+            return
+        smallest = next((s for s in (32, 48, 64, 96, 128, 224) if s > min(image_size) and works((s, s))), None)
+    finally:
+        model.train(was_training)
+    hint = f"set data.image_size=[{smallest},{smallest}] or more" if smallest else "use another backbone"
+    raise ConfigError(f"backbone {spec.name!r} cannot take {image_size[0]}x{image_size[1]} images; {hint}")

@@ -13,7 +13,7 @@ from fmtransfer.config import build
 from fmtransfer.data import Preprocess, RecipeDataModule, load_recipe
 from fmtransfer.errors import ConfigError
 from fmtransfer.lineage import RunRecord, write_json_atomic
-from fmtransfer.models.backbone import backbone_spec, create_backbone
+from fmtransfer.models.backbone import backbone_spec, check_input_size, create_backbone
 from fmtransfer.models.classifier import Classifier, model_meta, save_model
 from fmtransfer.models.module import EpochSeed, SupervisedModule
 from fmtransfer.plots import training_curves_png
@@ -67,7 +67,9 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
                 record.add_parent(resume.parent.parent)
 
         preprocess = Preprocess.from_recipe(recipe)
-        model = Classifier(create_backbone(spec), dm.num_outputs)
+        backbone = create_backbone(spec)
+        check_input_size(backbone, spec, recipe.image_size, recipe.channels)
+        model = Classifier(backbone, dm.num_outputs)
         meta = model_meta(model, spec, task=recipe.task, classes=table.classes, preprocess=preprocess,
                           run_id=record.data["run_id"], run_dir=str(out.resolve()), recipe=recipe.name,
                           data_fingerprint=table.fingerprint)

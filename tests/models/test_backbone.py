@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from fmtransfer.errors import ArtifactError, ConfigError
-from fmtransfer.models.backbone import BackboneSpec, create_backbone
+from fmtransfer.models.backbone import BackboneSpec, check_input_size, create_backbone
 from fmtransfer.models.families import auto_patch_size, family_of
 
 
@@ -110,3 +110,11 @@ def test_pretrained_goes_through_timms_loader(tmp_path):
     model = create_backbone(spec(pretrained=True, kwargs={"pretrained_cfg_overlay": {"file": str(path)}}))
     first = next(k for k, v in src.state_dict().items() if v.ndim == 4)
     assert torch.allclose(model.state_dict()[first], src.state_dict()[first].sum(1, keepdim=True))
+
+
+def test_input_too_small_for_the_family_suggests_a_size():
+    s = BackboneSpec(name="convnext_atto", in_chans=1, img_size=[28, 28])
+    with pytest.raises(ConfigError, match=r"'convnext_atto' cannot take 28x28 images; set data.image_size=\[32,32\]"):
+        check_input_size(create_backbone(s), s, [28, 28], 1)
+    s = spec("test_resnet")
+    check_input_size(create_backbone(s), s, [28, 28], 1)  # fine: no error

@@ -67,3 +67,11 @@ def test_refusals(csv_model, cfg_factory, tmp_path):
                              f"data.source.path={manifest}", "data.task=regression"))
     with pytest.raises(ArtifactError, match="holds no model"):
         evaluate(cfg_factory("evaluate", f"model={tmp_path}"))
+
+
+def test_lightning_checkpoint_can_be_scored(csv_model, cfg_factory):
+    result, manifest = csv_model
+    ckpt = f"{result['run_dir']}/checkpoints/last.ckpt"
+    ev = evaluate(cfg_factory("evaluate", f"model={ckpt}", "data=csv_manifest", f"data.source.path={manifest}",
+                              "data.image_size=[16,16]"))
+    assert ev["metrics"]["overall"]["accuracy"] == result["metrics"]["test"]["overall"]["accuracy"]
