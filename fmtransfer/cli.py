@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import sys
 from collections.abc import Callable
 
@@ -60,6 +61,7 @@ def run_stage(stage: str, args: list[str]) -> None:
 
     @hydra.main(config_path=str(config_dir()), config_name=stage, version_base="1.3")
     def app(cfg) -> None:
+        logging.captureWarnings(True)  # warnings (skipped images, ...) also reach the run's log file
         try:
             result = task(cfg)
         except FmtError as e:
