@@ -104,7 +104,7 @@ def main() -> None:
     print(f"\npretrain stage vs plain PyTorch loop: {args.data}, batch {args.batch_size}, "
           f"{args.batches} batches x {args.epochs} epochs (first dropped), median of {args.repeats} runs, "
           f"torch threads {torch.get_num_threads()}\n")
-    print(f"| backbone | stage img/s | plain img/s | ratio (target >= 0.9) |\n|---|---:|---:|---:|")
+    print("| backbone | stage img/s | plain img/s | ratio (target >= 0.9) |\n|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['backbone']} | {r['stage_images_per_s']:.1f} | {r['plain_images_per_s']:.1f} | {r['ratio']:.3f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -138,7 +138,7 @@ class RunRecord:
         self.data["ended"] = _now()
         if exc_type is None:
             self.data["status"] = "ok"
-        elif issubclass(exc_type, KeyboardInterrupt):
+        elif issubclass(exc_type, (KeyboardInterrupt, SystemExit)):  # Lightning turns Ctrl-C into SystemExit
             self.data["status"] = "interrupted"
         else:
             self.data["status"] = "failed"

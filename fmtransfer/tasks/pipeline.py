@@ -8,6 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from fmtransfer.data import load_recipe
 from fmtransfer.lineage import RunRecord, write_text_atomic
 from fmtransfer.tasks.common import run_dir
 from fmtransfer.tasks.evaluate import evaluate
@@ -28,6 +29,7 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
     """Run the stages in order; returns ``{"run_dir", "report", "steps": {...}}``."""
     out = run_dir(cfg)
     validate(cfg)  # fail on config errors before anything runs
+    load_recipe(cfg.region)
     with RunRecord("pipeline", out, cfg) as record:
         pre = pretrain(_sub_config(cfg, out / "pretrain", stage="pretrain"))
         record.add_parent(pre["run_dir"])

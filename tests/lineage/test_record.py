@@ -64,3 +64,10 @@ def test_config_hash_ignores_output_location():
 def test_parent_must_be_a_run(tmp_path):
     with pytest.raises(ArtifactError, match="not an fmtransfer run directory"):
         RunRecord("x", tmp_path / "r").add_parent(tmp_path)
+
+
+def test_interrupted_run_is_recorded(tmp_path):
+    with pytest.raises(SystemExit):
+        with RunRecord("pretrain", tmp_path):
+            raise SystemExit(1)  # what Lightning raises after a Ctrl-C
+    assert load_record(tmp_path)["status"] == "interrupted"
