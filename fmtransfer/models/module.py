@@ -38,12 +38,14 @@ class SupervisedModule(pl.LightningModule):
         scheduler: ``(optimizer, total_steps) -> LRScheduler`` (a config partial), stepped every step.
         meta: the model's header (architecture, classes, preprocessing), stored in every checkpoint so a
             checkpoint alone can be evaluated.
+        augment: a batch transform applied to training batches only (e.g. ``RandomAffine``).
     """
 
     def __init__(self, model: Classifier, task: str, loss: nn.Module, optimizer: Callable,
-                 scheduler: Callable | None = None, meta: dict[str, Any] | None = None):
+                 scheduler: Callable | None = None, meta: dict[str, Any] | None = None,
+                 augment: nn.Module | None = None):
         super().__init__()
-        self.model, self.task, self.loss_fn = model, task, loss
+        self.model, self.task, self.loss_fn, self.augment = model, task, loss, augment
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.meta = meta or {}
         # ModuleDict keys cannot be "train" (nn.Module.train), hence the suffix
@@ -51,6 +53,12 @@ class SupervisedModule(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.augment is not None and self.trainer is not None and self.trainer.training:
+            x, y, rows = batch
+            batch = (self.augment(x), y, rows)
+        return batch
 
     def model_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One step shared by train/val/test: (loss, outputs, targets)."""

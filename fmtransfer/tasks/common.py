@@ -23,7 +23,8 @@ from fmtransfer.models.classifier import Classifier
 
 # Lightning's chatter that says nothing to a user of this framework
 for pattern in (r".*does not have many workers.*", r".*LeafSpec.*", r".*treespec.*",
-                r".*The number of training batches.*smaller than the logging interval.*"):
+                r".*The number of training batches.*smaller than the logging interval.*",
+                r".*overridden `on_after_batch_transfer`.*"):
     warnings.filterwarnings("ignore", message=pattern)
 
 

@@ -74,8 +74,9 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
                           run_id=record.data["run_id"], run_dir=str(out.resolve()), recipe=recipe.name,
                           data_fingerprint=table.fingerprint)
         scheduler = build(cfg.method.scheduler, "method.scheduler") if cfg.method.get("scheduler") else None
+        augment = build(cfg.method.augment, "method.augment") if cfg.method.get("augment") else None
         module = SupervisedModule(model, recipe.task, build(cfg.method.loss, "method.loss"),
-                                  build(cfg.method.optimizer, "method.optimizer"), scheduler, meta)
+                                  build(cfg.method.optimizer, "method.optimizer"), scheduler, meta, augment)
         throughput = TrainThroughput()
         ckpt = checkpoint_callback(cfg, out / "checkpoints")
         callbacks = [ckpt, EpochSeed(cfg.seed), throughput, *extra_callbacks(cfg)]

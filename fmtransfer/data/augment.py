@@ -1,0 +1,55 @@
+"""Batch augmentation on tensors (after the batch reaches its device): cheap, and on the GPU when there is one.
+
+Random numbers come from torch's global generator, which ``EpochSeed`` reseeds every epoch, so augmented
+runs stay exactly resumable.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fmtransfer.errors import ConfigError
+
+Padding = Literal["border", "zeros", "reflection"]
+
+
+class RandomAffine(nn.Module):
+    """Random rotation, scale, translation (and optional horizontal flip) per image.
+
+    Args:
+        degrees: rotation drawn from [-degrees, degrees].
+        translate: shift drawn from [-translate, translate] of the image size, per axis.
+        scale: zoom factor drawn from [scale[0], scale[1]].
+        hflip: probability of a horizontal flip (0 for digits and text; 0.5 for fields and tissue).
+        padding: what fills pixels moved in from outside ("border" repeats the edge).
+    """
+
+    def __init__(self, degrees: float = 0.0, translate: float = 0.0, scale: tuple[float, float] = (1.0, 1.0),
+                 hflip: float = 0.0, padding: Padding = "border"):
+        super().__init__()
+        scale = tuple(scale)
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
+            raise ConfigError(f"augment.scale={list(scale)} must be [low, high] with 0 < low <= high")
+        if not 0 <= translate < 1 or degrees < 0 or not 0 <= hflip <= 1:
+            raise ConfigError("augment: need 0 <= translate < 1, degrees >= 0 and 0 <= hflip <= 1")
+        if padding not in ("border", "zeros", "reflection"):
+            raise ConfigError(f"augment.padding={padding!r}; expected border, zeros or reflection")
+        self.degrees, self.translate, self.scale, self.hflip, self.padding = degrees, translate, scale, hflip, padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, C, H, W) float -> same shape."""
+        n = x.shape[0]
+        u = torch.rand(n, 5)  # global RNG (CPU): identical draws whatever the device
+        angle = (u[:, 0] * 2 - 1) * math.radians(self.degrees)
+        zoom = self.scale[0] + u[:, 1] * (self.scale[1] - self.scale[0])
+        tx, ty = (u[:, 2] * 2 - 1) * self.translate * 2, (u[:, 3] * 2 - 1) * self.translate * 2
+        flip = torch.where(u[:, 4] < self.hflip, -1.0, 1.0)
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
+        grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode=self.padding, align_corners=False)
