@@ -1,7 +1,7 @@
 """Batch augmentation on tensors (after the batch reaches its device): cheap, and on the GPU when there is one.
 
-Random numbers come from torch's global generator, which ``EpochSeed`` reseeds every epoch, so augmented
-runs stay exactly resumable.
+Random numbers come from the generator the caller passes (``SupervisedModule`` reseeds its own every epoch),
+so augmented runs stay exactly resumable.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ class RandomAffine(nn.Module):
             raise ConfigError(f"augment.padding={padding!r}; expected border, zeros or reflection")
         self.degrees, self.translate, self.scale, self.hflip, self.padding = degrees, translate, scale, hflip, padding
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, C, H, W) float -> same shape."""
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x: (N, C, H, W) float -> same shape. ``generator``: a CPU generator (None: torch's global one)."""
         n = x.shape[0]
-        u = torch.rand(n, 5)  # global RNG (CPU): identical draws whatever the device
+        u = torch.rand(n, 5, generator=generator)  # drawn on the CPU: identical whatever the device
         angle = (u[:, 0] * 2 - 1) * math.radians(self.degrees)
         zoom = self.scale[0] + u[:, 1] * (self.scale[1] - self.scale[0])
         tx, ty = (u[:, 2] * 2 - 1) * self.translate * 2, (u[:, 3] * 2 - 1) * self.translate * 2

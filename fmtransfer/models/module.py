@@ -39,13 +39,16 @@ class SupervisedModule(pl.LightningModule):
         meta: the model's header (architecture, classes, preprocessing), stored in every checkpoint so a
             checkpoint alone can be evaluated.
         augment: a batch transform applied to training batches only (e.g. ``RandomAffine``).
+        seed: seeds the augmentation generator, reseeded with ``seed + epoch`` at every epoch start.
     """
 
     def __init__(self, model: Classifier, task: str, loss: nn.Module, optimizer: Callable,
                  scheduler: Callable | None = None, meta: dict[str, Any] | None = None,
-                 augment: nn.Module | None = None):
+                 augment: nn.Module | None = None, seed: int = 0):
         super().__init__()
         self.model, self.task, self.loss_fn, self.augment = model, task, loss, augment
+        self.seed = seed
+        self._augment_generator = torch.Generator()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.meta = meta or {}
         # ModuleDict keys cannot be "train" (nn.Module.train), hence the suffix
@@ -54,10 +57,14 @@ class SupervisedModule(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def on_train_epoch_start(self) -> None:
+        # its own generator: how many numbers the data loader draws elsewhere cannot shift the augmentation
+        self._augment_generator.manual_seed(self.seed + self.current_epoch)
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.augment is not None and self.trainer is not None and self.trainer.training:
             x, y, rows = batch
-            batch = (self.augment(x), y, rows)
+            batch = (self.augment(x, generator=self._augment_generator), y, rows)
         return batch
 
     def model_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,16 +122,19 @@ class SupervisedModule(pl.LightningModule):
 
 
 class EpochSeed(pl.Callback):
-    """Reseeds torch, NumPy and ``random`` with ``seed + epoch`` at every epoch start.
+    """Reseeds torch, NumPy and ``random`` with ``seed + epoch`` before the first batch of every epoch.
 
-    Epoch k then draws the same random numbers (dropout, augmentation) whether the run got there in one
-    go or resumed from a checkpoint, so resumed runs end with the same metrics.
+    Epoch k then draws the same random numbers (dropout, stochastic depth) whether the run got there in one
+    go or resumed from a checkpoint, so resumed runs end with the same metrics. It runs at the first batch,
+    after the data loader has drawn its own seed, which happens at different moments in the two cases.
     """
 
     def __init__(self, seed: int):
         self.seed = seed
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if batch_idx != 0:
+            return
         s = self.seed + trainer.current_epoch
         torch.manual_seed(s)
         np.random.seed(s % 2**32)

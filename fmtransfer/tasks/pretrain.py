@@ -76,7 +76,8 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
         scheduler = build(cfg.method.scheduler, "method.scheduler") if cfg.method.get("scheduler") else None
         augment = build(cfg.method.augment, "method.augment") if cfg.method.get("augment") else None
         module = SupervisedModule(model, recipe.task, build(cfg.method.loss, "method.loss"),
-                                  build(cfg.method.optimizer, "method.optimizer"), scheduler, meta, augment)
+                                  build(cfg.method.optimizer, "method.optimizer"), scheduler, meta, augment,
+                                  seed=cfg.seed)
         throughput = TrainThroughput()
         ckpt = checkpoint_callback(cfg, out / "checkpoints")
         callbacks = [ckpt, EpochSeed(cfg.seed), throughput, *extra_callbacks(cfg)]
