@@ -17,9 +17,17 @@ from fmtransfer import __version__
 STAGES: dict[str, tuple[str, str]] = {
     "pretrain": ("fmtransfer.tasks.pretrain:pretrain", "train a global backbone + head on a data recipe"),
     "evaluate": ("fmtransfer.tasks.evaluate:evaluate", "score a model on any recipe and split, per region"),
+    "adapt": ("fmtransfer.tasks.adapt:adapt",
+              "fit a small regional adapter (LoRA, prompts, probe, ...) over a global base from local labels"),
+    "plan": ("fmtransfer.tasks.plan:plan", "read an adapt sweep: learning curves and labels needed per region"),
+    "merge": ("fmtransfer.tasks.merge:merge", "fold an adapter into a plain model for export"),
     "pipeline": ("fmtransfer.tasks.pipeline:pipeline",
                  "the main job: pretrain globally, evaluate globally and zero-shot on a region, write report.md"),
 }
+
+# stages whose `adapter=<file>` names a file, not an option of the `adapter` config group (adapt's methods);
+# the dispatcher passes it on as `adapter_file=<file>`
+ADAPTER_FILE_STAGES = ("evaluate", "merge")
 
 USAGE = """usage: fmtransfer <stage> [key=value ...] [-m] [--help]
 
@@ -68,11 +76,13 @@ def run_stage(stage: str, args: list[str]) -> None:
             print(f"fmtransfer {stage}: error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
         except MissingMandatoryValue as e:
-            print(f"fmtransfer {stage}: error: missing value for {e.full_key!r}: pass {e.full_key}=...",
-                  file=sys.stderr)
+            key = "adapter" if e.full_key == "adapter_file" else e.full_key  # what the user types
+            print(f"fmtransfer {stage}: error: missing value for {key!r}: pass {key}=...", file=sys.stderr)
             raise SystemExit(2) from None
         print(_summary(result))
 
+    if stage in ADAPTER_FILE_STAGES:
+        args = [f"adapter_file={a.split('=', 1)[1]}" if a.startswith("adapter=") else a for a in args]
     sys.argv = [f"fmtransfer-{stage}", *args]
     app()
 

@@ -58,6 +58,17 @@ def build(node: Any, key: str, **kwargs: Any) -> Any:
         raise ConfigError(f"{key}: cannot build {target} ({type(cause).__name__}: {cause})") from e
 
 
+def compose_stage(stage: str, overrides: list[str]) -> DictConfig:
+    """Compose ``configs/<stage>.yaml`` with overrides, inside a running Hydra app or outside one."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name=stage, overrides=overrides)
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name=stage, overrides=overrides)
+
+
 def to_plain(node: Any) -> Any:
     """DictConfig/ListConfig -> plain dict/list (resolved); other values pass through."""
     if isinstance(node, (DictConfig, ListConfig)):

@@ -75,3 +75,34 @@ def training_curves_png(metrics_csv: str | Path, path: str | Path, title: str = 
         ax.legend(fontsize=8)
     fig.suptitle(title)
     return _save(fig, Path(path))
+
+
+def learning_curve_png(summary: dict, path: str | Path, title: str, metric: str = "accuracy",
+                       reference_methods: tuple[str, ...] = ("scratch",)) -> Path:
+    """Metric against calibration size (log x) per method, with a spread band, and reference lines:
+    zero-shot (horizontal) and from-scratch (dashed).
+
+    summary: ``{"curves": {method: {size: {"mean", "std"}}}, "zero_shot": float | None}``.
+    """
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, points in summary["curves"].items():
+        sizes = sorted(points)
+        mean = np.array([points[s]["mean"] for s in sizes])
+        std = np.array([points[s]["std"] for s in sizes])
+        reference = method in reference_methods
+        line, = ax.plot(sizes, mean, marker="o", ms=4, ls="--" if reference else "-",
+                        color="grey" if reference else None, label=f"{method} (reference)" if reference else method)
+        if (std > 0).any():
+            ax.fill_between(sizes, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+    if summary.get("zero_shot") is not None:
+        ax.axhline(summary["zero_shot"], color="black", ls=":", lw=1.2, label="zero-shot (no local labels)")
+    ax.set_xscale("log")
+    all_sizes = sorted({s for c in summary["curves"].values() for s in c})
+    ax.set_xticks(all_sizes, [str(s) for s in all_sizes])
+    ax.minorticks_off()
+    ax.set_xlabel("local labelled samples (calibration size)")
+    ax.set_ylabel(f"{metric} on the region's test split")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, Path(path))

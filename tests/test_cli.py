@@ -40,7 +40,9 @@ def test_user_errors_are_one_clear_line(tmp_path):
     assert f"error: data.source.root: folder {tmp_path}/nowhere does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
     proc = run("evaluate", f"hydra.run.dir={tmp_path}/run2")
-    assert proc.returncode == 2 and "missing value for 'model'" in proc.stderr
+    assert proc.returncode == 2 and "pass model=<run dir or model file> and/or adapter=" in proc.stderr
+    proc = run("merge", f"hydra.run.dir={tmp_path}/run3")
+    assert proc.returncode == 2 and "missing value for 'adapter': pass adapter=..." in proc.stderr
 
 
 def test_wrong_key_is_named(tmp_path):

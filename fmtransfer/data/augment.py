@@ -53,3 +53,49 @@ class RandomAffine(nn.Module):
         theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
         grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode=self.padding, align_corners=False)
+
+
+class RandomResolution(nn.Module):
+    """With probability ``p``, downsample an image by a random factor and upsample it back.
+
+    Simulates coarser sensors and scanners (another ground sample distance, an older slide scanner), so a
+    global model does not depend on detail a region's devices do not capture.
+
+    Args:
+        p: probability per image.
+        scale: the low-resolution side as a fraction of the image side, drawn from [scale[0], scale[1]].
+    """
+
+    def __init__(self, p: float = 0.5, scale: tuple[float, float] = (0.25, 1.0)):
+        super().__init__()
+        scale = tuple(scale)
+        if not 0 <= p <= 1 or len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise ConfigError(f"augment resolution: need 0 <= p <= 1 and 0 < scale[0] <= scale[1] <= 1, got "
+                              f"p={p}, scale={list(scale)}")
+        self.p, self.scale = p, scale
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        n, _, h, w = x.shape
+        u = torch.rand(n, 2, generator=generator)
+        out = x.clone()
+        for i in torch.nonzero(u[:, 0] < self.p).flatten().tolist():
+            f = self.scale[0] + float(u[i, 1]) * (self.scale[1] - self.scale[0])
+            size = (max(1, round(h * f)), max(1, round(w * f)))
+            if size == (h, w):
+                continue
+            small = F.interpolate(x[i:i + 1], size=size, mode="bilinear", align_corners=False, antialias=True)
+            out[i:i + 1] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+        return out
+
+
+class Compose(nn.Module):
+    """Apply transforms in order, sharing one generator."""
+
+    def __init__(self, transforms: list[nn.Module]):
+        super().__init__()
+        self.transforms = nn.ModuleList(transforms)
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        for t in self.transforms:
+            x = t(x, generator=generator)
+        return x

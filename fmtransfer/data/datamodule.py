@@ -61,6 +61,7 @@ class RecipeDataModule(pl.LightningDataModule):
         self.table: SampleTable | None = None
         self.files: dict[str, Path] = {}
         self._datasets: dict[str, TableDataset] = {}
+        self._rows: dict[str, np.ndarray] = {}
 
     # --- reading ---------------------------------------------------------------------------------
     def prepare(self) -> SampleTable:
@@ -87,10 +88,23 @@ class RecipeDataModule(pl.LightningDataModule):
         return len(self.prepare().indices(split))
 
     # --- serving -----------------------------------------------------------------------------------
+    def use_rows(self, split: str, rows: np.ndarray) -> None:
+        """Serve only these table rows for ``split`` (a calibration subset of the train split, say)."""
+        table = self.prepare()
+        rows = np.asarray(rows, dtype=np.int64)
+        outside = np.setdiff1d(rows, table.indices(split))
+        if len(outside):
+            raise DataError(f"rows {outside[:5].tolist()} are not in split {split!r}")
+        self._rows[split] = rows
+        self._datasets.pop(split, None)
+
+    def rows(self, split: str) -> np.ndarray:
+        return self._rows[split] if split in self._rows else self.prepare().indices(split)
+
     def dataset(self, split: str) -> TableDataset:
         if split not in self._datasets:
             table = self.prepare()
-            rows = table.indices(split)
+            rows = self.rows(split)
             if len(rows) == 0:
                 raise DataError(f"recipe {self.recipe.name!r} has no samples in split {split!r} "
                                 f"(sizes: {self.split_sizes()}); adjust data.split")

@@ -86,8 +86,9 @@ def load_model(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
     if path.suffix == ".ckpt":
         from fmtransfer.models.module import read_checkpoint_meta
 
-        meta = read_checkpoint_meta(path)
-        state = {k.removeprefix("model."): v for k, v in read_state_dict(path).items()}
+        meta = {**read_checkpoint_meta(path), "weights_sha256": sha256_file(path)}
+        state = {k.removeprefix("model."): v for k, v in read_state_dict(path).items()
+                 if k.startswith("model.")}
     else:
         try:
             meta = json.loads(path.read_text())
@@ -114,4 +115,9 @@ def load_model(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
 def build_classifier(meta: dict[str, Any]) -> Classifier:
     """An untrained :class:`Classifier` with the architecture recorded in ``meta``."""
     spec = BackboneSpec(**meta["backbone"])
-    return Classifier(create_backbone(spec), int(meta["num_outputs"]))
+    backbone = create_backbone(spec)
+    if meta.get("prompts"):  # a merged visual-prompt-tuned ViT keeps its prompts
+        from fmtransfer.adapters.vpt import PromptedViT
+
+        backbone = PromptedViT(backbone, **meta["prompts"])
+    return Classifier(backbone, int(meta["num_outputs"]))

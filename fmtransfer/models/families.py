@@ -15,23 +15,33 @@ class Family:
         pattern: regex matched against the timm model name.
         takes_img_size: the constructor accepts ``img_size`` (position embeddings depend on it).
         takes_patch_size: the constructor accepts ``patch_size``.
+        lora_targets: regex (full match) over backbone module names that LoRA adapts by default; None adapts
+            every Linear and Conv2d layer.
+        prompts: visual prompt tuning applies (a timm VisionTransformer with ``blocks`` and ``_pos_embed``).
     """
 
     name: str
     pattern: str
     takes_img_size: bool = False
     takes_patch_size: bool = False
+    lora_targets: str | None = None
+    prompts: bool = False
 
     def matches(self, model_name: str) -> bool:
         return re.match(self.pattern, model_name) is not None
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("vit", r"^(vit_|deit|test_vit|eva|beit|flexivit|samvit)", takes_img_size=True, takes_patch_size=True),
-    Family("swin", r"^(swin|test_swin)", takes_img_size=True),
-    Family("convnext", r"^(convnext|test_convnext)"),
-    Family("resnet", r"^(resnet|resnext|wide_resnet|seresnet|test_resnet|resnetrs)"),
-    Family("efficientnet", r"^(efficientnet|tf_efficientnet|mobilenet|test_efficientnet)"),
+    Family("vit", r"^(vit_|deit|test_vit|eva|beit|flexivit|samvit)", takes_img_size=True, takes_patch_size=True,
+           lora_targets=r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))", prompts=True),
+    Family("swin", r"^(swin|test_swin)", takes_img_size=True,
+           lora_targets=r"layers\.\d+\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"),
+    Family("convnext", r"^(convnext|test_convnext)",
+           lora_targets=r"stages\.\d+\.blocks\.\d+\.(conv_dw|mlp\.fc1|mlp\.fc2)"),
+    Family("resnet", r"^(resnet|resnext|wide_resnet|seresnet|test_resnet|resnetrs)",
+           lora_targets=r"(conv1(\.\d+)?|layer\d+\.\d+\.(conv\d+|downsample\.\d+))"),  # only convs are taken
+    Family("efficientnet", r"^(efficientnet|tf_efficientnet|mobilenet|test_efficientnet)",
+           lora_targets=r"(conv_stem|blocks\.\d+\.\d+\.(conv_dw|conv_pw|conv_pwl|conv)|conv_head)"),
 )
 GENERIC = Family("generic", r".*")
 

@@ -40,12 +40,15 @@ class SupervisedModule(pl.LightningModule):
             checkpoint alone can be evaluated.
         augment: a batch transform applied to training batches only (e.g. ``RandomAffine``).
         seed: seeds the augmentation generator, reseeded with ``seed + epoch`` at every epoch start.
+        frozen_norm_stats: keep BatchNorm layers in eval mode while training (their running statistics stay
+            those of the global data), as a linear probe expects.
     """
 
     def __init__(self, model: Classifier, task: str, loss: nn.Module, optimizer: Callable,
                  scheduler: Callable | None = None, meta: dict[str, Any] | None = None,
-                 augment: nn.Module | None = None, seed: int = 0):
+                 augment: nn.Module | None = None, seed: int = 0, frozen_norm_stats: bool = False):
         super().__init__()
+        self.frozen_norm_stats = frozen_norm_stats
         self.model, self.task, self.loss_fn, self.augment = model, task, loss, augment
         self.seed = seed
         self._augment_generator = torch.Generator()
@@ -56,6 +59,14 @@ class SupervisedModule(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.frozen_norm_stats:  # Lightning calls train() at every epoch: re-freeze each time
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     def on_train_epoch_start(self) -> None:
         # its own generator: how many numbers the data loader draws elsewhere cannot shift the augmentation

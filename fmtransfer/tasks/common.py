@@ -24,7 +24,9 @@ from fmtransfer.models.classifier import Classifier
 # Lightning's chatter that says nothing to a user of this framework
 for pattern in (r".*does not have many workers.*", r".*LeafSpec.*", r".*treespec.*",
                 r".*The number of training batches.*smaller than the logging interval.*",
-                r".*overridden `on_after_batch_transfer`.*"):
+                r".*overridden `on_after_batch_transfer`.*",
+                r".*You defined a `validation_step` but have no `val_dataloader`.*",  # adapt: no validation
+                r".*module\(s\) in eval mode at the start of training.*"):  # frozen normalisation statistics
     warnings.filterwarnings("ignore", message=pattern)
 
 
@@ -115,11 +117,20 @@ class TrainThroughput(pl.Callback):
             self.per_epoch.append(self._images / max(1e-9, self._end - self._start))
 
 
-def checkpoint_callback(cfg: DictConfig, folder: Path) -> AtomicModelCheckpoint:
-    ck = cfg.checkpoint
+def checkpoint_callback(cfg: DictConfig, folder: Path, every_n_epochs: int = 1) -> AtomicModelCheckpoint:
+    """``last.ckpt`` every ``every_n_epochs`` epochs, plus the best by ``checkpoint.monitor`` if one is set."""
+    ck = cfg.get("checkpoint") or {}
+    monitor = ck.get("monitor")
     return AtomicModelCheckpoint(dirpath=folder, filename="epoch{epoch:03d}", auto_insert_metric_name=False,
-                                 monitor=ck.monitor, mode=ck.mode, save_top_k=ck.save_top_k, save_last=True,
-                                 every_n_epochs=1, enable_version_counter=False)
+                                 monitor=monitor, mode=ck.get("mode", "min"),
+                                 save_top_k=ck.get("save_top_k", 1) if monitor else 0, save_last=True,
+                                 every_n_epochs=every_n_epochs, enable_version_counter=False)
+
+
+def build_augment(cfg: DictConfig):
+    """The ``augment`` group's transform, or None (``augment=none``)."""
+    node = cfg.get("augment")
+    return build(node, "augment") if node and "_target_" in node else None
 
 
 def extra_callbacks(cfg: DictConfig) -> list[pl.Callback]:
@@ -177,6 +188,25 @@ def predict(model: Classifier, loader, accelerator: str = "auto") -> tuple[np.nd
     targets = torch.cat([b[1] for b in batches]).cpu().numpy()
     rows = torch.cat([b[2] for b in batches]).cpu().numpy()
     return outputs, targets, rows
+
+
+class _Embedder(pl.LightningModule):
+    def __init__(self, model: Classifier):
+        super().__init__()
+        self.model = model
+
+    def predict_step(self, batch, batch_idx):
+        return self.model.features(batch[0]).float()
+
+
+def embed(model: Classifier, loader, accelerator: str = "auto") -> np.ndarray:
+    """Backbone features over a loader: (n, embed_dim) float32, in loader order."""
+    with quiet_lightning():
+        trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
+                             enable_model_summary=False, enable_progress_bar=len(loader) > 5)
+        model.eval()
+        batches = trainer.predict(_Embedder(model), loader)
+    return torch.cat(batches).cpu().numpy()
 
 
 def score(task: str, outputs: np.ndarray, targets: np.ndarray, num_classes: int | None) -> dict[str, Any]:

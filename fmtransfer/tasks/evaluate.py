@@ -82,9 +82,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Score ``cfg.model`` on ``cfg.data`` / ``cfg.split``; writes metrics.json, predictions, confusion PNG."""
     out = run_dir(cfg)
     recipe = load_recipe(cfg.data)
-    model_path = resolve_model_path(cfg.model)
+    if not cfg.get("model") and not cfg.get("adapter_file"):
+        raise ConfigError("pass model=<run dir or model file> and/or adapter=<adapter file>")
     with RunRecord("evaluate", out, cfg) as record:
-        model, meta = load_model(model_path)
+        if cfg.get("adapter_file"):
+            from fmtransfer.tasks.merge import load_adapted
+
+            host, meta, model_path, header = load_adapted(cfg.adapter_file, cfg.get("model"))
+            model = host.model
+            record.add_input(header["path"], "adapter")
+            if (Path(header["lineage"]["run_dir"]) / RUN_FILE).is_file():
+                record.add_parent(header["lineage"]["run_dir"])
+        else:
+            model_path = resolve_model_path(cfg.model)
+            model, meta = load_model(model_path)
         record.add_input(model_path, "model")
         parent = _model_run_dir(model_path, meta)
         if parent is not None:
@@ -97,7 +108,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         record.set_data(recipe.name, recipe.to_dict(), table.fingerprint)
         result = score_model(model, meta, recipe, split=cfg.split, out_dir=out, datamodule=dm,
                              accelerator=cfg.get("accelerator", "auto"))
-        metrics = {"stage": "evaluate", "model": str(model_path), "recipe": recipe.name, "split": cfg.split,
+        metrics = {"stage": "evaluate", "model": str(model_path), "adapter": cfg.get("adapter_file"),
+                   "recipe": recipe.name, "split": cfg.split,
                    "task": meta["task"], "classes": meta["classes"], **result, "data": dm.summary()}
         write_json_atomic(out / "metrics.json", metrics)
         for role, path in {"metrics": out / "metrics.json", **result["files"], **dm.files}.items():

@@ -1,5 +1,6 @@
-"""``pipeline``: the main job, global pretraining -> evaluation on the global test split and zero-shot on a
-region -> ``report.md``. Each step is a stage run of its own (sub-folder with its run.json)."""
+"""``pipeline``: the main job. Global pretraining -> evaluation on the global test split and zero-shot on a
+region -> a sweep of regional adapters -> a calibration-size plan -> ``report.md``.
+Each step is a stage run of its own (a sub-folder with its run.json)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,15 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from fmtransfer.data import load_recipe
+from fmtransfer.adapters.methods import METHODS
+from fmtransfer.config import compose_stage
+from fmtransfer.data import RecipeDataModule, load_recipe
+from fmtransfer.errors import ConfigError
 from fmtransfer.lineage import RunRecord, write_text_atomic
+from fmtransfer.tasks.adapt import adapt
 from fmtransfer.tasks.common import run_dir
 from fmtransfer.tasks.evaluate import evaluate
+from fmtransfer.tasks.plan import plan
 from fmtransfer.tasks.pretrain import pretrain, validate
 from fmtransfer.tasks.report import metric_rows, results_table, write_report
 
@@ -25,11 +31,37 @@ def _sub_config(cfg: DictConfig, folder: Path, **values: Any) -> DictConfig:
     return sub
 
 
+def _adapt_configs(cfg: DictConfig, base: str, folder: Path) -> list[tuple[str, int, DictConfig]]:
+    """One composed ``adapt`` config per (adapter, size) of the sweep, plus the region's own if not in it."""
+    grid = [(a, int(n)) for a in cfg.sweep.adapters for n in cfg.sweep.sizes]
+    if (cfg.adapter, int(cfg.calibration.size)) not in grid:
+        grid.append((cfg.adapter, int(cfg.calibration.size)))
+    configs = []
+    for i, (adapter, size) in enumerate(grid):
+        if adapter not in METHODS:
+            raise ConfigError(f"sweep.adapters: {adapter!r} is not an adapter; choose from {', '.join(METHODS)}")
+        sub = compose_stage("adapt", [f"adapter={adapter}", f"calibration.size={size}",
+                                      f"calibration.strategy={cfg.calibration.strategy}", f"seed={cfg.seed}",
+                                      *cfg.adapt_overrides, f"run_dir={folder / f'{i}_{adapter}_n{size}'}"])
+        sub.base = base
+        sub.data = OmegaConf.to_container(cfg.region, resolve=True)
+        sub.logger = OmegaConf.to_container(cfg.logger, resolve=False)
+        configs.append((adapter, size, sub))
+    return configs
+
+
 def pipeline(cfg: DictConfig) -> dict[str, Any]:
     """Run the stages in order; returns ``{"run_dir", "report", "steps": {...}}``."""
     out = run_dir(cfg)
     validate(cfg)  # fail on config errors before anything runs
-    load_recipe(cfg.region)
+    region = load_recipe(cfg.region)
+    if cfg.adapter not in METHODS:
+        raise ConfigError(f"adapter={cfg.adapter!r} is not an adapter; choose from {', '.join(METHODS)}")
+    pool = RecipeDataModule(region).split_size("train")
+    too_big = sorted({int(n) for n in [*cfg.sweep.sizes, cfg.calibration.size] if int(n) > pool})
+    if too_big:
+        raise ConfigError(f"sweep.sizes / calibration.size {too_big} exceed the train split of region "
+                          f"{region.name!r} ({pool} samples)")
     with RunRecord("pipeline", out, cfg) as record:
         pre = pretrain(_sub_config(cfg, out / "pretrain", stage="pretrain"))
         record.add_parent(pre["run_dir"])
@@ -41,23 +73,46 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
         zero = evaluate(region_cfg)
         record.add_parent(zero["run_dir"])
 
+        adapted = {}
+        for adapter, size, sub in _adapt_configs(cfg, pre["run_dir"], out / "adapt"):
+            adapted[(adapter, size)] = adapt(sub)
+            record.add_parent(adapted[(adapter, size)]["run_dir"])
+        planned = plan(OmegaConf.create({"stage": "plan", "run_dir": str(out / "plan"), "sweep": str(out / "adapt"),
+                                         "targets": [0.9, 0.95, 0.99], "metric": "accuracy"}))
+        record.add_parent(planned["run_dir"])
+        region_run = adapted[(cfg.adapter, int(cfg.calibration.size))]
+
         pm, zm = pre["metrics"], zero["metrics"]
         task = pm["task"]
+        am = region_run["metrics"]
         rows = (metric_rows(f"global {pm['backbone']}", pm["recipe"], "test", pm["test"])
-                + metric_rows(f"global {pm['backbone']}, zero-shot", zm["recipe"], zm["split"], zm))
+                + metric_rows(f"global {pm['backbone']}, zero-shot", zm["recipe"], zm["split"], zm)
+                + metric_rows(f"+ {am['method']} adapter, {am['calibration']['size']} labels", am["recipe"], "test",
+                              am["test"]))
         data = pm["data"]
         setup = (f"Backbone `{pm['backbone']}` trained on `{pm['recipe']}` ({data['splits']['train']} train / "
                  f"{data['splits']['val']} val / {data['splits']['test']} test images) for {pm['epochs']} epochs in "
                  f"{pm['fit_seconds']:.0f} s ({pm['train_images_per_s']['median'] or 0:.0f} images/s), then scored "
-                 f"without any adaptation on `{zm['recipe']}` ({zm['overall']['n']} {zm['split']} images).")
+                 f"without any adaptation on `{zm['recipe']}` ({zm['overall']['n']} {zm['split']} images). "
+                 f"The region's adapter (`{am['method']}`, {am['calibration']['size']} {am['calibration']['strategy']} "
+                 f"labels from the region's train split) trains {am['trainable_fraction']:.2%} of the parameters "
+                 f"and is one {am['adapter_bytes'] / 1e6:.2f} MB file ({am['adapter_to_base']:.1%} of the base).")
         images = [("Global test split", Path(pre["run_dir"]) / "confusion_test.png"),
                   (f"Zero-shot on {zm['recipe']}", Path(zero["run_dir"]) / f"confusion_{zm['split']}.png"),
-                  ("Training curves", Path(pre["run_dir"]) / "training_curves.png")]
+                  ("Training curves", Path(pre["run_dir"]) / "training_curves.png"),
+                  (f"{am['method']} adapter on {am['recipe']}", Path(region_run["run_dir"]) / "confusion_test.png"),
+                  ("Accuracy against local labels", Path(planned["run_dir"]) / "learning_curve.png")]
         report_path = out / "report.md"
         text = write_report(report_path, title="fmtransfer pipeline report", run=record.data,
                             sections=[("Setup", setup), ("Results", results_table(rows, task)),
-                                      ("Stages", f"- pretrain: `{pre['run_dir']}`\n- zero-shot: `{zero['run_dir']}`")],
+                                      ("Calibration-size plan", planned["markdown"]),
+                                      ("Stages", "\n".join(
+                                          [f"- pretrain: `{pre['run_dir']}`", f"- zero-shot: `{zero['run_dir']}`",
+                                           f"- region adapter: `{region_run['adapter']}`",
+                                           f"- adaptation sweep: `{out / 'adapt'}`", f"- plan: `{planned['run_dir']}`"]))],
                             images=[(c, p) for c, p in images if p.is_file()])
         write_text_atomic(report_path, text)
         record.add_output(report_path, "report")
-    return {"run_dir": str(out), "report": str(report_path), "steps": {"pretrain": pre, "zero_shot": zero}}
+    return {"run_dir": str(out), "report": str(report_path),
+            "steps": {"pretrain": pre, "zero_shot": zero, "adapt": region_run, "sweep": list(adapted.values()),
+                      "plan": planned}}

@@ -19,6 +19,7 @@ from fmtransfer.models.module import EpochSeed, SupervisedModule
 from fmtransfer.plots import training_curves_png
 from fmtransfer.tasks.common import (
     TrainThroughput,
+    build_augment,
     build_logger,
     build_trainer,
     checkpoint_callback,
@@ -74,7 +75,7 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
                           run_id=record.data["run_id"], run_dir=str(out.resolve()), recipe=recipe.name,
                           data_fingerprint=table.fingerprint)
         scheduler = build(cfg.method.scheduler, "method.scheduler") if cfg.method.get("scheduler") else None
-        augment = build(cfg.method.augment, "method.augment") if cfg.method.get("augment") else None
+        augment = build_augment(cfg)
         module = SupervisedModule(model, recipe.task, build(cfg.method.loss, "method.loss"),
                                   build(cfg.method.optimizer, "method.optimizer"), scheduler, meta, augment,
                                   seed=cfg.seed)

@@ -4,20 +4,34 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from fmtransfer.lineage import load_record
 from fmtransfer.tasks.pipeline import pipeline
 
 
 def test_pipeline_report(cfg_factory, tmp_path):
-    result = pipeline(cfg_factory("pipeline", "experiment=smoke", "region.limit=200"))
+    result = pipeline(cfg_factory("pipeline", "experiment=smoke", "region.limit=200", "sweep.sizes=[20,40]",
+                                  "calibration.size=30", 'adapt_overrides=["adapter.steps=4"]'))
     out = tmp_path / "pipeline"
     report = (out / "report.md").read_text()
     assert "| global test_resnet | mnist_global | global | test |" in report
     assert "| global test_resnet, zero-shot | uci_digits_region | uci | test |" in report
+    assert "| + lora adapter, 30 labels | uci_digits_region | uci | test |" in report
+    assert "## Calibration-size plan" in report and "| linear_probe |" in report
     for image in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report):
         assert (out / image).is_file(), image
-    assert len(re.findall(r"!\[", report)) == 3
+    assert len(re.findall(r"!\[", report)) == 5
     record = load_record(out)
-    assert [p["stage"] for p in record["parents"]] == ["pretrain", "evaluate"]
+    stages = [p["stage"] for p in record["parents"]]
+    assert stages[:2] == ["pretrain", "evaluate"] and stages.count("adapt") == 5 and stages[-1] == "plan"
     assert load_record(out / "zero_shot")["parents"][0]["stage"] == "pretrain"
     assert result["steps"]["zero_shot"]["metrics"]["overall"]["n"] == 60
+
+
+def test_pipeline_checks_sweep_sizes_first(cfg_factory, tmp_path):
+    from fmtransfer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"sweep.sizes / calibration.size \[300\] exceed the train split"):
+        pipeline(cfg_factory("pipeline", "experiment=smoke", "region.limit=200"))
+    assert not (tmp_path / "pipeline" / "pretrain").exists()

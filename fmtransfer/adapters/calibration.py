@@ -1,0 +1,97 @@
+"""Choosing which region samples to label: pure functions over arrays.
+
+``diverse`` answers "which images should the team label first": k-means on the global backbone's embeddings of
+the region's unlabelled train split, and the sample nearest each centroid.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import numpy as np
+
+from fmtransfer.data.table import _stratified_choice
+from fmtransfer.errors import ConfigError
+
+
+class Strategy(str, Enum):
+    RANDOM = "random"
+    STRATIFIED = "stratified"
+    DIVERSE = "diverse"
+
+
+def parse_strategy(value: str) -> Strategy:
+    try:
+        return Strategy(value)
+    except ValueError:
+        raise ConfigError(f"calibration.strategy={value!r}; expected one of: "
+                          f"{', '.join(s.value for s in Strategy)}") from None
+
+
+def select_random(n_pool: int, k: int, seed: int) -> np.ndarray:
+    """k distinct positions of ``range(n_pool)``, sorted."""
+    return np.sort(np.random.default_rng(seed).choice(n_pool, size=k, replace=False))
+
+
+def select_stratified(labels: np.ndarray, ids: list[str], k: int, seed: int) -> np.ndarray:
+    """k positions keeping each label's share (to within one sample). labels: (n,) int."""
+    return _stratified_choice(labels, ids, k, seed)
+
+
+def kmeans_pp_init(x: np.ndarray, k: int, rng: np.random.Generator, chunk: int = 65536) -> np.ndarray:
+    """k-means++ seeding (D^2 sampling): (k, d) starting centroids that reach small, distant groups, which a
+    uniform random start leaves to the dense ones. x: (n, d) float32; memory O(n)."""
+    n = len(x)
+    centres = np.empty((k, x.shape[1]), dtype=np.float32)
+    centres[0] = x[rng.integers(n)]
+    nearest = np.full(n, np.inf, dtype=np.float64)
+    for j in range(1, k):
+        for start in range(0, n, chunk):
+            d = ((x[start:start + chunk] - centres[j - 1]) ** 2).sum(1)
+            np.minimum(nearest[start:start + chunk], d, out=nearest[start:start + chunk])
+        total = nearest.sum()
+        centres[j] = x[rng.choice(n, p=nearest / total)] if total > 0 else x[rng.integers(n)]
+    return centres
+
+
+def select_diverse(embeddings: np.ndarray, k: int, seed: int, iterations: int = 25) -> np.ndarray:
+    """k positions that cover the embedding space: k-means (k-means++ start, FAISS iterations) with k centroids,
+    then for each centroid the nearest sample not already taken (centroids served in order of how close their
+    best match is).
+
+    Args:
+        embeddings: (n, d) float32 features; L2-normalised here, so distances are cosine.
+        k: samples to pick, 1 <= k <= n.
+    Returns:
+        (k,) sorted distinct positions.
+    """
+    import faiss
+
+    x = np.ascontiguousarray(embeddings, dtype=np.float32)
+    n, d = x.shape
+    if not np.isfinite(x).all():
+        raise ConfigError("calibration.strategy=diverse: the embeddings hold NaN or inf values")
+    if k >= n:
+        return np.arange(n)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    kmeans = faiss.Kmeans(d, k, niter=iterations, seed=seed, min_points_per_centroid=1,
+                          max_points_per_centroid=1 << 30, verbose=False)
+    kmeans.train(x, init_centroids=kmeans_pp_init(x, k, np.random.default_rng(seed)))
+    index = faiss.IndexFlatL2(d)
+    index.add(x)
+    neighbours = min(n, 32)
+    dist, nearest = index.search(kmeans.centroids, neighbours)
+    taken = np.zeros(n, dtype=bool)
+    chosen: list[int] = []
+    for c in np.argsort(dist[:, 0], kind="stable"):
+        free = [j for j in nearest[c] if j >= 0 and not taken[j]]
+        if free:
+            taken[free[0]] = True
+            chosen.append(int(free[0]))
+    if len(chosen) < k:  # centroids whose neighbours were all taken: fill with the samples farthest from any pick
+        picked = faiss.IndexFlatL2(d)
+        picked.add(x[chosen])
+        far, _ = picked.search(x, 1)
+        order = [int(j) for j in np.argsort(-far[:, 0], kind="stable") if not taken[j]]
+        chosen += order[: k - len(chosen)]
+    return np.sort(np.array(chosen, dtype=np.int64))
