@@ -27,7 +27,7 @@ from fmtransfer.tasks.adapt import adapt  # noqa: E402
 from fmtransfer.tasks.plan import summarise  # noqa: E402
 from fmtransfer.tasks.pretrain import pretrain  # noqa: E402
 
-BASES = {"resnet18": ["experiment=demo"], "vit_tiny": ["experiment=demo", "backbone=vit_tiny"]}
+BASES = {"resnet18": ["experiment=demo"], "vit_tiny": ["experiment=vit_from_scratch"]}
 METHODS = {"scratch": "resnet18", "linear_probe": "resnet18", "bitfit": "resnet18", "full": "resnet18",
            "lora": "resnet18", "vpt": "vit_tiny"}
 

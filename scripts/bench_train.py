@@ -1,4 +1,4 @@
-"""Training throughput of the pretrain stage against a plain PyTorch loop (same model, data, batch size).
+"""Training throughput of the pretrain stage against a plain PyTorch loop (same model, data, batch size, augmentation).
 
     python scripts/bench_train.py                       # ResNet-18 on mnist_global, 3 repeats
     python scripts/bench_train.py --backbones resnet18 tiny_vit --repeats 5 --epochs 3
@@ -31,6 +31,7 @@ from fmtransfer.config import build, config_dir  # noqa: E402
 from fmtransfer.data import RecipeDataModule, load_recipe  # noqa: E402
 from fmtransfer.models.backbone import backbone_spec, create_backbone  # noqa: E402
 from fmtransfer.models.classifier import Classifier  # noqa: E402
+from fmtransfer.tasks.common import build_augment  # noqa: E402
 from fmtransfer.tasks.pretrain import pretrain  # noqa: E402
 
 
@@ -58,6 +59,8 @@ def run_plain(cfg, args) -> float:
     loss_fn = build(cfg.method.loss, "method.loss")
     optimizer = build(cfg.method.optimizer, "method.optimizer")(model.parameters())
     scheduler = build(cfg.method.scheduler, "method.scheduler")(optimizer, total_steps=args.epochs * args.batches)
+    augment = build_augment(cfg)  # the stage augments every batch; so does this loop
+    generator = torch.Generator().manual_seed(cfg.seed)
     model.train()
     per_epoch = []
     for _ in range(args.epochs):
@@ -65,6 +68,8 @@ def run_plain(cfg, args) -> float:
         for step, (x, y, _rows) in enumerate(loader):
             if step >= args.batches:
                 break
+            if augment is not None:
+                x = augment(x, generator=generator)
             loss = loss_fn(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
+import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,8 @@ from fmtransfer.tasks.common import (
 )
 from fmtransfer.tasks.evaluate import _model_run_dir, check_fit, score_model
 
+log = logging.getLogger(__name__)
+
 
 def choose_calibration(dm: RecipeDataModule, model, strategy: Strategy, size: int, seed: int,
                        accelerator: str = "auto") -> np.ndarray:
@@ -58,7 +61,8 @@ def choose_calibration(dm: RecipeDataModule, model, strategy: Strategy, size: in
     return pool[pick]
 
 
-def _validate(cfg: DictConfig):
+def validate_adapt(cfg: DictConfig):
+    """Checks that need no data or base: recipe, method, strategy, steps, size, loss."""
     recipe = load_recipe(cfg.data)
     method: AdapterMethod = build(cfg.adapter.method, "adapter.method")
     strategy = parse_strategy(cfg.calibration.strategy)
@@ -80,8 +84,7 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
     Every check that can fail (recipe, method, calibration size, method vs backbone) runs before anything is
     written, so bad input leaves no partial artifact.
     """
-    out = Path(cfg.run_dir)
-    recipe, method, strategy, steps = _validate(cfg)
+    recipe, method, strategy, steps = validate_adapt(cfg)
     base_path = resolve_model_path(cfg.base)
     model, base_meta = load_model(base_path)
     backbone_name = base_meta["backbone"]["name"]
@@ -148,8 +151,15 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
         trainer_cfg = OmegaConf.merge(cfg, {"trainer": {"max_epochs": epochs, "max_steps": steps,
                                                         "limit_val_batches": 0, "num_sanity_val_steps": 0,
                                                         "log_every_n_steps": min(50, steps)}})
+        logger = build_logger(cfg)
         trainer = build_trainer(trainer_cfg, callbacks=[ckpt, EpochSeed(cfg.seed), *extra_callbacks(cfg)],
-                                logger=build_logger(cfg), default_root_dir=out)
+                                logger=logger, default_root_dir=out)
+        log.info("adapter %s over %s: %d of %d parameters trainable (%.2f%%); %d calibration samples (%s); %s",
+                 method.name, backbone_name, trainable, total, 100 * trainable / total, size, strategy.value,
+                 head_note)
+        if logger:
+            logger.log_hyperparams({"method": method.name, "calibration_size": size, "trainable_parameters": trainable,
+                                    "trainable_fraction": trainable / total})
         module.train()  # the base was loaded for inference
         started = time.perf_counter()
         trainer.fit(module, train_dataloaders=dm.dataloader("train", shuffle=True),
@@ -181,8 +191,10 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
                    **{f"val_{k}": v for k, v in (val or {}).get("files", {}).items()}}
         for role, path in outputs.items():
             record.add_output(path, role)
-        if ckpt.last_model_path:
+        if cfg.get("keep_checkpoints", False) and ckpt.last_model_path:
             record.add_output(ckpt.last_model_path, "last_checkpoint")
+        elif (out / "checkpoints").is_dir():
+            shutil.rmtree(out / "checkpoints")  # whole-model resume state, useless once the adapter exists
     return {"run_dir": str(out), "adapter": str(files["adapter"]), "metrics": metrics}
 
 

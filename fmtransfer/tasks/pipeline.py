@@ -14,7 +14,8 @@ from fmtransfer.config import compose_stage
 from fmtransfer.data import RecipeDataModule, load_recipe
 from fmtransfer.errors import ConfigError
 from fmtransfer.lineage import RunRecord, write_text_atomic
-from fmtransfer.tasks.adapt import adapt
+from fmtransfer.models.families import family_of
+from fmtransfer.tasks.adapt import adapt, validate_adapt
 from fmtransfer.tasks.common import run_dir
 from fmtransfer.tasks.evaluate import evaluate
 from fmtransfer.tasks.plan import plan
@@ -31,8 +32,9 @@ def _sub_config(cfg: DictConfig, folder: Path, **values: Any) -> DictConfig:
     return sub
 
 
-def _adapt_configs(cfg: DictConfig, base: str, folder: Path) -> list[tuple[str, int, DictConfig]]:
-    """One composed ``adapt`` config per (adapter, size) of the sweep, plus the region's own if not in it."""
+def _adapt_configs(cfg: DictConfig, folder: Path) -> list[tuple[str, int, DictConfig]]:
+    """One composed and validated ``adapt`` config per (adapter, size) of the sweep, plus the region's own if
+    not in it. ``base`` is filled in once the global model exists."""
     grid = [(a, int(n)) for a in cfg.sweep.adapters for n in cfg.sweep.sizes]
     if (cfg.adapter, int(cfg.calibration.size)) not in grid:
         grid.append((cfg.adapter, int(cfg.calibration.size)))
@@ -40,12 +42,15 @@ def _adapt_configs(cfg: DictConfig, base: str, folder: Path) -> list[tuple[str, 
     for i, (adapter, size) in enumerate(grid):
         if adapter not in METHODS:
             raise ConfigError(f"sweep.adapters: {adapter!r} is not an adapter; choose from {', '.join(METHODS)}")
+        if adapter == "vpt" and not family_of(cfg.backbone.name).prompts:
+            raise ConfigError(f"sweep.adapters: vpt needs a Vision Transformer, but backbone {cfg.backbone.name!r} "
+                              f"is of the {family_of(cfg.backbone.name).name!r} family")
         sub = compose_stage("adapt", [f"adapter={adapter}", f"calibration.size={size}",
                                       f"calibration.strategy={cfg.calibration.strategy}", f"seed={cfg.seed}",
                                       *cfg.adapt_overrides, f"run_dir={folder / f'{i}_{adapter}_n{size}'}"])
-        sub.base = base
         sub.data = OmegaConf.to_container(cfg.region, resolve=True)
         sub.logger = OmegaConf.to_container(cfg.logger, resolve=False)
+        validate_adapt(sub)
         configs.append((adapter, size, sub))
     return configs
 
@@ -62,6 +67,7 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
     if too_big:
         raise ConfigError(f"sweep.sizes / calibration.size {too_big} exceed the train split of region "
                           f"{region.name!r} ({pool} samples)")
+    adapt_configs = _adapt_configs(cfg, out / "adapt")
     with RunRecord("pipeline", out, cfg) as record:
         pre = pretrain(_sub_config(cfg, out / "pretrain", stage="pretrain"))
         record.add_parent(pre["run_dir"])
@@ -74,7 +80,8 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
         record.add_parent(zero["run_dir"])
 
         adapted = {}
-        for adapter, size, sub in _adapt_configs(cfg, pre["run_dir"], out / "adapt"):
+        for adapter, size, sub in adapt_configs:
+            sub.base = pre["run_dir"]
             adapted[(adapter, size)] = adapt(sub)
             record.add_parent(adapted[(adapter, size)]["run_dir"])
         planned = plan(OmegaConf.create({"stage": "plan", "run_dir": str(out / "plan"), "sweep": str(out / "adapt"),

@@ -158,7 +158,8 @@ def test_plan_arithmetic(tmp_path):
 
 
 def test_val_split_is_scored_and_resume_continues(base, cfg_factory, tmp_path):
-    first = adapt(cfg_factory("adapt", f"base={base}", *REGION, *QUICK, "checkpoints=2", run_dir=tmp_path / "a"))
+    first = adapt(cfg_factory("adapt", f"base={base}", *REGION, *QUICK, "checkpoints=2", "keep_checkpoints=true",
+                              run_dir=tmp_path / "a"))
     m = first["metrics"]
     assert m["val"]["overall"]["n"] == 30 and m["test"]["overall"]["n"] == 90
     assert (tmp_path / "a" / "checkpoints" / "last.ckpt").is_file()
@@ -166,3 +167,4 @@ def test_val_split_is_scored_and_resume_continues(base, cfg_factory, tmp_path):
                               run_dir=tmp_path / "b"))
     assert again["metrics"]["test"]["overall"] == m["test"]["overall"]  # a finished run resumes to the same end
     assert load_record(tmp_path / "b")["inputs"][0]["role"] == "base"
+    assert not (tmp_path / "b" / "checkpoints").exists()  # by default only the adapter stays

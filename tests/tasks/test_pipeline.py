@@ -35,3 +35,13 @@ def test_pipeline_checks_sweep_sizes_first(cfg_factory, tmp_path):
     with pytest.raises(ConfigError, match=r"sweep.sizes / calibration.size \[300\] exceed the train split"):
         pipeline(cfg_factory("pipeline", "experiment=smoke", "region.limit=200"))
     assert not (tmp_path / "pipeline" / "pretrain").exists()
+
+
+def test_pipeline_checks_adapt_settings_first(cfg_factory, tmp_path):
+    from fmtransfer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="vpt needs a Vision Transformer"):
+        pipeline(cfg_factory("pipeline", "experiment=smoke", "sweep.sizes=[20]", "sweep.adapters=[lora,vpt]"))
+    with pytest.raises(ConfigError, match="adapter.steps=0"):
+        pipeline(cfg_factory("pipeline", "experiment=smoke", "sweep.sizes=[20]", 'adapt_overrides=["adapter.steps=0"]'))
+    assert not (tmp_path / "pipeline" / "pretrain").exists()
