@@ -21,13 +21,16 @@ STAGES: dict[str, tuple[str, str]] = {
               "fit a small regional adapter (LoRA, prompts, probe, ...) over a global base from local labels"),
     "plan": ("fmtransfer.tasks.plan:plan", "read an adapt sweep: learning curves and labels needed per region"),
     "merge": ("fmtransfer.tasks.merge:merge", "fold an adapter into a plain model for export"),
+    "export": ("fmtransfer.tasks.export:export",
+               "merged model -> ONNX fp32 + INT8, parity and accuracy gates, metadata, Triton repository"),
+    "predict": ("fmtransfer.tasks.predict:predict", "run an exported ONNX model over images, without torch"),
     "pipeline": ("fmtransfer.tasks.pipeline:pipeline",
                  "the main job: pretrain globally, evaluate globally and zero-shot on a region, write report.md"),
 }
 
 # stages whose `adapter=<file>` names a file, not an option of the `adapter` config group (adapt's methods);
 # the dispatcher passes it on as `adapter_file=<file>`
-ADAPTER_FILE_STAGES = ("evaluate", "merge")
+ADAPTER_FILE_STAGES = ("evaluate", "merge", "export")
 
 USAGE = """usage: fmtransfer <stage> [key=value ...] [-m] [--help]
 
@@ -47,8 +50,9 @@ def _load(stage: str) -> Callable:
 
 def _summary(result: dict) -> str:
     lines = [f"run dir: {result.get('run_dir')}"]
-    if result.get("report"):
-        lines.append(f"report:  {result['report']}")
+    for key in ("report", "model", "output"):
+        if result.get(key):
+            lines.append(f"{key + ':':8s} {result[key]}")
     metrics = result.get("metrics") or {}
     overall = (metrics.get("test") or metrics).get("overall")
     if overall:

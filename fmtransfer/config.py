@@ -116,3 +116,12 @@ def check_literal(hint: Any, value: Any, key: str) -> None:
     if options and value not in options:
         raise ConfigError(f"{key}={value!r} is not allowed; expected one of: "
                           f"{', '.join(repr(o) for o in options)}")
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    try:
+        path = Path(cfg.run_dir)
+    except Exception as e:  # noqa: BLE001 - ${hydra:...} outside a Hydra app
+        raise ConfigError("run_dir is not set: pass run_dir=<folder> when calling a stage from Python") from e
+    path.mkdir(parents=True, exist_ok=True)
+    return path

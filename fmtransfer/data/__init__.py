@@ -1,8 +1,22 @@
-"""Data: recipes -> sample tables -> datasets -> one LightningDataModule."""
+"""Data: recipes -> sample tables -> datasets -> one LightningDataModule.
 
-from fmtransfer.data.datamodule import RecipeDataModule
-from fmtransfer.data.preprocess import Preprocess
-from fmtransfer.data.recipe import Recipe, load_recipe
-from fmtransfer.data.table import SampleTable, build_table
+Names are imported lazily, so torch-free code (``fmtransfer.data.images``, used by the ONNX predictor) can
+import a submodule without pulling in torch and Lightning.
+"""
 
-__all__ = ["Preprocess", "Recipe", "RecipeDataModule", "SampleTable", "build_table", "load_recipe"]
+from __future__ import annotations
+
+from fmtransfer._lazy import lazy_getattr
+
+_EXPORTS = {
+    "RecipeDataModule": "fmtransfer.data.datamodule",
+    "Preprocess": "fmtransfer.data.preprocess",
+    "Recipe": "fmtransfer.data.recipe",
+    "load_recipe": "fmtransfer.data.recipe",
+    "SampleTable": "fmtransfer.data.table",
+    "build_table": "fmtransfer.data.table",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

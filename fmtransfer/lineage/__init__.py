@@ -1,9 +1,20 @@
-"""Lineage: run records, artifact hashes and atomic writes."""
+"""Lineage: run records, artifact hashes and atomic writes.
 
-from fmtransfer.lineage.io import atomic_path, sha256_file, write_json_atomic, write_text_atomic
-from fmtransfer.lineage.record import RunRecord, config_hash, load_record, verify_record
+Names are imported lazily: ``fmtransfer.lineage.io`` (hashes, atomic writes) needs only the standard library,
+so torch-free code such as the ONNX predictor can use it without loading the config stack.
+"""
 
-__all__ = [
-    "RunRecord", "atomic_path", "config_hash", "load_record", "sha256_file", "verify_record",
-    "write_json_atomic", "write_text_atomic",
-]
+from __future__ import annotations
+
+from fmtransfer._lazy import lazy_getattr
+
+_EXPORTS = {
+    "atomic_path": "fmtransfer.lineage.io", "sha256_file": "fmtransfer.lineage.io",
+    "write_json_atomic": "fmtransfer.lineage.io", "write_text_atomic": "fmtransfer.lineage.io",
+    "RunRecord": "fmtransfer.lineage.record", "config_hash": "fmtransfer.lineage.record",
+    "load_record": "fmtransfer.lineage.record", "verify_record": "fmtransfer.lineage.record",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

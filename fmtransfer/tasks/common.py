@@ -16,8 +16,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from fmtransfer.config import build
-from fmtransfer.errors import ArtifactError, ConfigError
+from fmtransfer.config import build, run_dir  # noqa: F401 - run_dir: re-exported for the stages
+from fmtransfer.errors import ArtifactError
 from fmtransfer.metrics import classification_metrics, regression_metrics
 from fmtransfer.models.classifier import Classifier
 
@@ -48,15 +48,6 @@ def quiet_lightning():
         yield
     finally:
         _LIGHTNING_LOG.setLevel(level)
-
-
-def run_dir(cfg: DictConfig) -> Path:
-    try:
-        path = Path(cfg.run_dir)
-    except Exception as e:  # noqa: BLE001 - ${hydra:...} outside a Hydra app
-        raise ConfigError("run_dir is not set: pass run_dir=<folder> when calling a stage from Python") from e
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def resolve_precision(precision: Any) -> Any:

@@ -1,5 +1,6 @@
 """``pipeline``: the main job. Global pretraining -> evaluation on the global test split and zero-shot on a
-region -> a sweep of regional adapters -> a calibration-size plan -> ``report.md``.
+region -> a sweep of regional adapters -> a calibration-size plan -> the region's model exported to ONNX (fp32
++ INT8, gated) -> ``report.md``.
 Each step is a stage run of its own (a sub-folder with its run.json)."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from fmtransfer.models.families import family_of
 from fmtransfer.tasks.adapt import adapt, validate_adapt
 from fmtransfer.tasks.common import run_dir
 from fmtransfer.tasks.evaluate import evaluate
+from fmtransfer.tasks.export import export, validate_export
 from fmtransfer.tasks.plan import plan
 from fmtransfer.tasks.pretrain import pretrain, validate
 from fmtransfer.tasks.report import metric_rows, results_table, write_report
@@ -68,6 +70,8 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"sweep.sizes / calibration.size {too_big} exceed the train split of region "
                           f"{region.name!r} ({pool} samples)")
     adapt_configs = _adapt_configs(cfg, out / "adapt")
+    if cfg.export_region_model:
+        validate_export(cfg.export)
     with RunRecord("pipeline", out, cfg) as record:
         pre = pretrain(_sub_config(cfg, out / "pretrain", stage="pretrain"))
         record.add_parent(pre["run_dir"])
@@ -88,6 +92,14 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
                                          "targets": [0.9, 0.95, 0.99], "metric": "accuracy"}))
         record.add_parent(planned["run_dir"])
         region_run = adapted[(cfg.adapter, int(cfg.calibration.size))]
+        exported = None
+        if cfg.export_region_model:
+            exported = export(OmegaConf.create({
+                "stage": "export", "seed": cfg.seed, "run_dir": str(out / "export"), "model": None,
+                "adapter_file": region_run["adapter"], "data": OmegaConf.to_container(cfg.region, resolve=True),
+                "loader": OmegaConf.to_container(cfg.loader, resolve=True),
+                "export": OmegaConf.to_container(cfg.export, resolve=True)}))
+            record.add_parent(exported["run_dir"])
 
         pm, zm = pre["metrics"], zero["metrics"]
         task = pm["task"]
@@ -104,6 +116,10 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
                  f"The region's adapter (`{am['method']}`, {am['calibration']['size']} {am['calibration']['strategy']} "
                  f"labels from the region's train split) trains {am['trainable_fraction']:.2%} of the parameters "
                  f"and is one {am['adapter_bytes'] / 1e6:.2f} MB file ({am['adapter_to_base']:.1%} of the base).")
+        sections = [("Setup", setup), ("Results", results_table(rows, task)),
+                    ("Calibration-size plan", planned["markdown"])]
+        if exported is not None:
+            sections.append(("Edge export", Path(exported["report"]).read_text().split("\n", 2)[2].strip()))
         images = [("Global test split", Path(pre["run_dir"]) / "confusion_test.png"),
                   (f"Zero-shot on {zm['recipe']}", Path(zero["run_dir"]) / f"confusion_{zm['split']}.png"),
                   ("Training curves", Path(pre["run_dir"]) / "training_curves.png"),
@@ -111,15 +127,14 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
                   ("Accuracy against local labels", Path(planned["run_dir"]) / "learning_curve.png")]
         report_path = out / "report.md"
         text = write_report(report_path, title="fmtransfer pipeline report", run=record.data,
-                            sections=[("Setup", setup), ("Results", results_table(rows, task)),
-                                      ("Calibration-size plan", planned["markdown"]),
-                                      ("Stages", "\n".join(
+                            sections=[*sections, ("Stages", "\n".join(
                                           [f"- pretrain: `{pre['run_dir']}`", f"- zero-shot: `{zero['run_dir']}`",
                                            f"- region adapter: `{region_run['adapter']}`",
-                                           f"- adaptation sweep: `{out / 'adapt'}`", f"- plan: `{planned['run_dir']}`"]))],
+                                           f"- adaptation sweep: `{out / 'adapt'}`", f"- plan: `{planned['run_dir']}`",
+                                           *([f"- edge export: `{exported['model']}`"] if exported else [])]))],
                             images=[(c, p) for c, p in images if p.is_file()])
         write_text_atomic(report_path, text)
         record.add_output(report_path, "report")
     return {"run_dir": str(out), "report": str(report_path),
             "steps": {"pretrain": pre, "zero_shot": zero, "adapt": region_run, "sweep": list(adapted.values()),
-                      "plan": planned}}
+                      "plan": planned, "export": exported}}

@@ -12,7 +12,10 @@ from fmtransfer.tasks.pipeline import pipeline
 
 def test_pipeline_report(cfg_factory, tmp_path):
     result = pipeline(cfg_factory("pipeline", "experiment=smoke", "region.limit=200", "sweep.sizes=[20,40]",
-                                  "calibration.size=30", 'adapt_overrides=["adapter.steps=4"]'))
+                                  "calibration.size=30", 'adapt_overrides=["adapter.steps=4"]',
+                                  # a smoke model has near-tied logits: INT8 gates are for real models
+                                  "export.gates.min_int8_agreement=0", "export.gates.max_accuracy_drop=1",
+                                  "export.latency.repeats=2"))
     out = tmp_path / "pipeline"
     report = (out / "report.md").read_text()
     assert "| global test_resnet | mnist_global | global | test |" in report
@@ -24,7 +27,9 @@ def test_pipeline_report(cfg_factory, tmp_path):
     assert len(re.findall(r"!\[", report)) == 5
     record = load_record(out)
     stages = [p["stage"] for p in record["parents"]]
-    assert stages[:2] == ["pretrain", "evaluate"] and stages.count("adapt") == 5 and stages[-1] == "plan"
+    assert stages[:2] == ["pretrain", "evaluate"] and stages.count("adapt") == 5 and stages[-2:] == ["plan", "export"]
+    assert "## Edge export" in report and "ONNX INT8 (static)" in report
+    assert result["steps"]["export"]["model"] == str(out / "export" / "model.int8.onnx")
     assert load_record(out / "zero_shot")["parents"][0]["stage"] == "pretrain"
     assert result["steps"]["zero_shot"]["metrics"]["overall"]["n"] == 60
 
@@ -44,4 +49,6 @@ def test_pipeline_checks_adapt_settings_first(cfg_factory, tmp_path):
         pipeline(cfg_factory("pipeline", "experiment=smoke", "sweep.sizes=[20]", "sweep.adapters=[lora,vpt]"))
     with pytest.raises(ConfigError, match="adapter.steps=0"):
         pipeline(cfg_factory("pipeline", "experiment=smoke", "sweep.sizes=[20]", 'adapt_overrides=["adapter.steps=0"]'))
+    with pytest.raises(ConfigError, match="export.quantize='int4'"):
+        pipeline(cfg_factory("pipeline", "experiment=smoke", "sweep.sizes=[20]", "export.quantize=int4"))
     assert not (tmp_path / "pipeline" / "pretrain").exists()

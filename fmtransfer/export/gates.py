@@ -1,0 +1,55 @@
+"""Export gates: pure checks over arrays. An export that fails one is not released."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """Thresholds (``export.gates`` in the config).
+
+    Attributes:
+        max_abs_diff: largest |fp32 ONNX - PyTorch| allowed on any output of the parity inputs.
+        min_int8_agreement: share of inputs whose INT8 top-1 class equals the fp32 ONNX one.
+        max_accuracy_drop: PyTorch fp32 accuracy (R^2 for regression) minus INT8, at most (0.01 = 1 point).
+    """
+
+    max_abs_diff: float = 1e-4
+    min_int8_agreement: float = 0.98
+    max_accuracy_drop: float = 0.01
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def gate(name: str, value: float, threshold: float, passed: bool, detail: str) -> dict[str, Any]:
+    return {"name": name, "value": float(value), "threshold": float(threshold), "passed": bool(passed),
+            "detail": detail}
+
+
+def parity_gate(reference: np.ndarray, candidate: np.ndarray, settings: GateSettings) -> dict[str, Any]:
+    """reference, candidate: (N, K) outputs of PyTorch and the fp32 ONNX model on the same inputs."""
+    diff = float(np.abs(reference.astype(np.float64) - candidate.astype(np.float64)).max())
+    return gate("fp32_parity", diff, settings.max_abs_diff, diff <= settings.max_abs_diff,
+                f"max abs(ONNX fp32 - PyTorch) over {len(reference)} real inputs")
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Share of rows whose argmax agrees: a, b (N, K)."""
+    return float((a.argmax(1) == b.argmax(1)).mean()) if len(a) else 1.0
+
+
+def agreement_gate(fp32: np.ndarray, int8: np.ndarray, settings: GateSettings) -> dict[str, Any]:
+    share = agreement(fp32, int8)
+    return gate("int8_agreement", share, settings.min_int8_agreement, share >= settings.min_int8_agreement,
+                f"INT8 top-1 equals fp32 ONNX top-1 on {len(fp32)} test inputs")
+
+
+def accuracy_gate(reference: float, int8: float, metric: str, settings: GateSettings) -> dict[str, Any]:
+    drop = reference - int8
+    return gate("int8_accuracy_drop", drop, settings.max_accuracy_drop, drop <= settings.max_accuracy_drop + 1e-12,
+                f"PyTorch fp32 {metric} {reference:.4f} - INT8 {metric} {int8:.4f}")

@@ -1,0 +1,24 @@
+"""``predict``: an exported ONNX model over a folder or CSV of images. Imports no torch (see
+``fmtransfer.export.predict``), so it runs on a serving box with onnxruntime, numpy and PIL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig
+
+from fmtransfer.config import run_dir
+from fmtransfer.export.predict import predict_files
+from fmtransfer.lineage import RunRecord
+
+
+def predict(cfg: DictConfig) -> dict[str, Any]:
+    """Write ``cfg.output`` (CSV) with a prediction per readable image of ``cfg.input``."""
+    out = run_dir(cfg)
+    with RunRecord("predict", out, cfg) as record:
+        result = predict_files(cfg.model, cfg.input, cfg.output, batch_size=int(cfg.batch_size))
+        record.add_input(result["model"], "model")
+        record.add_output(result["output"], "predictions")
+        if result["skipped_file"]:
+            record.add_output(result["skipped_file"], "skipped")
+    return {"run_dir": str(out), **result}

@@ -1,0 +1,59 @@
+"""Export gates and the Triton config: pure functions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fmtransfer.errors import ConfigError
+from fmtransfer.export.gates import GateSettings, accuracy_gate, agreement, agreement_gate, parity_gate
+from fmtransfer.export.quantize import Quantize
+from fmtransfer.export.triton import config_pbtxt, write_repository
+
+S = GateSettings(max_abs_diff=1e-4, min_int8_agreement=0.9, max_accuracy_drop=0.01)
+
+
+def test_parity_gate_uses_the_largest_difference():
+    a = np.zeros((4, 3), dtype=np.float32)
+    b = a.copy()
+    b[2, 1] = 5e-5
+    assert parity_gate(a, b, S)["passed"] and parity_gate(a, b, S)["value"] == pytest.approx(5e-5)
+    b[3, 0] = -2e-4
+    g = parity_gate(a, b, S)
+    assert not g["passed"] and g["value"] == pytest.approx(2e-4)
+
+
+def test_agreement_and_accuracy_gates():
+    fp32 = np.eye(10, dtype=np.float32)
+    int8 = fp32.copy()
+    int8[0] = [0, 1] + [0] * 8  # one of ten flips its top-1
+    assert agreement(fp32, int8) == pytest.approx(0.9)
+    assert agreement_gate(fp32, int8, S)["passed"]
+    int8[1] = [1] + [0] * 9
+    assert not agreement_gate(fp32, int8, S)["passed"]
+    assert accuracy_gate(0.95, 0.945, "accuracy", S)["passed"]
+    assert accuracy_gate(0.95, 0.96, "accuracy", S)["value"] < 0  # INT8 better: a negative drop
+    assert not accuracy_gate(0.95, 0.93, "accuracy", S)["passed"]
+
+
+def test_quantize_mode_is_validated():
+    assert Quantize.parse("static") is Quantize.STATIC
+    with pytest.raises(ConfigError, match="export.quantize='int4'.*none, dynamic, static"):
+        Quantize.parse("int4")
+
+
+def test_triton_repository(tmp_path):
+    meta = {"input_name": "input", "output_name": "logits", "num_outputs": 3, "classes": ["a", "b", "c"],
+            "preprocess": {"channels": 1, "image_size": [28, 28]}}
+    onnx_file = tmp_path / "m.onnx"
+    onnx_file.write_bytes(b"graph")
+    folder = write_repository(tmp_path / "repo", "region_lora", onnx_file, meta, max_batch_size=16)
+    assert (folder / "1" / "model.onnx").read_bytes() == b"graph"
+    assert (folder / "labels.txt").read_text().split() == ["a", "b", "c"]
+    text = (folder / "config.pbtxt").read_text()
+    assert text == config_pbtxt("region_lora", meta, 16)
+    for line in ('name: "region_lora"', 'platform: "onnxruntime_onnx"', "max_batch_size: 16", "dims: [ 1, 28, 28 ]",
+                 "dims: [ 3 ]", 'label_filename: "labels.txt"'):
+        assert line in text
+    with pytest.raises(ConfigError, match="Triton model name"):
+        write_repository(tmp_path / "repo", "bad name/..", onnx_file, meta)
