@@ -18,8 +18,21 @@ def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def test_help_lists_stages():
     proc = run("--help")
     assert proc.returncode == 0
-    for stage in ("pretrain", "evaluate", "pipeline"):
+    for stage in ("pretrain", "evaluate", "adapt", "plan", "merge", "export", "predict", "pipeline"):
         assert stage in proc.stdout
+
+
+def test_every_stage_has_a_module_entry():
+    import importlib.util
+
+    from fmtransfer.cli import STAGES
+
+    for stage in STAGES:
+        spec = importlib.util.find_spec(f"fmtransfer.{stage}")
+        assert spec is not None, f"python -m fmtransfer.{stage} has no module"
+        source = open(spec.origin if spec.submodule_search_locations is None
+                      else spec.submodule_search_locations[0] + "/__main__.py").read()
+        assert f'run_stage("{stage}"' in source
 
 
 def test_unknown_stage():

@@ -90,16 +90,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
             host, meta, model_path, header = load_adapted(cfg.adapter_file, cfg.get("model"))
             model = host.model
-            record.add_input(header["path"], "adapter")
-            if (Path(header["lineage"]["run_dir"]) / RUN_FILE).is_file():
-                record.add_parent(header["lineage"]["run_dir"])
+            record_sources(record, model_path, host.base_meta, header, role="model")
         else:
             model_path = resolve_model_path(cfg.model)
             model, meta = load_model(model_path)
-        record.add_input(model_path, "model")
-        parent = _model_run_dir(model_path, meta)
-        if parent is not None:
-            record.add_parent(parent)
+            record_sources(record, model_path, meta)
         check_fit(recipe, meta)
         dm = RecipeDataModule(recipe, batch_size=cfg.loader.batch_size, num_workers=cfg.loader.num_workers,
                               preprocess=Preprocess.from_dict(meta["preprocess"]), classes=meta["classes"],
@@ -124,3 +119,17 @@ def _model_run_dir(model_path: Path, meta: dict[str, Any]) -> Path | None:
         if (candidate / RUN_FILE).is_file():
             return candidate
     return None
+
+
+def record_sources(record: RunRecord, model_path: Path, model_meta: dict[str, Any],
+                   header: dict[str, Any] | None = None, role: str | None = None) -> None:
+    """Record the model file read (role ``model``, or ``base`` under an adapter) and the adapter file, and the
+    runs that produced them as parents."""
+    record.add_input(model_path, role or ("base" if header else "model"))
+    parents = [_model_run_dir(model_path, model_meta)]
+    if header is not None:
+        record.add_input(header["path"], "adapter")
+        parents.append(Path(header["lineage"]["run_dir"]))
+    for parent in parents:
+        if parent is not None and (parent / RUN_FILE).is_file():
+            record.add_parent(parent)

@@ -30,10 +30,9 @@ from fmtransfer.export.quantize import Quantize, quantize_model
 from fmtransfer.export.runtime import ONNX_FORMAT, OnnxModel, sidecar_path
 from fmtransfer.export.triton import write_repository
 from fmtransfer.lineage import RunRecord, sha256_file, write_json_atomic, write_text_atomic
-from fmtransfer.lineage.record import RUN_FILE
 from fmtransfer.models.classifier import load_model, resolve_model_path
 from fmtransfer.tasks.common import score
-from fmtransfer.tasks.evaluate import _model_run_dir, check_fit
+from fmtransfer.tasks.evaluate import check_fit, record_sources
 
 FP32_FILE, INT8_FILE = "model.onnx", "model.int8.onnx"
 
@@ -51,20 +50,13 @@ def _load(cfg: DictConfig, record: RunRecord) -> tuple[torch.nn.Module, dict[str
 
         host, _, base_path, header = load_adapted(cfg.adapter_file, cfg.get("model"))
         model, meta = host.merge()
-        record.add_input(base_path, "base")
-        record.add_input(header["path"], "adapter")
-        for parent in (_model_run_dir(base_path, host.base_meta), Path(header["lineage"]["run_dir"])):
-            if parent is not None and (parent / RUN_FILE).is_file():
-                record.add_parent(parent)
+        record_sources(record, base_path, host.base_meta, header)
         lineage = {"base_sha256": header["base"]["sha256"], "adapter_sha256": header["weights_sha256"],
                    "adapter_method": header["method"]["name"], "recipe": header["lineage"].get("recipe")}
     else:
         path = resolve_model_path(cfg.model)
         model, meta = load_model(path)
-        record.add_input(path, "model")
-        parent = _model_run_dir(path, meta)
-        if parent is not None:
-            record.add_parent(parent)
+        record_sources(record, path, meta)
         lineage = {"base_sha256": meta.get("lineage", {}).get("base_sha256", meta["weights_sha256"]),
                    "adapter_sha256": meta.get("lineage", {}).get("adapter_sha256"),
                    "model_sha256": meta["weights_sha256"], "recipe": meta.get("lineage", {}).get("recipe")}

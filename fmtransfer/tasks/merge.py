@@ -9,10 +9,9 @@ from omegaconf import DictConfig
 
 from fmtransfer.adapters.artifact import AdapterHost, read_adapter
 from fmtransfer.lineage import RunRecord
-from fmtransfer.lineage.record import RUN_FILE
 from fmtransfer.models.classifier import load_model, resolve_model_path, save_model
 from fmtransfer.tasks.common import run_dir
-from fmtransfer.tasks.evaluate import _model_run_dir
+from fmtransfer.tasks.evaluate import record_sources
 
 
 def load_adapted(adapter: str | Path, model: str | Path | None = None):
@@ -29,11 +28,7 @@ def merge(cfg: DictConfig) -> dict[str, Any]:
     out = run_dir(cfg)
     with RunRecord("merge", out, cfg) as record:
         host, _, base_path, header = load_adapted(cfg.adapter_file, cfg.get("model"))
-        record.add_input(base_path, "base")
-        record.add_input(header["path"], "adapter")
-        for parent in (_model_run_dir(base_path, host.base_meta), Path(header["lineage"]["run_dir"])):
-            if parent is not None and (parent / RUN_FILE).is_file():
-                record.add_parent(parent)
+        record_sources(record, base_path, host.base_meta, header)
         model, meta = host.merge()
         meta["lineage"] = {"run_id": record.data["run_id"], "run_dir": str(out.resolve()),
                            "base_sha256": header["base"]["sha256"], "adapter_sha256": header["weights_sha256"],

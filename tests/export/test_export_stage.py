@@ -215,3 +215,28 @@ def test_cli_export_rejection_exits_non_zero_and_predict_reads_a_csv(adapter, ex
     assert proc.returncode == 0, proc.stderr
     with open(tmp_path / "p.csv") as f:
         assert len(list(csv.DictReader(f))) == len(paths)
+
+
+def test_regression_model_exports_and_predicts(tmp_path):
+    from tests.fixtures import make_npz
+
+    npz = make_npz(tmp_path / "yield.npz", n=80, channels=4, regression=True)
+    data = ["data=npz", f"data.source.path={npz}", "data.channels=4", "data.image_size=[16,16]",
+            "data.task=regression", "data.classes=null", "data.limit=null"]
+    base = pretrain(make_cfg("pretrain", ["experiment=smoke", *data, "method=regression"], tmp_path / "base"))
+    result = export(make_cfg("export", [f"model={base['run_dir']}", *data, *FAST, "export.quantize=dynamic",
+                                        "export.gates.max_accuracy_drop=10"], tmp_path / "run"))
+    m = result["metrics"]
+    assert m["passed"] and m["task"] == "regression"
+    assert {g["name"] for g in m["gates"]} == {"fp32_parity", "int8_accuracy_drop"}  # no top-1 for regression
+    meta = OnnxModel.load(result["model"]).meta
+    assert meta["output_name"] == "prediction" and meta["classes"] is None and meta["preprocess"]["channels"] == 4
+    import tifffile
+
+    tile = np.random.default_rng(0).integers(0, 255, (16, 16, 4), dtype=np.uint8)  # a 4-band tile
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "tile.tif", np.moveaxis(tile, -1, 0), photometric="minisblack")
+    r = predict_files(result["model"], tmp_path / "in", tmp_path / "p.csv")
+    with open(r["output"]) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["path", "prediction"] and np.isfinite(float(rows[0]["prediction"]))
