@@ -1,0 +1,153 @@
+"""Hierarchical k-means with resampling (Vo et al. 2024), on FAISS.
+
+Plain k-means puts most centroids where the data is dense. The resampling refinement re-fits the centroids on
+an equal number of points from each cluster (those nearest its centroid), repeatedly, so that the clusters
+spread over the whole support of the data; higher levels cluster the centroids of the level below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from fmtransfer.errors import DataError
+
+ASSIGN_BATCH = 65_536
+
+
+class Resample(str, Enum):
+    """Which points of each cluster re-fit the centroids in a resampling step."""
+
+    CLOSEST = "closest"  # the r points nearest the centroid (the paper's choice)
+    RANDOM = "random"  # r random points
+
+
+def check_embeddings(x: np.ndarray, name: str = "embeddings", batch: int = ASSIGN_BATCH) -> None:
+    """Raise DataError for a non-2-D array or one holding NaN/inf (checked in batches; memmaps stay unread)."""
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise DataError(f"{name}: expected a non-empty (n, d) array, got shape {x.shape}")
+    for start in range(0, len(x), batch):
+        chunk = np.asarray(x[start:start + batch])
+        if not np.isfinite(chunk).all():
+            row = start + int(np.argwhere(~np.isfinite(chunk))[0, 0])
+            raise DataError(f"{name}: row {row} holds NaN or inf; embeddings must be finite")
+
+
+def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, init: np.ndarray | None = None,
+           max_points_per_centroid: int = 256, gpu: bool = False) -> np.ndarray:
+    """FAISS k-means. x: (n, d) float32 -> centroids (k, d) float32.
+
+    FAISS trains on at most ``k * max_points_per_centroid`` points (a random sample), which bounds memory and
+    time for large n; assign everything afterwards with :func:`assign`.
+    """
+    import faiss
+
+    n, d = x.shape
+    if k < 1 or k > n:
+        raise DataError(f"k-means with k={k} needs 1 <= k <= the number of points ({n})")
+    km = faiss.Kmeans(d, int(k), niter=int(niter), seed=int(seed), verbose=False, gpu=gpu,
+                      max_points_per_centroid=int(max_points_per_centroid), min_points_per_centroid=1)
+    sample = x
+    if n > k * max_points_per_centroid:  # subsample here, so a memmap is read once, in order
+        rng = np.random.default_rng(seed)
+        sample = x[np.sort(rng.choice(n, size=k * max_points_per_centroid, replace=False))]
+    km.train(np.ascontiguousarray(sample, dtype=np.float32),
+             init_centroids=None if init is None else np.ascontiguousarray(init, dtype=np.float32))
+    return np.asarray(km.centroids, dtype=np.float32)
+
+
+def assign(x: np.ndarray, centroids: np.ndarray, batch: int = ASSIGN_BATCH) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid of every point, in batches (no n x k matrix is held).
+
+    Returns:
+        labels: (n,) int64; sq_dist: (n,) float32 squared L2 distance to that centroid.
+    """
+    import faiss
+
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    labels = np.empty(len(x), dtype=np.int64)
+    dist = np.empty(len(x), dtype=np.float32)
+    for start in range(0, len(x), batch):
+        d, i = index.search(np.ascontiguousarray(x[start:start + batch], dtype=np.float32), 1)
+        labels[start:start + batch], dist[start:start + batch] = i[:, 0], d[:, 0]
+    return labels, dist
+
+
+def pick_per_cluster(labels: np.ndarray, sq_dist: np.ndarray, r: int, how: Resample,
+                     rng: np.random.Generator) -> np.ndarray:
+    """Indices of up to ``r`` points of every cluster (all of a smaller one), by ``how``."""
+    order = np.lexsort((sq_dist if how is Resample.CLOSEST else rng.random(len(labels)), labels))
+    sorted_labels = labels[order]
+    starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
+    rank = np.arange(len(order)) - starts
+    return np.sort(order[rank < r])
+
+
+def resampled_kmeans(x: np.ndarray, k: int, *, steps: int = 10, per_cluster: int | None = None,
+                     how: Resample = Resample.CLOSEST, niter: int = 20, seed: int = 0,
+                     gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """k-means, then ``steps`` resampling refinements: re-fit the centroids on ``per_cluster`` points of each
+    cluster (default: the mean cluster size / 2, at least 1), starting from the current centroids.
+
+    Returns:
+        centroids (k, d) float32; labels (n,) int64 of every point of x.
+    """
+    n = len(x)
+    rng = np.random.default_rng(seed)
+    centroids = kmeans(x, k, niter=niter, seed=seed, gpu=gpu)
+    r = per_cluster or max(1, n // (2 * k))
+    for step in range(steps):
+        labels, dist = assign(x, centroids)
+        chosen = pick_per_cluster(labels, dist, r, how, rng)
+        if len(chosen) < k:
+            break
+        centroids = kmeans(np.asarray(x[chosen]), k, niter=niter, seed=seed + step + 1, gpu=gpu)
+    labels, _ = assign(x, centroids)
+    return centroids, labels
+
+
+@dataclass
+class Hierarchy:
+    """A cluster tree over n points.
+
+    Attributes:
+        levels: cluster counts, finest first, e.g. [1000, 100, 10].
+        labels: (n,) int64, each point's level-0 cluster.
+        parents: parents[t] (levels[t],) int64: the level-(t+1) cluster of each level-t cluster.
+        centroids: centroids[t] (levels[t], d) float32.
+    """
+
+    levels: list[int]
+    labels: np.ndarray
+    parents: list[np.ndarray] = field(default_factory=list)
+    centroids: list[np.ndarray] = field(default_factory=list)
+
+    def paths(self) -> np.ndarray:
+        """(n, len(levels)) int64: each point's cluster at every level, finest first."""
+        out = np.empty((len(self.labels), len(self.levels)), dtype=np.int64)
+        out[:, 0] = self.labels
+        for t, parent in enumerate(self.parents, start=1):
+            out[:, t] = parent[out[:, t - 1]]
+        return out
+
+
+def hierarchical_kmeans(x: np.ndarray, levels: list[int], *, steps: int = 10, how: Resample = Resample.CLOSEST,
+                        niter: int = 20, seed: int = 0, gpu: bool = False) -> Hierarchy:
+    """Level 0 clusters the points; level t clusters the centroids of level t-1. ``levels`` finest first and
+    decreasing, e.g. [1000, 100, 10] for a million points."""
+    check_embeddings(x)
+    if not levels or any(b >= a for a, b in zip(levels, levels[1:], strict=False)):
+        raise DataError(f"curation levels {levels}: give decreasing cluster counts, finest first")
+    if levels[0] > len(x):
+        raise DataError(f"curation levels {levels}: k={levels[0]} is larger than the number of points ({len(x)})")
+    centroids, labels = resampled_kmeans(x, levels[0], steps=steps, how=how, niter=niter, seed=seed, gpu=gpu)
+    tree = Hierarchy(list(levels), labels, [], [centroids])
+    for t, k in enumerate(levels[1:], start=1):
+        upper, parent = resampled_kmeans(tree.centroids[-1], k, steps=steps, how=how, niter=niter,
+                                         seed=seed + 1000 * t, gpu=gpu)
+        tree.centroids.append(upper)
+        tree.parents.append(parent)
+    return tree

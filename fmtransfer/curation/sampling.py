@@ -1,0 +1,103 @@
+"""Balanced sampling down a cluster tree: every cluster at every level gets an equal share of the budget
+(capped by what it holds), so rare modes keep their samples and dense ones give theirs up."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import numpy as np
+
+from fmtransfer.curation.kmeans import Hierarchy, assign
+from fmtransfer.errors import DataError
+
+
+class WithinCluster(str, Enum):
+    """How the points of a finest-level cluster are chosen once its quota is known."""
+
+    RANDOM = "random"
+    CLOSEST = "closest"  # nearest the cluster's centroid first
+
+
+def waterfill(sizes: np.ndarray, budget: int, rng: np.random.Generator) -> np.ndarray:
+    """Split ``budget`` over bins as evenly as possible, no bin above its size.
+
+    Args:
+        sizes: (k,) int, how many items each bin holds.
+    Returns:
+        (k,) int64 quotas with sum ``min(budget, sizes.sum())``; leftover units go to random open bins.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    quota = np.zeros_like(sizes)
+    remaining = int(min(budget, sizes.sum()))
+    while remaining > 0:
+        active = np.flatnonzero(quota < sizes)
+        share = remaining // len(active)
+        if share == 0:
+            quota[rng.choice(active, size=remaining, replace=False)] += 1
+            break
+        add = np.minimum(share, sizes[active] - quota[active])
+        quota[active] += add
+        remaining -= int(add.sum())
+    return quota
+
+
+def balanced_sample(tree: Hierarchy, target: int, *, within: WithinCluster = WithinCluster.RANDOM,
+                    x: np.ndarray | None = None, mask: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+    """Choose ``target`` points, splitting the budget evenly down the tree from its coarsest level.
+
+    Args:
+        tree: from :func:`fmtransfer.curation.kmeans.hierarchical_kmeans` over n points.
+        within: how points are taken inside a finest cluster (CLOSEST needs ``x``, the (n, d) embeddings).
+        mask: (n,) bool, only these points may be chosen (a stratum, the survivors of dedup).
+    Returns:
+        sorted (target,) int64 point indices.
+    """
+    n = len(tree.labels)
+    allowed = np.ones(n, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    if target > int(allowed.sum()):
+        raise DataError(f"curation target {target} is larger than the {int(allowed.sum())} points available")
+    if within is WithinCluster.CLOSEST and x is None:
+        raise DataError("within-cluster strategy 'closest' needs the embeddings")
+    rng = np.random.default_rng(seed)
+    paths = tree.paths()[allowed]
+    points = np.flatnonzero(allowed)
+    top = len(tree.levels) - 1
+    quota = waterfill(np.bincount(paths[:, top], minlength=tree.levels[top]), target, rng)
+    for t in range(top - 1, -1, -1):  # hand each cluster's quota to its children
+        counts = np.bincount(paths[:, t], minlength=tree.levels[t])
+        child_quota = np.zeros(tree.levels[t], dtype=np.int64)
+        for c in np.flatnonzero(quota):
+            children = np.flatnonzero(tree.parents[t] == c)
+            child_quota[children] = waterfill(counts[children], int(quota[c]), rng)
+        quota = child_quota
+    order = np.argsort(paths[:, 0], kind="stable")
+    bounds = np.searchsorted(paths[order, 0], np.arange(tree.levels[0] + 1))
+    chosen = []
+    for c in np.flatnonzero(quota):
+        members = points[order[bounds[c]:bounds[c + 1]]]
+        if within is WithinCluster.CLOSEST:
+            _, dist = assign(np.asarray(x[members]), tree.centroids[0][c:c + 1])
+            chosen.append(members[np.argsort(dist, kind="stable")[:quota[c]]])
+        else:
+            chosen.append(rng.choice(members, size=int(quota[c]), replace=False))
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def stratified_sample(tree: Hierarchy, target: int, strata: np.ndarray, **kwargs) -> np.ndarray:
+    """:func:`balanced_sample` within each stratum (a region, a label), the budget split over strata in
+    proportion to their size but at least one point each, so no stratum vanishes."""
+    names, inverse, counts = np.unique(strata, return_inverse=True, return_counts=True)
+    if target < len(names):
+        raise DataError(f"curation target {target} is smaller than the number of strata ({len(names)})")
+    budget = np.maximum(1, np.floor(target * counts / counts.sum()).astype(np.int64))
+    budget = np.minimum(budget, counts)
+    rng = np.random.default_rng(kwargs.get("seed", 0))
+    while budget.sum() < min(target, counts.sum()):  # rounding leftovers go to strata with room
+        open_ = np.flatnonzero(budget < counts)
+        budget[rng.choice(open_)] += 1
+    while budget.sum() > target:
+        budget[np.argmax(budget)] -= 1
+    mask = kwargs.pop("mask", None)
+    parts = [balanced_sample(tree, int(b), mask=(inverse == s) & (True if mask is None else mask), **kwargs)
+             for s, b in enumerate(budget) if b > 0]
+    return np.sort(np.concatenate(parts))

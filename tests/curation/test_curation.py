@@ -1,0 +1,109 @@
+"""Curation functions on synthetic embeddings with known structure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fmtransfer.curation.dedup import near_duplicate_groups
+from fmtransfer.curation.kmeans import Resample, assign, hierarchical_kmeans, resampled_kmeans
+from fmtransfer.curation.sampling import WithinCluster, balanced_sample, stratified_sample, waterfill
+from fmtransfer.errors import DataError
+
+
+def skewed(seed: int = 0, big: int = 4000, small: int = 20, per_small: int = 40, d: int = 16):
+    """One huge, dense cluster at the origin and ``small`` tight, far-apart small clusters.
+
+    Returns:
+        x (n, d) float32; mode (n,) int: 0 for the huge cluster, 1.. for the small ones.
+    """
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(small, d)) * 10
+    x = [rng.normal(size=(big, d)) * 0.5] + [c + rng.normal(size=(per_small, d)) * 0.3 for c in centers]
+    mode = np.concatenate([np.zeros(big, int)] + [np.full(per_small, i + 1) for i in range(small)])
+    return np.concatenate(x).astype(np.float32), mode
+
+
+def test_waterfill_is_even_and_capped():
+    rng = np.random.default_rng(0)
+    q = waterfill(np.array([100, 3, 50, 0, 7]), 40, rng)
+    assert q.sum() == 40 and (q <= [100, 3, 50, 0, 7]).all()
+    assert q[1] == 3 and q[4] == 7 and q[3] == 0 and abs(int(q[0]) - int(q[2])) <= 1
+    assert waterfill(np.array([2, 2]), 10, rng).tolist() == [2, 2]
+
+
+def test_small_clusters_are_over_represented_after_sampling():
+    x, mode = skewed()
+    tree = hierarchical_kmeans(x, [60, 12], steps=5, seed=0)
+    paths = tree.paths()
+    assert paths.shape == (len(x), 2) and (paths[:, 1] == tree.parents[0][tree.labels]).all()
+    chosen = balanced_sample(tree, 500, seed=0)
+    assert len(chosen) == 500 and len(np.unique(chosen)) == 500
+    raw_share = (mode > 0).mean()
+    curated_share = (mode[chosen] > 0).mean()
+    assert curated_share > 2 * raw_share  # 0.167 raw
+    assert len(np.unique(mode[chosen])) >= 20  # the small modes survive (two may share a cluster)
+    random_share = (mode[np.random.default_rng(0).choice(len(x), 500, replace=False)] > 0).mean()
+    assert curated_share > random_share + 0.2
+
+
+def test_resampling_spreads_centroids_out_of_the_dense_region():
+    """Plain k-means spends centroids on the dense cluster; the resampling refinement moves some of them to the
+    small modes (summed over four datasets, as single runs of k-means are noisy)."""
+    def in_dense(c):
+        return int((np.linalg.norm(c, axis=1) < 3).sum())  # the huge cluster lies within radius ~3 of 0
+
+    def modes_found(c, x, mode):
+        labels, _ = assign(x, c)
+        return len({int(np.bincount(mode[labels == j]).argmax()) for j in np.unique(labels)} - {0})
+
+    plain = spread = found_plain = found_spread = 0
+    for seed in range(4):
+        x, mode = skewed(seed=seed)
+        a, _ = resampled_kmeans(x, 40, steps=0, seed=0)
+        b, _ = resampled_kmeans(x, 40, steps=8, seed=0, how=Resample.CLOSEST)
+        plain, spread = plain + in_dense(a), spread + in_dense(b)
+        found_plain, found_spread = found_plain + modes_found(a, x, mode), found_spread + modes_found(b, x, mode)
+    assert spread < plain and found_spread > found_plain
+
+
+def test_closest_within_cluster_and_masks():
+    x, mode = skewed(seed=2, big=600, small=5, per_small=30)
+    tree = hierarchical_kmeans(x, [20, 4], steps=2, seed=0)
+    chosen = balanced_sample(tree, 40, within=WithinCluster.CLOSEST, x=x)
+    labels, dist = assign(x, tree.centroids[0])
+    for c in np.unique(tree.labels[chosen]):  # each cluster gives its points nearest the centroid
+        members = np.flatnonzero(tree.labels == c)
+        taken = np.intersect1d(chosen, members)
+        assert dist[taken].max() <= np.sort(dist[members])[len(taken) - 1] + 1e-6
+    mask = mode != 0
+    assert (mode[balanced_sample(tree, 50, mask=mask)] != 0).all()
+    strata = np.where(mode == 3, "rare", "common")
+    picked = stratified_sample(tree, 20, strata)
+    assert len(picked) == 20 and (strata[picked] == "rare").any()
+
+
+def test_near_duplicates_are_grouped():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 32)).astype(np.float32)
+    copies = x[3] + rng.normal(size=(5, 32)).astype(np.float32) * 1e-3
+    y = np.concatenate([x, copies])
+    rep = near_duplicate_groups(y, threshold=0.99)
+    assert (rep[200:] == 3).all() and rep[3] == 3
+    assert (rep[:200] == np.arange(200)).all()
+    assert int((rep == np.arange(len(y))).sum()) == 200
+
+
+def test_bad_input_is_named():
+    x, _ = skewed(big=50, small=2, per_small=5)
+    bad = x.copy()
+    bad[7, 2] = np.nan
+    with pytest.raises(DataError, match="row 7 holds NaN"):
+        hierarchical_kmeans(bad, [4, 2])
+    with pytest.raises(DataError, match="k=100 is larger than the number of points"):
+        hierarchical_kmeans(x, [100, 2])
+    with pytest.raises(DataError, match="decreasing"):
+        hierarchical_kmeans(x, [4, 8])
+    tree = hierarchical_kmeans(x, [4, 2], steps=1)
+    with pytest.raises(DataError, match="target 100 is larger than the 60 points"):
+        balanced_sample(tree, 100)
