@@ -17,6 +17,8 @@ from fmtransfer import __version__
 STAGES: dict[str, tuple[str, str]] = {
     "pretrain": ("fmtransfer.tasks.pretrain:pretrain", "train a global backbone + head on a data recipe"),
     "evaluate": ("fmtransfer.tasks.evaluate:evaluate", "score a model on any recipe and split, per region"),
+    "curate": ("fmtransfer.tasks.curate:curate",
+               "embed, dedup, hierarchical k-means and balanced sampling: a curated manifest (data.subset=...)"),
     "adapt": ("fmtransfer.tasks.adapt:adapt",
               "fit a small regional adapter (LoRA, prompts, probe, ...) over a global base from local labels"),
     "plan": ("fmtransfer.tasks.plan:plan", "read an adapt sweep: learning curves and labels needed per region"),

@@ -106,3 +106,40 @@ def learning_curve_png(summary: dict, path: str | Path, title: str, metric: str 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     return _save(fig, Path(path))
+
+
+def cluster_sizes_png(before: np.ndarray, after: np.ndarray, path: str | Path, title: str) -> Path:
+    """Finest-level cluster sizes, largest first, in the pool and in the curated subset (shares, log scale).
+
+    before, after: (k,) point counts per cluster.
+    """
+    fig, (ax, hist) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for counts, label in ((before, "pool"), (after, "curated")):
+        share = np.sort(np.asarray(counts, dtype=float))[::-1] / max(1, np.sum(counts))
+        ax.plot(np.arange(1, len(share) + 1), np.where(share > 0, share, np.nan), marker=".", label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("cluster rank (largest first)")
+    ax.set_ylabel("share of the samples")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    bins = np.linspace(0, max(1, np.max(before)), 30)
+    hist.hist(before, bins=bins, alpha=0.6, label="pool")
+    hist.hist(after, bins=bins, alpha=0.6, label="curated")
+    hist.set_xlabel("samples per cluster")
+    hist.set_ylabel("clusters")
+    hist.legend()
+    fig.suptitle(title)
+    return _save(fig, Path(path))
+
+
+def pca_map_png(points: np.ndarray, cluster: np.ndarray, selected: np.ndarray, path: str | Path, title: str) -> Path:
+    """2-D PCA map: points (m, 2) coloured by cluster (m,), the selected ones (m,) bool ringed in black."""
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ax.scatter(points[:, 0], points[:, 1], c=cluster, cmap="tab20", s=4, alpha=0.35, linewidths=0)
+    ax.scatter(points[selected, 0], points[selected, 1], facecolors="none", edgecolors="black", s=14,
+               linewidths=0.6, label=f"selected ({int(selected.sum())} of {len(points)} shown)")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize=8)
+    return _save(fig, Path(path))

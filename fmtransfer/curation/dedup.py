@@ -7,14 +7,24 @@ import numpy as np
 from fmtransfer.curation.kmeans import ASSIGN_BATCH, check_embeddings
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
+def _unit(x: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32) - mean
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def near_duplicate_groups(x: np.ndarray, threshold: float = 0.95, k: int = 8,
+def _mean(x: np.ndarray, batch: int) -> np.ndarray:
+    total = np.zeros(x.shape[1], dtype=np.float64)
+    for start in range(0, len(x), batch):
+        total += np.asarray(x[start:start + batch], dtype=np.float64).sum(0)
+    return (total / len(x)).astype(np.float32)
+
+
+def near_duplicate_groups(x: np.ndarray, threshold: float = 0.95, k: int = 8, center: bool = True,
                           batch: int = ASSIGN_BATCH) -> np.ndarray:
     """Group points whose cosine similarity to a neighbour is >= ``threshold`` (transitively).
+
+    With ``center`` the similarity is taken after subtracting the mean embedding: pooled ReLU features all
+    point into the positive orthant, where raw cosines are high even between unrelated images.
 
     Args:
         x: (n, d) embeddings (a memmap is read in batches; the index holds one normalised copy).
@@ -29,12 +39,13 @@ def near_duplicate_groups(x: np.ndarray, threshold: float = 0.95, k: int = 8,
 
     check_embeddings(x)
     n, d = x.shape
+    mean = _mean(x, batch) if center else np.zeros(d, dtype=np.float32)
     index = faiss.IndexFlatIP(d)
     for start in range(0, n, batch):
-        index.add(_unit(x[start:start + batch]))
+        index.add(_unit(x[start:start + batch], mean))
     rows, cols = [], []
     for start in range(0, n, batch):
-        sims, nbrs = index.search(_unit(x[start:start + batch]), min(k + 1, n))
+        sims, nbrs = index.search(_unit(x[start:start + batch], mean), min(k + 1, n))
         hit = (sims >= threshold) & (nbrs >= 0)
         r, c = np.nonzero(hit)
         rows.append(r + start)

@@ -77,6 +77,8 @@ class Recipe:
         mean, std: per-channel normalisation (one value is broadcast).
         split: split fractions and seed, used when the source has no split column.
         limit: keep at most this many samples (stratified, deterministic), for quick runs.
+        subset: a manifest CSV with an ``id`` column (``fmtransfer curate`` writes one): the train split keeps only
+            these samples; val and test stay whole, and the splits are those of the full data.
         max_skipped_fraction: stop with an error when more than this fraction of images is unreadable.
         version: the recipe's version, bumped by hand when its meaning changes.
     """
@@ -93,6 +95,7 @@ class Recipe:
     std: list[float] = field(default_factory=lambda: [0.5])
     split: SplitSpec = field(default_factory=SplitSpec)
     limit: int | None = None
+    subset: str | None = None
     max_skipped_fraction: float = 0.01
     description: str = ""
     version: int = 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import re
 import warnings
@@ -206,6 +207,12 @@ def build_table(recipe: Recipe, *, classes: list[str] | None = None, scan_worker
     else:
         s = recipe.split
         splits = assign_splits(ids, strata, {"train": s.train, "val": s.val, "test": s.test}, s.seed)
+    if recipe.subset:
+        chosen = _subset_rows(recipe, ids, splits)
+        keep, targets, regions, splits = keep[chosen], targets[chosen], regions[chosen], splits[chosen]
+        ids = [ids[i] for i in chosen]
+        if shas is not None:
+            shas = [shas[i] for i in chosen]
     images = src.images[keep] if src.images is not None else None
     paths = [src.paths[i] for i in keep] if src.paths is not None else None
     if not ids:
@@ -214,3 +221,25 @@ def build_table(recipe: Recipe, *, classes: list[str] | None = None, scan_worker
                        splits=splits, classes=classes, images=images, paths=paths,
                        fingerprint=_fingerprint(images, shas, ids, targets, regions, splits),
                        skipped=skipped, total=len(src.ids) if recipe.limit is None else recipe.limit)
+
+
+def _subset_rows(recipe: Recipe, ids: list[str], splits: np.ndarray) -> np.ndarray:
+    """Rows kept by ``recipe.subset``: every val/test row, and the train rows the manifest names."""
+    path = Path(recipe.subset).expanduser()
+    if not path.is_file():
+        raise DataError(f"data.subset={path}: no such manifest")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or "id" not in reader.fieldnames:
+            raise DataError(f"data.subset={path}: a manifest needs an 'id' column; it has {reader.fieldnames}")
+        rows = list(reader)
+    missing_files = [r["path"] for r in rows if r.get("path") and not Path(r["path"]).exists()]
+    if missing_files:
+        raise DataError(f"data.subset={path} names {len(missing_files)} file(s) that do not exist, "
+                        f"e.g. {missing_files[:3]}")
+    wanted = {r["id"] for r in rows}
+    unknown = wanted - set(ids)
+    if unknown:
+        raise DataError(f"data.subset={path}: {len(unknown)} id(s) are not in recipe {recipe.name!r} "
+                        f"(or were skipped as unreadable), e.g. {sorted(unknown)[:3]}")
+    return np.flatnonzero([split != "train" or i in wanted for i, split in zip(ids, splits, strict=True)])

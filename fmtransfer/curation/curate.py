@@ -1,0 +1,119 @@
+"""The curation recipe over an embedding array: dedup -> hierarchical k-means -> balanced sampling."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from fmtransfer.curation.dedup import near_duplicate_groups
+from fmtransfer.curation.kmeans import Hierarchy, Resample, check_embeddings, hierarchical_kmeans
+from fmtransfer.curation.sampling import WithinCluster, balanced_sample, stratified_sample
+from fmtransfer.errors import ConfigError, DataError
+
+
+@dataclass
+class CurationSettings:
+    """``curation`` in the config.
+
+    Attributes:
+        target_size: how many samples to keep: a count (>= 1) or a fraction of the pool (< 1).
+        levels: clusters per level of the tree, finest first and decreasing, e.g. [1000, 100, 10].
+        resampling_steps: resampling refinements per level (0: plain k-means).
+        resample: which points re-fit the centroids: closest (to the centroid) or random.
+        niter: k-means iterations per fit.
+        within_cluster: which points a finest cluster gives once its quota is known: random or closest.
+        dedup: remove near-duplicates first (cosine similarity >= dedup_threshold among dedup_k neighbours).
+        stratify_by: null, label or region: the budget is split over strata so that none vanishes.
+        gpu: FAISS on GPU (needs faiss-gpu).
+    """
+
+    target_size: float = 0.2
+    levels: list[int] = field(default_factory=lambda: [100, 20, 5])
+    resampling_steps: int = 10
+    resample: Literal["closest", "random"] = "closest"
+    niter: int = 20
+    within_cluster: Literal["random", "closest"] = "random"
+    dedup: bool = True
+    dedup_threshold: float = 0.99
+    dedup_k: int = 8
+    stratify_by: Literal["label", "region"] | None = None
+    gpu: bool = False
+
+    def __post_init__(self) -> None:
+        if self.target_size <= 0 or (self.target_size >= 1 and self.target_size != int(self.target_size)):
+            raise ConfigError(f"curation.target_size={self.target_size}: give a count >= 1 or a fraction in (0, 1)")
+        self.levels = [int(k) for k in self.levels]
+        if not self.levels or min(self.levels) < 1 or any(b >= a for a, b in zip(self.levels, self.levels[1:],
+                                                                                  strict=False)):
+            raise ConfigError(f"curation.levels={self.levels}: give decreasing positive cluster counts, finest first")
+        if not -1.0 <= self.dedup_threshold <= 1.0:
+            raise ConfigError(f"curation.dedup_threshold={self.dedup_threshold} is a cosine similarity in [-1, 1]")
+        if self.resampling_steps < 0 or self.niter < 1 or self.dedup_k < 1:
+            raise ConfigError("curation.resampling_steps >= 0, curation.niter >= 1 and curation.dedup_k >= 1")
+
+    def target(self, pool: int) -> int:
+        """The number of samples to keep from a pool of ``pool``."""
+        n = int(self.target_size) if self.target_size >= 1 else int(round(self.target_size * pool))
+        if n > pool:
+            raise DataError(f"curation.target_size={self.target_size:g} asks for {n} samples, but the pool "
+                            f"holds {pool}")
+        return max(1, n)
+
+
+@dataclass
+class Curation:
+    """What :func:`curate_embeddings` found and chose (indices into the embedding rows)."""
+
+    selected: np.ndarray
+    representative: np.ndarray
+    tree: Hierarchy
+    seconds: dict[str, float]
+
+    @property
+    def kept(self) -> np.ndarray:
+        """(n,) bool: not a near-duplicate of an earlier row."""
+        return self.representative == np.arange(len(self.representative))
+
+
+def curate_embeddings(x: np.ndarray, settings: CurationSettings, *, strata: np.ndarray | None = None,
+                      seed: int = 0, log=print) -> Curation:
+    """x: (n, d) embeddings (a memmap is fine) -> the chosen rows, the dedup groups and the cluster tree."""
+    check_embeddings(x)
+    n = len(x)
+    target = settings.target(n)
+    if settings.levels[0] > n:
+        raise DataError(f"curation.levels={settings.levels}: k={settings.levels[0]} is larger than the "
+                        f"{n} points to cluster")
+    seconds: dict[str, Any] = {}
+    t = time.perf_counter()
+    rep = (near_duplicate_groups(x, settings.dedup_threshold, settings.dedup_k) if settings.dedup
+           else np.arange(n))
+    seconds["dedup"] = time.perf_counter() - t
+    kept = rep == np.arange(n)
+    log(f"dedup: {n - int(kept.sum())} near-duplicates of {n} removed "
+        f"({len(np.unique(rep[~kept]))} groups)" if settings.dedup else "dedup: off")
+    if target > int(kept.sum()):
+        raise DataError(f"curation target {target} is larger than the {int(kept.sum())} samples left after dedup")
+    t = time.perf_counter()
+    tree = hierarchical_kmeans(x, settings.levels, steps=settings.resampling_steps,
+                               how=Resample(settings.resample), niter=settings.niter, seed=seed, gpu=settings.gpu)
+    seconds["kmeans"] = time.perf_counter() - t
+    log(f"hierarchical k-means {settings.levels}: {seconds['kmeans']:.1f} s")
+    t = time.perf_counter()
+    within = WithinCluster(settings.within_cluster)
+    if strata is not None:
+        selected = stratified_sample(tree, target, np.asarray(strata), within=within, x=x, mask=kept, seed=seed)
+    else:
+        selected = balanced_sample(tree, target, within=within, x=x, mask=kept, seed=seed)
+    seconds["sampling"] = time.perf_counter() - t
+    return Curation(selected, rep, tree, seconds)
+
+
+def largest_share(labels: np.ndarray, k: int, top_fraction: float = 0.1) -> float:
+    """Share of points held by the largest ``top_fraction`` of the ``k`` clusters."""
+    sizes = np.sort(np.bincount(labels, minlength=k))[::-1]
+    top = max(1, int(round(top_fraction * k)))
+    return float(sizes[:top].sum() / max(1, sizes.sum()))

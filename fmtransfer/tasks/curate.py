@@ -1,0 +1,174 @@
+"""``curate``: embed a split -> near-duplicate removal -> hierarchical k-means with resampling -> balanced
+sampling -> ``curated.csv``, a manifest any recipe consumes as ``data.subset=<csv>``.
+
+Writes into the run dir: ``embeddings/`` (memory-mapped .npy, id list, shard progress), ``curated.csv`` (id,
+path, label, region, cluster at every level), ``duplicates.csv``, ``metrics.json``, ``curation.md``,
+``cluster_sizes.png`` and ``pca.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from fmtransfer.config import build_dataclass, run_dir
+from fmtransfer.curation.curate import Curation, CurationSettings, curate_embeddings, largest_share
+from fmtransfer.curation.embed import embed_split, load_embeddings
+from fmtransfer.data import Preprocess, RecipeDataModule, load_recipe
+from fmtransfer.errors import ConfigError, DataError
+from fmtransfer.lineage import RunRecord, write_json_atomic, write_text_atomic
+from fmtransfer.plots import cluster_sizes_png, pca_map_png
+
+log = logging.getLogger(__name__)
+_STAGE_KEYS = ("split", "embed", "embeddings")
+
+
+def curation_settings(cfg: DictConfig) -> CurationSettings:
+    values = {k: v for k, v in OmegaConf.to_container(cfg.curation, resolve=True).items() if k not in _STAGE_KEYS}
+    return build_dataclass(CurationSettings, values, "curation")
+
+
+def _pool_embeddings(cfg: DictConfig, record: RunRecord, out: Path, recipe) -> tuple[np.ndarray, np.ndarray, Any]:
+    """The split's embeddings (computed, resumed or precomputed), the table rows they belong to, and the table."""
+    split = cfg.curation.split
+    if cfg.curation.get("embeddings"):
+        dm = RecipeDataModule(recipe, batch_size=cfg.loader.batch_size, num_workers=cfg.loader.num_workers,
+                              output_dir=out)
+        table = dm.prepare()
+        x, ids = load_embeddings(cfg.curation.embeddings)
+        record.add_input(cfg.curation.embeddings, "embeddings")
+        index = {str(i): r for r, i in enumerate(table.ids)}
+        unknown = [i for i in ids if i not in index]
+        if unknown:
+            raise DataError(f"embeddings {cfg.curation.embeddings}: {len(unknown)} ids are not in recipe "
+                            f"{recipe.name!r}, e.g. {unknown[:3]}")
+        rows = np.array([index[i] for i in ids], dtype=np.int64)
+        return x, rows, table
+    if not cfg.get("base"):
+        raise ConfigError("pass base=<model run dir or checkpoint> (its backbone embeds the data) "
+                          "or curation.embeddings=<file.npy>")
+    from fmtransfer.models.classifier import load_model, resolve_model_path
+    from fmtransfer.tasks.evaluate import check_fit, record_sources
+
+    path = resolve_model_path(cfg.base)
+    model, meta = load_model(path)
+    record_sources(record, path, meta)
+    check_fit(recipe, meta)
+    dm = RecipeDataModule(recipe, batch_size=cfg.loader.batch_size, num_workers=cfg.loader.num_workers,
+                          preprocess=Preprocess.from_dict(meta["preprocess"]), output_dir=out)
+    table = dm.prepare()
+    folder = out / "embeddings"
+    if cfg.get("resume"):
+        folder = Path(cfg.resume).expanduser() / "embeddings"
+        if not folder.is_dir():
+            raise ConfigError(f"resume={cfg.resume}: no embeddings/ folder there to continue")
+        record.add_parent(Path(cfg.resume))
+    npy, _ = embed_split(model, dm, split, folder, dtype=cfg.curation.embed.dtype,
+                         shard_size=int(cfg.curation.embed.shard_size), accelerator=cfg.accelerator)
+    record.add_output(npy, "embeddings")
+    return np.load(npy, mmap_mode="r"), dm.rows(split), table
+
+
+def curate(cfg: DictConfig) -> dict[str, Any]:
+    """Curate ``cfg.curation.split`` of ``cfg.data``; see the module docstring."""
+    out = run_dir(cfg)
+    settings = curation_settings(cfg)
+    if cfg.curation.embed.dtype not in ("float32", "float16"):
+        raise ConfigError(f"curation.embed.dtype={cfg.curation.embed.dtype!r}: choose float32 or float16")
+    recipe = load_recipe(cfg.data)
+    with RunRecord("curate", out, cfg) as record:
+        x, rows, table = _pool_embeddings(cfg, record, out, recipe)
+        record.set_data(recipe.name, recipe.to_dict(), table.fingerprint)
+        strata = None
+        if settings.stratify_by == "label":
+            strata = np.asarray([str(t) for t in table.targets[rows]])
+        elif settings.stratify_by == "region":
+            strata = np.asarray(table.regions[rows]).astype(str)
+        result = curate_embeddings(x, settings, strata=strata, seed=int(cfg.seed), log=log.info)
+        files = _write_outputs(out, result, x, rows, table, settings)
+        metrics = _metrics(result, rows, table, settings, recipe.name, cfg.curation.split)
+        write_json_atomic(out / "metrics.json", metrics)
+        files["report"] = write_text_atomic(out / "curation.md", _report(metrics, files))
+        for role, path in {"metrics": out / "metrics.json", **files}.items():
+            record.add_output(path, role)
+    return {"run_dir": str(out), "manifest": str(files["manifest"]), "report": str(files["report"]),
+            "metrics": metrics}
+
+
+def _label(table, row: int) -> str:
+    t = table.targets[row]
+    return table.classes[int(t)] if table.classes else f"{float(t):.6g}"
+
+
+def _write_outputs(out: Path, result: Curation, x: np.ndarray, rows: np.ndarray, table,
+                   settings: CurationSettings) -> dict[str, Path]:
+    paths = result.tree.paths()
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["id", "path", "label", "region", *[f"cluster_{t}" for t in range(len(settings.levels))]])
+    for i in result.selected:
+        row = rows[i]
+        w.writerow([table.ids[row], str(table.paths[row]) if table.paths is not None else "", _label(table, row),
+                    table.regions[row], *paths[i].tolist()])
+    files = {"manifest": write_text_atomic(out / "curated.csv", buf.getvalue())}
+    dup = io.StringIO()
+    dw = csv.writer(dup)
+    dw.writerow(["id", "duplicate_of"])
+    for i in np.flatnonzero(~result.kept):
+        dw.writerow([table.ids[rows[i]], table.ids[rows[result.representative[i]]]])
+    files["duplicates"] = write_text_atomic(out / "duplicates.csv", dup.getvalue())
+    k0 = settings.levels[0]
+    before = np.bincount(result.tree.labels, minlength=k0)
+    after = np.bincount(result.tree.labels[result.selected], minlength=k0)
+    files["cluster_sizes"] = cluster_sizes_png(before, after, out / "cluster_sizes.png",
+                                               f"{k0} finest clusters: pool vs curated")
+    rng = np.random.default_rng(0)
+    shown = np.sort(rng.choice(len(x), size=min(len(x), 20000), replace=False))
+    sample = np.asarray(x[shown], dtype=np.float32)
+    sample -= sample.mean(0)
+    _, _, vt = np.linalg.svd(sample, full_matrices=False)
+    files["pca"] = pca_map_png(sample @ vt[:2].T, paths[shown, -1], np.isin(shown, result.selected), out / "pca.png",
+                               f"PCA of the embeddings, coloured by the {settings.levels[-1]} top clusters")
+    return files
+
+
+def _metrics(result: Curation, rows: np.ndarray, table, settings: CurationSettings, recipe: str,
+             split: str) -> dict[str, Any]:
+    n = len(rows)
+    k0 = settings.levels[0]
+    labels = result.tree.labels
+    per_class = None
+    if table.classes:
+        per_class = {c: {"pool": int((table.targets[rows] == i).sum()),
+                         "curated": int((table.targets[rows[result.selected]] == i).sum())}
+                     for i, c in enumerate(table.classes)}
+    return {"stage": "curate", "recipe": recipe, "split": split, "pool": n, "selected": int(len(result.selected)),
+            "fraction": len(result.selected) / n, "duplicates_removed": int((~result.kept).sum()),
+            "duplicate_groups": int(len(np.unique(result.representative[~result.kept]))),
+            "levels": settings.levels, "settings": {k: v for k, v in vars(settings).items()},
+            "largest_10pct_clusters_share": {"pool": largest_share(labels, k0),
+                                             "curated": largest_share(labels[result.selected], k0)},
+            "empty_clusters_after": int((np.bincount(labels[result.selected], minlength=k0) == 0).sum()),
+            "per_class": per_class, "seconds": result.seconds}
+
+
+def _report(m: dict[str, Any], files: dict[str, Path]) -> str:
+    share = m["largest_10pct_clusters_share"]
+    lines = [f"# fmtransfer curate: {m['recipe']} / {m['split']}", "",
+             f"{m['selected']} of {m['pool']} samples kept ({m['fraction']:.1%}); {m['duplicates_removed']} "
+             f"near-duplicates removed in {m['duplicate_groups']} groups.", "",
+             f"The largest 10% of the {m['levels'][0]} finest clusters hold {share['pool']:.1%} of the pool and "
+             f"{share['curated']:.1%} of the curated subset.", ""]
+    if m["per_class"]:
+        lines += ["| class | pool | curated |", "|---|---:|---:|"]
+        lines += [f"| {c} | {v['pool']} | {v['curated']} |" for c, v in m["per_class"].items()]
+        lines.append("")
+    lines += [f"![cluster sizes]({files['cluster_sizes'].name})", "", f"![PCA map]({files['pca'].name})", "",
+              f"Use it: `data.subset={files['manifest']}`"]
+    return "\n".join(lines) + "\n"

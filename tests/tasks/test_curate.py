@@ -1,0 +1,114 @@
+"""curate end to end on a tiny base: manifest, report, data.subset, resumable embeddings, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from fmtransfer.data import RecipeDataModule, load_recipe
+from fmtransfer.errors import ConfigError, DataError
+from fmtransfer.lineage import load_record, verify_record
+from fmtransfer.tasks.curate import curate
+from fmtransfer.tasks.pretrain import pretrain
+from tests.conftest import make_cfg
+
+SMALL = ["data.limit=300", "curation.levels=[12,4]", "curation.resampling_steps=2", "curation.target_size=0.3"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return pretrain(make_cfg("pretrain", ["experiment=smoke"], tmp_path_factory.mktemp("base") / "run"))["run_dir"]
+
+
+def _manifest(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_curate_writes_a_manifest_that_recipes_consume(base, tmp_path):
+    result = curate(make_cfg("curate", [f"base={base}", *SMALL], tmp_path / "cur"))
+    out = tmp_path / "cur"
+    m = result["metrics"]
+    rows = _manifest(result["manifest"])
+    assert m["pool"] == 240 and m["selected"] == len(rows) == 72  # the train split of 300, 30% kept
+    assert list(rows[0]) == ["id", "path", "label", "region", "cluster_0", "cluster_1"]
+    with open(out / "data" / "mnist_global.splits.csv") as f:
+        split_of = {r["id"]: r["split"] for r in csv.DictReader(f)}
+    assert {split_of[r["id"]] for r in rows} == {"train"} and len({r["id"] for r in rows}) == 72
+    for name in ("cluster_sizes.png", "pca.png", "curation.md", "duplicates.csv", "embeddings/embeddings.npy"):
+        assert (out / name).is_file(), name
+    x = np.load(out / "embeddings" / "embeddings.npy", mmap_mode="r")
+    assert x.shape == (240, 96) and np.isfinite(x).all()
+    assert load_record(out)["parents"][0]["stage"] == "pretrain" and verify_record(out) == []
+
+    # the manifest as data.subset: the train split shrinks, val and test and the split assignment stay
+    recipe = load_recipe(make_cfg("pretrain", ["experiment=smoke", f"data.subset={result['manifest']}"],
+                                  tmp_path / "x").data)
+    sizes = RecipeDataModule(recipe).split_sizes()
+    assert sizes == {"train": 72, "val": 30, "test": 30}
+    pre = pretrain(make_cfg("pretrain", ["experiment=smoke", f"data.subset={result['manifest']}"], tmp_path / "pre"))
+    assert pre["metrics"]["data"]["splits"]["train"] == 72
+
+
+def test_embeddings_resume_and_float16(base, tmp_path, monkeypatch):
+    first = curate(make_cfg("curate", [f"base={base}", *SMALL, "curation.embed.shard_size=64",
+                                       "curation.embed.dtype=float16"], tmp_path / "a"))
+    progress = json.loads((tmp_path / "a" / "embeddings" / "embeddings.shards.json").read_text())
+    assert progress["done"] == [0, 1, 2, 3] and np.load(tmp_path / "a" / "embeddings" / "embeddings.npy").dtype == np.float16
+    import fmtransfer.tasks.common as common
+
+    def boom(*a, **k):
+        raise AssertionError("a finished shard was embedded again")
+
+    monkeypatch.setattr(common, "embed", boom)
+    again = curate(make_cfg("curate", [f"base={base}", *SMALL, "curation.embed.shard_size=64",
+                                       "curation.embed.dtype=float16", f"resume={tmp_path / 'a'}"], tmp_path / "b"))
+    assert _manifest(again["manifest"]) == _manifest(first["manifest"])
+
+
+def test_precomputed_embeddings_and_their_errors(base, tmp_path):
+    first = curate(make_cfg("curate", [f"base={base}", *SMALL], tmp_path / "a"))
+    npy = tmp_path / "a" / "embeddings" / "embeddings.npy"
+    again = curate(make_cfg("curate", [f"curation.embeddings={npy}", *SMALL], tmp_path / "b"))
+    assert _manifest(again["manifest"]) == _manifest(first["manifest"])
+
+    ids = (tmp_path / "a" / "embeddings" / "embeddings.ids.txt").read_text().splitlines()
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.load(npy)[:-1])
+    (tmp_path / "bad.ids.txt").write_text("\n".join(ids) + "\n")
+    with pytest.raises(DataError, match="239 rows but .* lists 240 ids"):
+        curate(make_cfg("curate", [f"curation.embeddings={bad}", *SMALL], tmp_path / "c"))
+    nan = np.load(npy).copy()
+    nan[5, 0] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    (tmp_path / "nan.ids.txt").write_text("\n".join(ids) + "\n")
+    with pytest.raises(DataError, match="row 5 holds NaN"):
+        curate(make_cfg("curate", ["curation.embeddings=" + str(tmp_path / "nan.npy"), *SMALL], tmp_path / "d"))
+    with pytest.raises(DataError, match="asks for 500 samples, but the pool holds 240"):
+        curate(make_cfg("curate", [f"curation.embeddings={npy}", *SMALL, "curation.target_size=500"], tmp_path / "e"))
+    with pytest.raises(DataError, match="k=500 is larger than the 240 points"):
+        curate(make_cfg("curate", [f"curation.embeddings={npy}", *SMALL, "curation.levels=[500,4]"], tmp_path / "f"))
+    with pytest.raises(ConfigError, match="curation.levels"):
+        curate(make_cfg("curate", [f"curation.embeddings={npy}", *SMALL, "curation.levels=[4,12]"], tmp_path / "g"))
+    with pytest.raises(ConfigError, match="pass base="):
+        curate(make_cfg("curate", SMALL, tmp_path / "h"))
+
+
+def test_stratified_by_label_keeps_every_class(base, tmp_path):
+    m = curate(make_cfg("curate", [f"base={base}", *SMALL, "curation.stratify_by=label",
+                                   "curation.target_size=20"], tmp_path / "s"))["metrics"]
+    assert m["selected"] == 20 and all(v["curated"] >= 1 for v in m["per_class"].values())
+
+
+def test_subset_naming_unknown_ids_or_missing_files(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,path\nnot-an-id,\n")
+    recipe = load_recipe(make_cfg("pretrain", ["experiment=smoke", f"data.subset={manifest}"], tmp_path / "x").data)
+    with pytest.raises(DataError, match="1 id\\(s\\) are not in recipe 'mnist_global'"):
+        RecipeDataModule(recipe).prepare()
+    manifest.write_text("id,path\nx,/no/such/file.png\n")
+    with pytest.raises(DataError, match="names 1 file\\(s\\) that do not exist"):
+        RecipeDataModule(recipe).prepare()
