@@ -1,5 +1,5 @@
 """``pipeline``: the main job. Global pretraining -> evaluation on the global test split and zero-shot on a
-region -> a sweep of regional adapters -> a calibration-size plan -> the region's model exported to ONNX (fp32
+region -> curation of the global set (and pretraining on the curated subset) -> a sweep of regional adapters -> a calibration-size plan -> the region's model exported to ONNX (fp32
 + INT8, gated) -> ``report.md``.
 Each step is a stage run of its own (a sub-folder with its run.json)."""
 
@@ -18,6 +18,7 @@ from fmtransfer.lineage import RunRecord, write_text_atomic
 from fmtransfer.models.families import family_of
 from fmtransfer.tasks.adapt import adapt, validate_adapt
 from fmtransfer.tasks.common import run_dir
+from fmtransfer.tasks.curate import curate, curation_settings
 from fmtransfer.tasks.evaluate import evaluate
 from fmtransfer.tasks.export import export, validate_export
 from fmtransfer.tasks.plan import plan
@@ -72,6 +73,13 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
     adapt_configs = _adapt_configs(cfg, out / "adapt")
     if cfg.export_region_model:
         validate_export(cfg.export)
+    if cfg.curate_global:
+        settings = curation_settings(cfg)
+        global_pool = RecipeDataModule(load_recipe(cfg.data)).split_size(cfg.curation.split)
+        settings.target(global_pool)
+        if settings.levels[0] > global_pool:
+            raise ConfigError(f"curation.levels={settings.levels}: k={settings.levels[0]} is larger than the "
+                              f"{global_pool} samples of the global {cfg.curation.split} split")
     with RunRecord("pipeline", out, cfg) as record:
         pre = pretrain(_sub_config(cfg, out / "pretrain", stage="pretrain"))
         record.add_parent(pre["run_dir"])
@@ -82,6 +90,18 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
             "loader": OmegaConf.to_container(cfg.loader, resolve=True)})
         zero = evaluate(region_cfg)
         record.add_parent(zero["run_dir"])
+        curated = curated_pre = None
+        if cfg.curate_global:
+            curated = curate(OmegaConf.create({
+                "stage": "curate", "seed": cfg.seed, "run_dir": str(out / "curate"), "base": pre["run_dir"],
+                "resume": None, "accelerator": cfg.accelerator, "data": OmegaConf.to_container(cfg.data, resolve=True),
+                "loader": OmegaConf.to_container(cfg.loader, resolve=True),
+                "curation": OmegaConf.to_container(cfg.curation, resolve=True)}))
+            record.add_parent(curated["run_dir"])
+            if cfg.pretrain_curated:
+                curated_pre = pretrain(_sub_config(cfg, out / "pretrain_curated", stage="pretrain",
+                                                   **{"data.subset": curated["manifest"]}))
+                record.add_parent(curated_pre["run_dir"])
 
         adapted = {}
         for adapter, size, sub in adapt_configs:
@@ -105,6 +125,9 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
         task = pm["task"]
         am = region_run["metrics"]
         rows = (metric_rows(f"global {pm['backbone']}", pm["recipe"], "test", pm["test"])
+                + (metric_rows(f"global {pm['backbone']}, curated {curated['metrics']['fraction']:.0%} of the train "
+                               f"split ({curated_pre['metrics']['global_step']} steps vs {pm['global_step']})",
+                               pm["recipe"], "test", curated_pre["metrics"]["test"]) if curated_pre else [])
                 + metric_rows(f"global {pm['backbone']}, zero-shot", zm["recipe"], zm["split"], zm)
                 + metric_rows(f"+ {am['method']} adapter, {am['calibration']['size']} labels", am["recipe"], "test",
                               am["test"]))
@@ -118,6 +141,9 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
                  f"and is one {am['adapter_bytes'] / 1e6:.2f} MB file ({am['adapter_to_base']:.1%} of the base).")
         sections = [("Setup", setup), ("Results", results_table(rows, task)),
                     ("Calibration-size plan", planned["markdown"])]
+        if curated is not None:
+            sections.insert(2, ("Data curation", Path(curated["report"]).read_text().split("\n", 2)[2]
+                                .split("![")[0].strip()))
         if exported is not None:
             sections.append(("Edge export", Path(exported["report"]).read_text().split("\n", 2)[2].strip()))
         images = [("Global test split", Path(pre["run_dir"]) / "confusion_test.png"),
@@ -125,10 +151,14 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
                   ("Training curves", Path(pre["run_dir"]) / "training_curves.png"),
                   (f"{am['method']} adapter on {am['recipe']}", Path(region_run["run_dir"]) / "confusion_test.png"),
                   ("Accuracy against local labels", Path(planned["run_dir"]) / "learning_curve.png")]
+        if curated is not None:
+            images += [("Curation: cluster sizes", Path(curated["run_dir"]) / "cluster_sizes.png"),
+                       ("Curation: PCA map", Path(curated["run_dir"]) / "pca.png")]
         report_path = out / "report.md"
         text = write_report(report_path, title="fmtransfer pipeline report", run=record.data,
                             sections=[*sections, ("Stages", "\n".join(
                                           [f"- pretrain: `{pre['run_dir']}`", f"- zero-shot: `{zero['run_dir']}`",
+                                           *([f"- curation: `{curated['manifest']}`"] if curated else []),
                                            f"- region adapter: `{region_run['adapter']}`",
                                            f"- adaptation sweep: `{out / 'adapt'}`", f"- plan: `{planned['run_dir']}`",
                                            *([f"- edge export: `{exported['model']}`"] if exported else [])]))],
@@ -137,4 +167,4 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
         record.add_output(report_path, "report")
     return {"run_dir": str(out), "report": str(report_path),
             "steps": {"pretrain": pre, "zero_shot": zero, "adapt": region_run, "sweep": list(adapted.values()),
-                      "plan": planned, "export": exported}}
+                      "plan": planned, "export": exported, "curate": curated, "pretrain_curated": curated_pre}}

@@ -24,11 +24,14 @@ def test_pipeline_report(cfg_factory, tmp_path):
     assert "## Calibration-size plan" in report and "| linear_probe |" in report
     for image in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report):
         assert (out / image).is_file(), image
-    assert len(re.findall(r"!\[", report)) == 5
+    assert len(re.findall(r"!\[", report)) == 7
     record = load_record(out)
     stages = [p["stage"] for p in record["parents"]]
     assert stages[:2] == ["pretrain", "evaluate"] and stages.count("adapt") == 5 and stages[-2:] == ["plan", "export"]
     assert "## Edge export" in report and "ONNX INT8 (static)" in report
+    assert "## Data curation" in report and "curated 20% of the train split" in report
+    assert stages[2:4] == ["curate", "pretrain"] and result["steps"]["pretrain_curated"]["metrics"]["data"]["splits"][
+        "train"] == result["steps"]["curate"]["metrics"]["selected"]
     assert result["steps"]["export"]["model"] == str(out / "export" / "model.int8.onnx")
     assert load_record(out / "zero_shot")["parents"][0]["stage"] == "pretrain"
     assert result["steps"]["zero_shot"]["metrics"]["overall"]["n"] == 60
@@ -49,6 +52,8 @@ def test_pipeline_checks_adapt_settings_first(cfg_factory, tmp_path):
         pipeline(cfg_factory("pipeline", "experiment=smoke", "sweep.sizes=[20]", "sweep.adapters=[lora,vpt]"))
     with pytest.raises(ConfigError, match="adapter.steps=0"):
         pipeline(cfg_factory("pipeline", "experiment=smoke", "sweep.sizes=[20]", 'adapt_overrides=["adapter.steps=0"]'))
+    with pytest.raises(ConfigError, match="k=500 is larger than the 240 samples of the global train split"):
+        pipeline(cfg_factory("pipeline", "experiment=smoke", "sweep.sizes=[20]", "curation.levels=[500,5]"))
     with pytest.raises(ConfigError, match="export.quantize='int4'"):
         pipeline(cfg_factory("pipeline", "experiment=smoke", "sweep.sizes=[20]", "export.quantize=int4"))
     assert not (tmp_path / "pipeline" / "pretrain").exists()
