@@ -23,6 +23,7 @@ class CurationSettings:
         levels: clusters per level of the tree, finest first and decreasing, e.g. [1000, 100, 10].
         resampling_steps: resampling refinements per level (0: plain k-means).
         resample: which points re-fit the centroids: closest (to the centroid) or random.
+        resample_per_cluster: points per cluster in a refit (null: half the mean cluster size, at most 64).
         niter: k-means iterations per fit.
         within_cluster: which points a finest cluster gives once its quota is known: random or closest.
         dedup: remove near-duplicates first (cosine similarity >= dedup_threshold among dedup_k neighbours).
@@ -34,6 +35,7 @@ class CurationSettings:
     levels: list[int] = field(default_factory=lambda: [100, 20, 5])
     resampling_steps: int = 10
     resample: Literal["closest", "random"] = "closest"
+    resample_per_cluster: int | None = None
     niter: int = 20
     within_cluster: Literal["random", "closest"] = "random"
     dedup: bool = True
@@ -99,7 +101,8 @@ def curate_embeddings(x: np.ndarray, settings: CurationSettings, *, strata: np.n
         raise DataError(f"curation target {target} is larger than the {int(kept.sum())} samples left after dedup")
     t = time.perf_counter()
     tree = hierarchical_kmeans(x, settings.levels, steps=settings.resampling_steps,
-                               how=Resample(settings.resample), niter=settings.niter, seed=seed, gpu=settings.gpu)
+                               how=Resample(settings.resample), niter=settings.niter, seed=seed,
+                               per_cluster=settings.resample_per_cluster, gpu=settings.gpu)
     seconds["kmeans"] = time.perf_counter() - t
     log(f"hierarchical k-means {settings.levels}: {seconds['kmeans']:.1f} s")
     t = time.perf_counter()

@@ -89,8 +89,9 @@ def pick_per_cluster(labels: np.ndarray, sq_dist: np.ndarray, r: int, how: Resam
 def resampled_kmeans(x: np.ndarray, k: int, *, steps: int = 10, per_cluster: int | None = None,
                      how: Resample = Resample.CLOSEST, niter: int = 20, seed: int = 0,
                      gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """k-means, then ``steps`` resampling refinements: re-fit the centroids on ``per_cluster`` points of each
-    cluster (default: the mean cluster size / 2, at least 1), starting from the current centroids.
+    """k-means, then ``steps`` resampling refinements: re-fit the centroids (a fresh k-means) on ``per_cluster``
+    points of each cluster, a sample in which every cluster weighs about the same. Default ``per_cluster``:
+    half the mean cluster size, at least 1 and at most 64 (which bounds each refit at 64 k points).
 
     Returns:
         centroids (k, d) float32; labels (n,) int64 of every point of x.
@@ -98,7 +99,7 @@ def resampled_kmeans(x: np.ndarray, k: int, *, steps: int = 10, per_cluster: int
     n = len(x)
     rng = np.random.default_rng(seed)
     centroids = kmeans(x, k, niter=niter, seed=seed, gpu=gpu)
-    r = per_cluster or max(1, n // (2 * k))
+    r = per_cluster or max(1, min(n // (2 * k), 64))
     for step in range(steps):
         labels, dist = assign(x, centroids)
         chosen = pick_per_cluster(labels, dist, r, how, rng)
@@ -135,7 +136,8 @@ class Hierarchy:
 
 
 def hierarchical_kmeans(x: np.ndarray, levels: list[int], *, steps: int = 10, how: Resample = Resample.CLOSEST,
-                        niter: int = 20, seed: int = 0, gpu: bool = False) -> Hierarchy:
+                        niter: int = 20, seed: int = 0, per_cluster: int | None = None,
+                        gpu: bool = False) -> Hierarchy:
     """Level 0 clusters the points; level t clusters the centroids of level t-1. ``levels`` finest first and
     decreasing, e.g. [1000, 100, 10] for a million points."""
     check_embeddings(x)
@@ -143,11 +145,12 @@ def hierarchical_kmeans(x: np.ndarray, levels: list[int], *, steps: int = 10, ho
         raise DataError(f"curation levels {levels}: give decreasing cluster counts, finest first")
     if levels[0] > len(x):
         raise DataError(f"curation levels {levels}: k={levels[0]} is larger than the number of points ({len(x)})")
-    centroids, labels = resampled_kmeans(x, levels[0], steps=steps, how=how, niter=niter, seed=seed, gpu=gpu)
+    centroids, labels = resampled_kmeans(x, levels[0], steps=steps, per_cluster=per_cluster, how=how, niter=niter,
+                                         seed=seed, gpu=gpu)
     tree = Hierarchy(list(levels), labels, [], [centroids])
     for t, k in enumerate(levels[1:], start=1):
-        upper, parent = resampled_kmeans(tree.centroids[-1], k, steps=steps, how=how, niter=niter,
-                                         seed=seed + 1000 * t, gpu=gpu)
+        upper, parent = resampled_kmeans(tree.centroids[-1], k, steps=steps, per_cluster=per_cluster, how=how,
+                                         niter=niter, seed=seed + 1000 * t, gpu=gpu)
         tree.centroids.append(upper)
         tree.parents.append(parent)
     return tree

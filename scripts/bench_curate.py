@@ -1,0 +1,258 @@
+"""FAISS curation benchmarks: quality on real data, the skew test, and speed/memory at a million embeddings.
+
+    python scripts/bench_curate.py                       # all three parts
+    python scripts/bench_curate.py --parts speed --n 1000000 --dim 384
+
+quality: pretrain a ResNet-18 on the full global set (mnist_global), on a curated 20% and on a random 20% of
+    its train split, with the same number of optimisation steps (the subsets train 5x the epochs); report the
+    global test accuracy and the region's (uci_digits_region) zero-shot and LoRA-adapted (100 labels) accuracy.
+    Curation embeds with the full-data model, as `fmtransfer pipeline` does.
+skew: duplicate one class of the global train split 20x with small noise, curate, and compare the class shares
+    of the pool and the curated subset (and what dedup removed).
+speed: a Gaussian mixture of --n x --dim float32 embeddings with very uneven cluster sizes, as a .npy on disk;
+    the hierarchical curation ([1000, 100, 10], resampling, balanced sampling to 20%), near-duplicate removal,
+    and scikit-learn's MiniBatchKMeans at k=1000, each in its own process: wall time and peak RSS.
+Writes bench_curate.json and bench_curate.md under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ADAPT_BASE = ROOT / "outputs" / "bench" / "adapt" / "bases" / "resnet18"
+
+
+def _stage(name: str, overrides: list[str]):
+    from fmtransfer.config import compose_stage
+    from fmtransfer.tasks import adapt, curate, evaluate, pretrain
+
+    module = {"pretrain": pretrain, "curate": curate, "evaluate": evaluate, "adapt": adapt}[name]
+    return getattr(module, name)(compose_stage(name, overrides))
+
+
+def _run(name: str, folder: Path, overrides: list[str]) -> dict:
+    """A stage run kept on disk: an interrupted benchmark resumes without redoing finished runs."""
+    if (folder / "metrics.json").is_file():
+        return json.loads((folder / "metrics.json").read_text())
+    _stage(name, [*overrides, f"run_dir={folder}"])
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def quality(out: Path, fraction: float) -> dict:
+    from fmtransfer.config import compose_stage
+    from fmtransfer.data import RecipeDataModule, load_recipe
+
+    full_dir = ADAPT_BASE
+    full = _run("pretrain", full_dir, ["experiment=demo", "logger=none"])
+    cur = _run("curate", out / "quality" / "curate", [f"base={full_dir}", "data=mnist_global",
+                                                       f"curation.target_size={fraction}"])
+    manifest = out / "quality" / "curate" / "curated.csv"
+    dm = RecipeDataModule(load_recipe(compose_stage("pretrain", ["experiment=demo", "run_dir=/tmp/x"]).data))
+    table = dm.prepare()
+    train_ids = table.ids[dm.rows("train")]
+    rng = np.random.default_rng(0)
+    random_ids = rng.choice(train_ids, size=cur["selected"], replace=False)
+    random_manifest = out / "quality" / "random.csv"
+    random_manifest.parent.mkdir(parents=True, exist_ok=True)
+    random_manifest.write_text("id\n" + "".join(f"{i}\n" for i in random_ids))
+    batch = compose_stage("pretrain", ["experiment=demo", "run_dir=/tmp/x"]).loader.batch_size
+    full_steps = full["global_step"]
+    steps_per_epoch = cur["selected"] // batch
+    epochs = max(1, round(full_steps / steps_per_epoch))
+    rows = {}
+    for label, folder, extra in (("full", full_dir, []),
+                                 (f"curated {fraction:.0%}", out / "quality" / "pretrain_curated",
+                                  [f"data.subset={manifest}", f"trainer.max_epochs={epochs}"]),
+                                 (f"random {fraction:.0%}", out / "quality" / "pretrain_random",
+                                  [f"data.subset={random_manifest}", f"trainer.max_epochs={epochs}"])):
+        m = _run("pretrain", folder, ["experiment=demo", "logger=none", *extra])
+        key = folder.name
+        zero = _run("evaluate", out / "quality" / f"zero_{key}", [f"model={folder}", "data=uci_digits_region"])
+        adapted = _run("adapt", out / "quality" / f"adapt_{key}", [f"base={folder}", "adapter=lora",
+                                                                   "calibration.size=100", "logger=none"])
+        rows[label] = {"train_images": m["data"]["splits"]["train"], "steps": m["global_step"],
+                       "global_test": m["test"]["overall"]["accuracy"],
+                       "region_zero_shot": zero["overall"]["accuracy"],
+                       "region_lora_100": adapted["test"]["overall"]["accuracy"]}
+        print(label, rows[label], flush=True)
+    return {"rows": rows, "curation": {k: cur[k] for k in ("pool", "selected", "duplicates_removed",
+                                                          "largest_10pct_clusters_share")}}
+
+
+def skew(out: Path, fraction: float, copies: int = 20, skewed_class: str = "3") -> dict:
+    """mnist_global with one class of the train split copied ``copies`` times (+ small noise), as an npz."""
+    from fmtransfer.config import compose_stage
+    from fmtransfer.data import RecipeDataModule, load_recipe
+
+    folder = out / "skew"
+    folder.mkdir(parents=True, exist_ok=True)
+    npz = folder / "mnist_skewed.npz"
+    if not npz.is_file():
+        dm = RecipeDataModule(load_recipe(compose_stage("pretrain", ["experiment=demo", "run_dir=/tmp/x"]).data))
+        t = dm.prepare()
+        images = np.round(t.images * 255).astype(np.uint8)
+        labels = np.array([t.classes[i] for i in t.targets])
+        ids, splits = list(map(str, t.ids)), list(t.splits)
+        rng = np.random.default_rng(0)
+        extra = np.flatnonzero((labels == skewed_class) & (t.splits == "train"))
+        dup_images, dup_ids = [], []
+        for c in range(1, copies):
+            noisy = images[extra].astype(np.int16) + rng.integers(-6, 7, size=images[extra].shape)
+            dup_images.append(np.clip(noisy, 0, 255).astype(np.uint8))
+            dup_ids += [f"{ids[i]}_copy{c}" for i in extra]
+        images = np.concatenate([images, *dup_images])
+        labels = np.concatenate([labels, np.repeat(labels[extra][None], copies - 1, 0).ravel()])
+        np.savez(npz, images=images, labels=labels, ids=np.array(ids + dup_ids),
+                 splits=np.array(splits + ["train"] * len(dup_ids)))
+    data = ["data=npz", f"data.source.path={npz}", "data.channels=1", "data.image_size=[28,28]",
+            "data.mean=[0.1307]", "data.std=[0.3081]", "data.name=mnist_skewed"]
+    m = _run("curate", folder / "curate", [f"base={ADAPT_BASE}", *data, f"curation.target_size={fraction}"])
+    pool = {c: v["pool"] for c, v in m["per_class"].items()}
+    cur = {c: v["curated"] for c, v in m["per_class"].items()}
+    share = {"pool": pool[skewed_class] / sum(pool.values()), "curated": cur[skewed_class] / sum(cur.values()),
+             "natural": 0.1}
+    print("skew", share, "duplicates removed", m["duplicates_removed"], flush=True)
+    return {"class": skewed_class, "copies": copies, "share": share, "per_class": m["per_class"],
+            "duplicates_removed": m["duplicates_removed"], "pool": m["pool"], "selected": m["selected"]}
+
+
+def make_mixture(path: Path, n: int, dim: int, components: int = 300, seed: int = 0) -> None:
+    """A Gaussian mixture with Zipf-like component sizes (the largest holds ~15%, the smallest a few hundred)."""
+    if path.is_file() and np.load(path, mmap_mode="r").shape == (n, dim):
+        return
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, components + 1) ** 1.1
+    comp = rng.choice(components, size=n, p=weights / weights.sum())
+    centers = rng.normal(size=(components, dim)).astype(np.float32) * 4
+    scales = rng.uniform(0.5, 1.5, size=components).astype(np.float32)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
+    for start in range(0, n, 100_000):
+        c = comp[start:start + 100_000]
+        out[start:start + len(c)] = centers[c] + rng.normal(size=(len(c), dim)).astype(np.float32) * scales[c, None]
+    out.flush()
+    np.save(path.with_suffix(".components.npy"), comp)
+
+
+CHILD = {
+    "curation": """
+import numpy as np, time, json, resource, sys
+from fmtransfer.curation.kmeans import hierarchical_kmeans
+from fmtransfer.curation.sampling import balanced_sample
+x = np.load(sys.argv[1], mmap_mode="r")
+t = time.perf_counter()
+tree = hierarchical_kmeans(x, [1000, 100, 10], steps=10, niter=20, seed=0)
+t_km = time.perf_counter() - t
+chosen = balanced_sample(tree, len(x) // 5, seed=0)
+total = time.perf_counter() - t
+comp = np.load(sys.argv[1].replace(".npy", ".components.npy"))
+sizes = np.bincount(comp)
+big = np.argsort(sizes)[::-1][:30]
+print(json.dumps({"seconds": total, "kmeans_seconds": t_km, "sampling_seconds": total - t_km,
+                  "selected": int(len(chosen)),
+                  "largest_10pct_components_share": {"pool": float(np.isin(comp, big).mean()),
+                                                      "curated": float(np.isin(comp[chosen], big).mean())},
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+""",
+    "dedup": """
+import numpy as np, time, json, resource, sys
+from fmtransfer.curation.dedup import near_duplicate_groups
+x = np.load(sys.argv[1], mmap_mode="r")
+t = time.perf_counter()
+rep = near_duplicate_groups(x, 0.99)
+print(json.dumps({"seconds": time.perf_counter() - t, "duplicates": int((rep != np.arange(len(x))).sum()),
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+""",
+    "minibatch_kmeans": """
+import numpy as np, time, json, resource, sys
+from sklearn.cluster import MiniBatchKMeans
+x = np.load(sys.argv[1], mmap_mode="r")
+t = time.perf_counter()
+MiniBatchKMeans(n_clusters=1000, batch_size=4096, n_init=1, max_iter=10, random_state=0).fit(x)
+print(json.dumps({"seconds": time.perf_counter() - t,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+""",
+}
+
+
+def speed(out: Path, n: int, dim: int, parts: list[str]) -> dict:
+    path = out / "speed" / f"mixture_{n}x{dim}.npy"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_mixture(path, n, dim)
+    result = {"n": n, "dim": dim, "file_mb": path.stat().st_size / 2**20}
+    for name in parts:
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", CHILD[name], str(path)], capture_output=True, text=True,
+                              cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+        if proc.returncode != 0:
+            raise RuntimeError(f"{name} failed:\n{proc.stderr[-2000:]}")
+        result[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(name, result[name], f"({time.perf_counter() - t:.0f} s with start-up)", flush=True)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", nargs="+", default=["quality", "skew", "speed"])
+    p.add_argument("--fraction", type=float, default=0.2)
+    p.add_argument("--n", type=int, default=1_000_000)
+    p.add_argument("--dim", type=int, default=384)
+    p.add_argument("--speed-parts", nargs="+", default=["curation", "dedup", "minibatch_kmeans"])
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench" / "curate")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / "bench_curate.json"
+    results = json.loads(json_path.read_text()) if json_path.is_file() else {}
+    if "quality" in args.parts:
+        results["quality"] = quality(args.out, args.fraction)
+    if "skew" in args.parts:
+        results["skew"] = skew(args.out, args.fraction)
+    if "speed" in args.parts:
+        results["speed"] = speed(args.out, args.n, args.dim, args.speed_parts)
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+
+    lines = []
+    if "quality" in results:
+        q = results["quality"]["rows"]
+        full = q["full"]["global_test"]
+        lines += ["| pretraining data | train images | steps | global test acc | vs full | region zero-shot | "
+                  "region LoRA (100 labels) |", "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {k} | {v['train_images']} | {v['steps']} | {v['global_test']:.4f} | "
+                  f"{v['global_test'] / full:.1%} | {v['region_zero_shot']:.4f} | {v['region_lora_100']:.4f} |"
+                  for k, v in q.items()]
+        lines.append("")
+    if "skew" in results:
+        s = results["skew"]
+        lines += [f"Skew test: class {s['class']} copied {s['copies']}x in the train split: its share is "
+                  f"{s['share']['pool']:.1%} of the pool ({s['pool']} images) and {s['share']['curated']:.1%} of "
+                  f"the curated {s['selected']} (natural share ~10%); dedup removed {s['duplicates_removed']}.", ""]
+    if "speed" in results:
+        s = results["speed"]
+        lines += [f"Speed: {s['n']:,} x {s['dim']} float32 embeddings ({s['file_mb']:.0f} MiB .npy):", "",
+                  "| step | wall time (s) | peak RSS (MiB) | RSS / file |", "|---|---:|---:|---:|"]
+        for name in ("curation", "dedup", "minibatch_kmeans"):
+            if name in s:
+                lines.append(f"| {name} | {s[name]['seconds']:.0f} | {s[name]['peak_rss_mb']:.0f} | "
+                             f"{s[name]['peak_rss_mb'] / s['file_mb']:.2f} |")
+        if "curation" in s:
+            c = s["curation"]
+            lines.append(f"\nThe 10% largest mixture components hold {c['largest_10pct_components_share']['pool']:.1%}"
+                         f" of the points and {c['largest_10pct_components_share']['curated']:.1%} of the curated "
+                         f"{c['selected']:,}.")
+    table = "\n".join(lines)
+    (args.out / "bench_curate.md").write_text(table + "\n")
+    print("\n" + table)
+    print(f"\nwrote {json_path}, {args.out / 'bench_curate.md'}")
+
+
+if __name__ == "__main__":
+    main()
