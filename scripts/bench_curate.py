@@ -57,6 +57,9 @@ def quality(out: Path, fraction: float) -> dict:
     cur = _run("curate", out / "quality" / "curate", [f"base={full_dir}", "data=mnist_global",
                                                        f"curation.target_size={fraction}"])
     manifest = out / "quality" / "curate" / "curated.csv"
+    _run("curate", out / "quality" / "curate_by_label", [f"base={full_dir}", "data=mnist_global",
+                                                         f"curation.target_size={fraction}", "curation.stratify_by=label"])
+    by_label = out / "quality" / "curate_by_label" / "curated.csv"
     dm = RecipeDataModule(load_recipe(compose_stage("pretrain", ["experiment=demo", "run_dir=/tmp/x"]).data))
     table = dm.prepare()
     train_ids = table.ids[dm.rows("train")]
@@ -73,6 +76,8 @@ def quality(out: Path, fraction: float) -> dict:
     for label, folder, extra in (("full", full_dir, []),
                                  (f"curated {fraction:.0%}", out / "quality" / "pretrain_curated",
                                   [f"data.subset={manifest}", f"trainer.max_epochs={epochs}"]),
+                                 (f"curated {fraction:.0%}, stratified by label", out / "quality" / "pretrain_by_label",
+                                  [f"data.subset={by_label}", f"trainer.max_epochs={epochs}"]),
                                  (f"random {fraction:.0%}", out / "quality" / "pretrain_random",
                                   [f"data.subset={random_manifest}", f"trainer.max_epochs={epochs}"])):
         m = _run("pretrain", folder, ["experiment=demo", "logger=none", *extra])

@@ -14,6 +14,7 @@ from fmtransfer.errors import ConfigError
 
 
 class Quantize(str, Enum):
+    AUTO = "auto"  # the model family's choice (fmtransfer.models.families: static for CNNs, dynamic for ViTs)
     NONE = "none"
     DYNAMIC = "dynamic"
     STATIC = "static"
@@ -37,19 +38,30 @@ class _Reader:
         return None if batch is None else {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
 
 
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+
 def quantize_model(src: str | Path, dst: str | Path, mode: Quantize, *, input_name: str,
-                   calibration: np.ndarray | None = None, per_channel: bool = True, batch_size: int = 32) -> Path:
+                   calibration: np.ndarray | None = None, per_channel: bool = True, batch_size: int = 32,
+                   method: str = "minmax") -> Path:
     """Write an INT8 version of ``src`` to ``dst``.
 
     Args:
         mode: DYNAMIC quantizes weights (activations at run time); STATIC writes QDQ nodes with activation
             ranges calibrated (MinMax) on ``calibration``: (N, C, H, W) float32 preprocessed inputs.
         per_channel: one scale per output channel of each weight (keeps convolutions accurate).
+        method: how STATIC turns calibration activations into ranges: minmax, entropy or percentile (99.999%).
     """
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
-    if mode is Quantize.NONE:
-        raise ConfigError("quantize_model needs export.quantize=dynamic or static")
+    if mode in (Quantize.NONE, Quantize.AUTO):
+        raise ConfigError("quantize_model needs export.quantize=dynamic or static (resolve auto first)")
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantizer logs a "consider pre-processing" advert on every call
@@ -60,9 +72,13 @@ def quantize_model(src: str | Path, dst: str | Path, mode: Quantize, *, input_na
             if calibration is None or len(calibration) == 0:
                 raise ConfigError("static quantization needs calibration images (export.calibration.size > 0)")
             chunks = (calibration[i:i + batch_size] for i in range(0, len(calibration), batch_size))
+            if method not in CALIBRATION_METHODS:
+                raise ConfigError(f"export.calibration.method={method!r}: choose from {', '.join(CALIBRATION_METHODS)}")
+            calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                         "percentile": CalibrationMethod.Percentile}[method]
             quantize_static(str(src), str(dst), _Reader(input_name, chunks), quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8)
+                            weight_type=QuantType.QInt8, calibrate_method=calibrate)
     finally:
         root.setLevel(level)
     return Path(dst)

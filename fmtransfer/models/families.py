@@ -18,6 +18,8 @@ class Family:
         lora_targets: regex (full match) over backbone module names that LoRA adapts by default; None adapts
             every Linear and Conv2d layer.
         prompts: visual prompt tuning applies (a timm VisionTransformer with ``blocks`` and ``_pos_embed``).
+        int8: the INT8 mode ``export.quantize=auto`` picks: ``static`` (QDQ) for convolutional nets, ``dynamic``
+            for transformers, whose activations (softmax, GELU, LayerNorm) lose accuracy under static ranges.
     """
 
     name: str
@@ -26,6 +28,7 @@ class Family:
     takes_patch_size: bool = False
     lora_targets: str | None = None
     prompts: bool = False
+    int8: str = "static"
 
     def matches(self, model_name: str) -> bool:
         return re.match(self.pattern, model_name) is not None
@@ -33,8 +36,8 @@ class Family:
 
 FAMILIES: tuple[Family, ...] = (
     Family("vit", r"^(vit_|deit|test_vit|eva|beit|flexivit|samvit)", takes_img_size=True, takes_patch_size=True,
-           lora_targets=r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))", prompts=True),
-    Family("swin", r"^(swin|test_swin)", takes_img_size=True,
+           lora_targets=r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))", prompts=True, int8="dynamic"),
+    Family("swin", r"^(swin|test_swin)", takes_img_size=True, int8="dynamic",
            lora_targets=r"layers\.\d+\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"),
     Family("convnext", r"^(convnext|test_convnext)",
            lora_targets=r"stages\.\d+\.blocks\.\d+\.(conv_dw|mlp\.fc1|mlp\.fc2)"),

@@ -175,6 +175,10 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     with RunRecord("export", out, cfg) as record:
         model, meta, lineage = _load(cfg, record)
         check_fit(recipe, meta)
+        if mode is Quantize.AUTO:
+            from fmtransfer.models.families import family_of
+
+            mode = Quantize(family_of(meta["backbone"]["name"]).int8)
         task, classes = meta["task"], meta.get("classes")
         dm = RecipeDataModule(recipe, batch_size=cfg.loader.batch_size, num_workers=cfg.loader.num_workers,
                               preprocess=Preprocess.from_dict(meta["preprocess"]), classes=classes, output_dir=out)
@@ -198,7 +202,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
                 dm.use_rows(cfg.export.calibration.split, cal_rows)
                 calibration = _collect(dm, cfg.export.calibration.split)
             files["int8"] = quantize_model(files["fp32"], staging / INT8_FILE, mode, input_name=INPUT_NAME,
-                                           calibration=calibration, per_channel=bool(cfg.export.per_channel))
+                                           calibration=calibration, per_channel=bool(cfg.export.per_channel),
+                                           method=cfg.export.calibration.get("method", "minmax"))
             sessions["onnx_int8"] = _session(files["int8"])
 
         outputs, targets = _outputs(model, sessions, dm, gate_split)
