@@ -223,16 +223,26 @@ def build_table(recipe: Recipe, *, classes: list[str] | None = None, scan_worker
                        skipped=skipped, total=len(src.ids) if recipe.limit is None else recipe.limit)
 
 
-def _subset_rows(recipe: Recipe, ids: list[str], splits: np.ndarray) -> np.ndarray:
-    """Rows kept by ``recipe.subset``: every val/test row, and the train rows the manifest names."""
-    path = Path(recipe.subset).expanduser()
+def read_manifest(path: str | Path, key: str) -> list[dict[str, str]]:
+    """The rows of a manifest CSV with an ``id`` column (a curated subset, a calibration list).
+
+    Raises:
+        DataError: naming ``key`` (the config key that gave the path) when the file is missing or has no ``id``.
+    """
+    path = Path(path).expanduser()
     if not path.is_file():
-        raise DataError(f"data.subset={path}: no such manifest")
+        raise DataError(f"{key}={path}: no such manifest")
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or "id" not in reader.fieldnames:
-            raise DataError(f"data.subset={path}: a manifest needs an 'id' column; it has {reader.fieldnames}")
-        rows = list(reader)
+            raise DataError(f"{key}={path}: a manifest needs an 'id' column; it has {reader.fieldnames}")
+        return list(reader)
+
+
+def _subset_rows(recipe: Recipe, ids: list[str], splits: np.ndarray) -> np.ndarray:
+    """Rows kept by ``recipe.subset``: every val/test row, and the train rows the manifest names."""
+    path = Path(recipe.subset).expanduser()
+    rows = read_manifest(path, "data.subset")
     missing_files = [r["path"] for r in rows if r.get("path") and not Path(r["path"]).exists()]
     if missing_files:
         raise DataError(f"data.subset={path} names {len(missing_files)} file(s) that do not exist, "

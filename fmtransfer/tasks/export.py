@@ -10,7 +10,6 @@ The run dir gets ``model.onnx`` (fp32) and, when quantizing, ``model.int8.onnx``
 
 from __future__ import annotations
 
-import csv
 import shutil
 import statistics
 import time
@@ -23,6 +22,7 @@ from omegaconf import DictConfig
 
 from fmtransfer.config import build_dataclass, run_dir
 from fmtransfer.data import Preprocess, RecipeDataModule, load_recipe
+from fmtransfer.data.table import read_manifest
 from fmtransfer.errors import ConfigError, DataError, FmtError
 from fmtransfer.export.gates import GateSettings, accuracy_gate, agreement, agreement_gate, parity_gate
 from fmtransfer.export.onnx_export import INPUT_NAME, embed_metadata, export_onnx, output_name
@@ -81,13 +81,7 @@ def _calibration_rows(cfg: DictConfig, dm: RecipeDataModule, gate_split: str) ->
     cal = cfg.export.calibration
     if cal.get("manifest"):
         path = Path(cal.manifest).expanduser()
-        if not path.is_file():
-            raise DataError(f"export.calibration.manifest={path} does not exist")
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or "id" not in reader.fieldnames:
-                raise DataError(f"{path}: a calibration manifest needs an 'id' column; it has {reader.fieldnames}")
-            ids = [r["id"] for r in reader]
+        ids = [r["id"] for r in read_manifest(path, "export.calibration.manifest")]
         index = {str(i): k for k, i in enumerate(table.ids)}
         missing = [i for i in ids if i not in index]
         if missing:
