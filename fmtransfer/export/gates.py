@@ -19,7 +19,7 @@ class GateSettings:
     """
 
     max_abs_diff: float = 1e-4
-    min_int8_agreement: float = 0.98
+    min_int8_agreement: float = 0.97
     max_accuracy_drop: float = 0.01
 
     def to_dict(self) -> dict[str, float]:
