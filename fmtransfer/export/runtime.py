@@ -38,6 +38,14 @@ def session_options(threads: int | None = None):
     return opts
 
 
+def create_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None):
+    """An onnxruntime InferenceSession with full graph optimisation (CPU unless ``providers`` says otherwise)."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), sess_options=session_options(threads),
+                                providers=providers or ["CPUExecutionProvider"])
+
+
 @dataclass
 class OnnxModel:
     """An onnxruntime session over an exported model, with its fmtransfer metadata.
@@ -60,7 +68,6 @@ class OnnxModel:
         Raises:
             ArtifactError: naming the file and what is wrong with it.
         """
-        import onnxruntime as ort
 
         path = Path(path).expanduser()
         if path.is_dir():
@@ -78,8 +85,7 @@ class OnnxModel:
                 raise ArtifactError(f"{path}: sha256 {digest[:12]}... differs from {recorded[:12]}... recorded in "
                                     f"{side}; the model was changed or replaced, refusing to load it")
         try:
-            session = ort.InferenceSession(str(path), sess_options=session_options(threads),
-                                           providers=providers or ["CPUExecutionProvider"])
+            session = create_session(path, threads, providers)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises several types for a bad file
             raise ArtifactError(f"{path} is not a loadable ONNX model ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:200]})") from e

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from fmtransfer.data import Preprocess, Recipe, RecipeDataModule, load_recipe
 from fmtransfer.data.images import ChannelMismatch, convert_channels
 from fmtransfer.errors import ConfigError
+from fmtransfer.export.runtime import softmax
 from fmtransfer.lineage import RunRecord, write_json_atomic, write_text_atomic
 from fmtransfer.lineage.record import RUN_FILE
 from fmtransfer.models.classifier import Classifier, load_model, resolve_model_path
@@ -65,8 +66,7 @@ def _predictions_csv(task: str, outputs: np.ndarray, targets: np.ndarray, rows: 
     buf = io.StringIO()
     w = csv.writer(buf)
     if task == "classification":
-        z = outputs - outputs.max(1, keepdims=True)
-        probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+        probs = softmax(outputs)
         w.writerow(["id", "region", "label", "prediction", "confidence"])
         for i, row in enumerate(rows):
             p = int(probs[i].argmax())

@@ -27,7 +27,7 @@ from fmtransfer.errors import ConfigError, DataError, FmtError
 from fmtransfer.export.gates import GateSettings, accuracy_gate, agreement, agreement_gate, parity_gate
 from fmtransfer.export.onnx_export import INPUT_NAME, embed_metadata, export_onnx, output_name
 from fmtransfer.export.quantize import Quantize, quantize_model
-from fmtransfer.export.runtime import ONNX_FORMAT, OnnxModel, sidecar_path
+from fmtransfer.export.runtime import ONNX_FORMAT, OnnxModel, create_session, sidecar_path
 from fmtransfer.export.triton import write_repository
 from fmtransfer.lineage import RunRecord, sha256_file, write_json_atomic, write_text_atomic
 from fmtransfer.models.classifier import load_model, resolve_model_path
@@ -273,13 +273,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _session(path: Path) -> OnnxModel:
-    """A session over a staged file (metadata comes later, so the sidecar and metadata checks are skipped)."""
-    import onnxruntime as ort
-
-    from fmtransfer.export.runtime import session_options
-
-    session = ort.InferenceSession(str(path), sess_options=session_options(), providers=["CPUExecutionProvider"])
-    return OnnxModel(path, {"input_name": INPUT_NAME}, session)
+    """A staged file, before its metadata exists (so no metadata or sidecar checks)."""
+    return OnnxModel(path, {"input_name": INPUT_NAME}, create_session(path))
 
 
 def _default_name(recipe: str, lineage: dict[str, Any]) -> str:
