@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 import statistics
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from fmtransfer.data.table import read_manifest
 from fmtransfer.errors import ConfigError, DataError, FmtError
 from fmtransfer.export.gates import GateSettings, accuracy_gate, agreement, agreement_gate, parity_gate
 from fmtransfer.export.onnx_export import INPUT_NAME, embed_metadata, export_onnx, output_name
-from fmtransfer.export.quantize import Quantize, quantize_model
+from fmtransfer.export.quantize import Quantize, fp32_nodes, quantize_model
 from fmtransfer.export.runtime import ONNX_FORMAT, OnnxModel, create_session, sidecar_path
 from fmtransfer.export.triton import write_repository
 from fmtransfer.lineage import RunRecord, sha256_file, write_json_atomic, write_text_atomic
@@ -154,6 +155,11 @@ def validate_export(settings: DictConfig) -> tuple[Quantize, GateSettings]:
     if settings.calibration.split == settings.split:
         raise ConfigError(f"export.calibration.split={settings.calibration.split!r} is the split the gates score "
                           f"on (export.split); calibrate on train")
+    keep = settings.get("keep_fp32") or {}
+    if not isinstance(keep, Mapping) or set(keep) - {"static", "dynamic"} or any(
+            isinstance(v, str) or not all(isinstance(k, str) for k in v or []) for v in keep.values()):
+        raise ConfigError(f"export.keep_fp32={keep!r}: expected lists of node names or first/last per INT8 mode, "
+                          f"e.g. export.keep_fp32.static=[first,last] export.keep_fp32.dynamic=[]")
     if int(settings.parity_samples) < 1 or int(settings.latency.repeats) < 1:
         raise ConfigError("export.parity_samples and export.latency.repeats must be >= 1")
     return mode, gates
@@ -190,14 +196,17 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         with torch.inference_mode():
             reference = model(torch.from_numpy(parity_x)).float().numpy()
         gates = [parity_gate(reference, sessions["onnx_fp32"].run(parity_x), settings)]
+        kept: list[str] = []
         if mode is not Quantize.NONE:
             calibration = None
+            kept = fp32_nodes(files["fp32"], list((cfg.export.get("keep_fp32") or {}).get(mode.value) or []))
             if cal_rows is not None:
                 dm.use_rows(cfg.export.calibration.split, cal_rows)
                 calibration = _collect(dm, cfg.export.calibration.split)
             files["int8"] = quantize_model(files["fp32"], staging / INT8_FILE, mode, input_name=INPUT_NAME,
                                            calibration=calibration, per_channel=bool(cfg.export.per_channel),
-                                           method=cfg.export.calibration.get("method", "minmax"))
+                                           method=cfg.export.calibration.get("method", "minmax"),
+                                           keep_fp32=kept)
             sessions["onnx_int8"] = _session(files["int8"])
 
         outputs, targets = _outputs(model, sessions, dm, gate_split)
@@ -221,6 +230,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         for precision, path in files.items():
             onnx_meta = {**base_meta, "precision": precision,
                          "quantize": mode.value if precision == "int8" else "none"}
+            if precision == "int8":
+                onnx_meta["fp32_nodes"] = kept
             embed_metadata(path, onnx_meta)
             write_json_atomic(sidecar_path(path), {**onnx_meta, "file": path.name, "bytes": path.stat().st_size,
                                                    "onnx_sha256": sha256_file(path)})
@@ -241,6 +252,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         final = released.get("int8", released["fp32"])
         metrics = {"stage": "export", "task": task, "recipe": recipe.name, "split": gate_split,
                    "n_test": int(len(targets)), "quantize": mode.value, "exporter": cfg.export.exporter,
+                   "fp32_nodes": kept,
                    "passed": passed, "gates": gates, "variants": rows, "sizes_bytes": sizes,
                    "int8_to_fp32_size": sizes["int8"] / sizes["fp32"] if "int8" in sizes else None,
                    "int8_fp32_agreement": agreement(outputs["onnx_fp32"], outputs["onnx_int8"])
@@ -286,7 +298,8 @@ def _report(m: dict[str, Any], settings: GateSettings) -> str:
     metric = "accuracy" if m["task"] == "classification" else "R^2"
     lines = [f"# fmtransfer export: {'released' if m['passed'] else 'REJECTED'}", "",
              f"Scored on `{m['recipe']}` / {m['split']} ({m['n_test']} images); INT8 mode `{m['quantize']}`, "
-             f"exporter `{m['exporter']}`.", "",
+             f"exporter `{m['exporter']}`" + (f"; kept in fp32: {', '.join(f'`{n}`' for n in m['fp32_nodes'])}"
+                                              if m.get("fp32_nodes") else "") + ".", "",
              f"| variant | file | size (MB) | batch-1 latency (ms) | batch-32 latency (ms) | {metric} |",
              "|---|---|---:|---:|---:|---:|"]
     for r in m["variants"]:

@@ -51,6 +51,9 @@ def test_export_writes_gated_onnx_with_metadata(exported, adapter):
     assert [v["variant"] for v in m["variants"]] == ["PyTorch eager fp32", "ONNX fp32", "ONNX INT8 (static)"]
     assert all(v["batch_1_ms"] > 0 and v["batch_32_ms"] > 0 and 0 <= v["accuracy"] <= 1 for v in m["variants"])
     assert exported["model"].endswith("model.int8.onnx")
+    # export.keep_fp32.static=[first,last]: the ResNet stem and the classifier stay fp32, and say so
+    assert len(m["fp32_nodes"]) == 2 and m["fp32_nodes"][0].startswith("/backbone/conv1") and m["fp32_nodes"][1] == "/head/Gemm"
+    assert OnnxModel.load(f"{out}/model.int8.onnx").meta["fp32_nodes"] == m["fp32_nodes"]
 
     header, _ = read_adapter(adapter)
     for name in ("model.onnx", "model.int8.onnx"):

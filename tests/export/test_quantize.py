@@ -1,0 +1,77 @@
+"""INT8 quantization on a tiny CNN: which nodes stay fp32, and calibration sets of any size."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from fmtransfer.errors import ConfigError
+from fmtransfer.export.onnx_export import INPUT_NAME, export_onnx
+from fmtransfer.export.quantize import Quantize, fp32_nodes, quantize_model
+from fmtransfer.export.runtime import create_session
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
+                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 12 * 12, 5)).eval()
+    path = tmp_path_factory.mktemp("q") / "model.onnx"
+    export_onnx(model, torch.randn(2, 1, 16, 16), path, task="classification", opset=17, exporter="torchscript")
+    return path
+
+
+def _weighted(path):
+    return [n for n in onnx.load(str(path)).graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+
+
+def _quantized_inputs(path):
+    """Names of the Conv/Gemm nodes whose weight comes from DequantizeLinear (an INT8 initializer)."""
+    graph = onnx.load(str(path)).graph
+    dq = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return {n.name for n in graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] in dq}
+
+
+def test_first_and_last_resolve_to_the_stem_and_the_classifier(cnn):
+    names = [n.name for n in _weighted(cnn)]
+    assert fp32_nodes(cnn, ["first", "last"]) == [names[0], names[-1]]
+    assert fp32_nodes(cnn, [names[1], "first", names[1]]) == [names[1], names[0]]  # de-duplicated, in order
+    assert fp32_nodes(cnn, []) == []
+    with pytest.raises(ConfigError, match="'conv9'.*neither"):
+        fp32_nodes(cnn, ["conv9"])
+
+
+@pytest.mark.parametrize("keep", [(), ("first", "last")])
+def test_static_int8_keeps_the_named_nodes_in_fp32(cnn, tmp_path, keep):
+    cal = np.random.default_rng(0).normal(size=(40, 1, 16, 16)).astype(np.float32)
+    out = quantize_model(cnn, tmp_path / "int8.onnx", Quantize.STATIC, input_name=INPUT_NAME, calibration=cal,
+                         keep_fp32=keep)
+    names = [n.name for n in _weighted(cnn)]
+    quantized = _quantized_inputs(out)
+    if keep:
+        assert quantized == {names[1]}
+    else:
+        assert quantized == set(names)
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_histogram_calibration_takes_a_size_that_is_not_a_multiple_of_the_batch(cnn, tmp_path, method):
+    # 37 images in batches of 32 used to give onnxruntime's histogram collector ragged arrays
+    cal = np.random.default_rng(1).normal(size=(37, 1, 16, 16)).astype(np.float32)
+    out = quantize_model(cnn, tmp_path / "int8.onnx", Quantize.STATIC, input_name=INPUT_NAME, calibration=cal,
+                         method=method)
+    logits = create_session(out).run(None, {INPUT_NAME: cal[:4]})[0]
+    assert logits.shape == (4, 5) and np.isfinite(logits).all()
+
+
+def test_keep_fp32_must_be_lists_per_mode(tmp_path):
+    from fmtransfer.tasks.export import validate_export
+    from tests.conftest import make_cfg
+
+    assert validate_export(make_cfg("export", [], tmp_path).export)[0] is Quantize.AUTO
+    with pytest.raises(ConfigError, match="export.keep_fp32=.*per INT8 mode"):
+        validate_export(make_cfg("export", ["export.keep_fp32.static=first"], tmp_path).export)
+    with pytest.raises(ConfigError, match="export.keep_fp32=.*per INT8 mode"):
+        validate_export(make_cfg("export", ["+export.keep_fp32.qat=[first]"], tmp_path).export)
