@@ -24,6 +24,8 @@ class CurationSettings:
         resampling_steps: resampling refinements per level (0: plain k-means).
         resample: which points re-fit the centroids: closest (to the centroid) or random.
         resample_per_cluster: points per cluster in a refit (null: half the mean cluster size, at most 64).
+        init: how every k-means fit is seeded: kmeans++ (separated small modes get a seed) or random (FAISS's
+            uniform draw, which follows density).
         niter: k-means iterations per fit.
         within_cluster: which points a finest cluster gives once its quota is known: random or closest.
         dedup: remove near-duplicates first (cosine similarity >= dedup_threshold among dedup_k neighbours).
@@ -36,6 +38,7 @@ class CurationSettings:
     resampling_steps: int = 10
     resample: Literal["closest", "random"] = "closest"
     resample_per_cluster: int | None = None
+    init: Literal["kmeans++", "random"] = "kmeans++"
     niter: int = 20
     within_cluster: Literal["random", "closest"] = "random"
     dedup: bool = True
@@ -91,20 +94,22 @@ def curate_embeddings(x: np.ndarray, settings: CurationSettings, *, strata: np.n
                         f"{n} points to cluster")
     seconds: dict[str, Any] = {}
     t = time.perf_counter()
-    rep = (near_duplicate_groups(x, settings.dedup_threshold, settings.dedup_k) if settings.dedup
-           else np.arange(n))
+    tree = hierarchical_kmeans(x, settings.levels, steps=settings.resampling_steps,
+                               how=Resample(settings.resample), niter=settings.niter, seed=seed,
+                               per_cluster=settings.resample_per_cluster, plusplus=settings.init == "kmeans++",
+                               gpu=settings.gpu)
+    seconds["kmeans"] = time.perf_counter() - t
+    log(f"hierarchical k-means {settings.levels}: {seconds['kmeans']:.1f} s")
+    t = time.perf_counter()
+    # in a large pool, near-duplicates are searched inside the finest clusters (they share one)
+    rep = (near_duplicate_groups(x, settings.dedup_threshold, settings.dedup_k, partition=tree.labels)
+           if settings.dedup else np.arange(n))
     seconds["dedup"] = time.perf_counter() - t
     kept = rep == np.arange(n)
     log(f"dedup: {n - int(kept.sum())} near-duplicates of {n} removed "
         f"({len(np.unique(rep[~kept]))} groups)" if settings.dedup else "dedup: off")
     if target > int(kept.sum()):
         raise DataError(f"curation target {target} is larger than the {int(kept.sum())} samples left after dedup")
-    t = time.perf_counter()
-    tree = hierarchical_kmeans(x, settings.levels, steps=settings.resampling_steps,
-                               how=Resample(settings.resample), niter=settings.niter, seed=seed,
-                               per_cluster=settings.resample_per_cluster, gpu=settings.gpu)
-    seconds["kmeans"] = time.perf_counter() - t
-    log(f"hierarchical k-means {settings.levels}: {seconds['kmeans']:.1f} s")
     t = time.perf_counter()
     within = WithinCluster(settings.within_cluster)
     if strata is not None:

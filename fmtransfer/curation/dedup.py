@@ -1,10 +1,15 @@
-"""Near-duplicate removal: FAISS kNN on cosine similarity, groups by connected components, one kept per group."""
+"""Near-duplicate removal: exact cosine kNN with FAISS, inside clusters when the pool is large; groups by
+connected components, one kept per group."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from fmtransfer.curation.kmeans import ASSIGN_BATCH, check_embeddings
+from fmtransfer.curation.kmeans import ASSIGN_BATCH, assign, check_embeddings, kmeans
+from fmtransfer.errors import DataError
+
+EXACT_UP_TO = 50_000
+BLOCK_ENTRIES = 1 << 24  # query rows x candidates per similarity block (64 MiB of float32)
 
 
 def _unit(x: np.ndarray, mean: np.ndarray) -> np.ndarray:
@@ -19,40 +24,40 @@ def _mean(x: np.ndarray, batch: int) -> np.ndarray:
     return (total / len(x)).astype(np.float32)
 
 
-EXACT_UP_TO = 50_000
-
-
-def _index(x: np.ndarray, mean: np.ndarray, batch: int):
-    """Exact inner-product search up to EXACT_UP_TO points; beyond, an IVF index with fp16 codes (half the
-    memory of the embeddings, about 4 sqrt(n) lists, 16 probed): near-duplicates share a list almost always."""
+def _close_pairs(u: np.ndarray, threshold: float, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(i, j) local index pairs with j among i's ``k`` most similar rows of ``u`` (unit vectors) and cosine >=
+    ``threshold``; exact, in blocks of queries so that no len(u) x len(u) matrix is held."""
     import faiss
 
-    n, d = x.shape
-    if n <= EXACT_UP_TO:
-        index = faiss.IndexFlatIP(d)
-    else:
-        nlist = int(4 * np.sqrt(n))
-        index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(d), d, nlist, faiss.ScalarQuantizer.QT_fp16,
-                                              faiss.METRIC_INNER_PRODUCT)
-        rng = np.random.default_rng(0)
-        sample = np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))
-        index.train(_unit(x[sample], mean))
-        index.nprobe = 16
-    for start in range(0, n, batch):
-        index.add(_unit(x[start:start + batch], mean))
-    return index
+    index = faiss.IndexFlatIP(u.shape[1])
+    index.add(u)
+    step = max(1, BLOCK_ENTRIES // len(u))
+    rows, cols = [], []
+    for start in range(0, len(u), step):
+        sims, nbrs = index.search(u[start:start + step], min(k + 1, len(u)))
+        r, c = np.nonzero((sims >= threshold) & (nbrs >= 0))
+        rows.append(r + start)
+        cols.append(nbrs[r, c])
+    return np.concatenate(rows), np.concatenate(cols)
 
 
 def near_duplicate_groups(x: np.ndarray, threshold: float = 0.95, k: int = 8, center: bool = True,
-                          batch: int = ASSIGN_BATCH) -> np.ndarray:
+                          batch: int = ASSIGN_BATCH, partition: np.ndarray | None = None,
+                          exact_up_to: int = EXACT_UP_TO) -> np.ndarray:
     """Group points whose cosine similarity to a neighbour is >= ``threshold`` (transitively).
+
+    Up to ``exact_up_to`` points the search is exact over all of them. Beyond, it is exact inside each cell of
+    ``partition`` (e.g. the finest k-means level; computed here with about sqrt(n) cells when not given), as in
+    SemDeDup (Abbas et al. 2023): near-duplicates lie at the same place and share a cell almost always, and the
+    cost falls from n^2 to the sum of squared cell sizes, with one cell's rows in memory at a time.
 
     With ``center`` the similarity is taken after subtracting the mean embedding: pooled ReLU features all
     point into the positive orthant, where raw cosines are high even between unrelated images.
 
     Args:
-        x: (n, d) embeddings (a memmap is read in batches; the index holds one normalised copy, fp16 when large).
+        x: (n, d) embeddings (a memmap is read in batches or one cell at a time).
         k: neighbours searched per point.
+        partition: (n,) int labels of the cells to search within when n > ``exact_up_to``.
     Returns:
         (n,) int64: each point's group representative (the group's smallest index); ``rep == arange(n)`` keeps one
         per group.
@@ -63,15 +68,24 @@ def near_duplicate_groups(x: np.ndarray, threshold: float = 0.95, k: int = 8, ce
     check_embeddings(x)
     n, d = x.shape
     mean = _mean(x, batch) if center else np.zeros(d, dtype=np.float32)
-    index = _index(x, mean, batch)
-    rows, cols = [], []
-    for start in range(0, n, batch):
-        sims, nbrs = index.search(_unit(x[start:start + batch], mean), min(k + 1, n))
-        hit = (sims >= threshold) & (nbrs >= 0)
-        r, c = np.nonzero(hit)
-        rows.append(r + start)
-        cols.append(nbrs[r, c])
-    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    if partition is not None and np.shape(partition) != (n,):
+        raise DataError(f"dedup partition has shape {np.shape(partition)}, expected one label per embedding ({n},)")
+    if n <= exact_up_to:
+        rows, cols = _close_pairs(_unit(x, mean), threshold, k)
+    else:
+        if partition is None:
+            partition = assign(x, kmeans(x, int(np.sqrt(n)), niter=10))[0]
+        partition = np.asarray(partition)
+        order = np.argsort(partition, kind="stable")
+        bounds = np.flatnonzero(np.diff(partition[order])) + 1
+        rows, cols = [], []
+        for members in np.split(order, bounds):
+            if len(members) > 1:
+                r, c = _close_pairs(_unit(x[members], mean), threshold, k)
+                rows.append(members[r])
+                cols.append(members[c])
+        rows = np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)
+        cols = np.concatenate(cols) if cols else np.empty(0, dtype=np.int64)
     graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n, n))
     _, comp = connected_components(graph, directed=False)
     rep = np.full(comp.max() + 1, n, dtype=np.int64)

@@ -2,7 +2,8 @@
 
 Plain k-means puts most centroids where the data is dense. The resampling refinement re-fits the centroids on
 an equal number of points from each cluster (those nearest its centroid), repeatedly, so that the clusters
-spread over the whole support of the data; higher levels cluster the centroids of the level below.
+spread over the whole support of the data; higher levels cluster the centroids of the level below. Every fit is
+seeded with k-means++, so that separated small modes get a centroid of their own.
 """
 
 from __future__ import annotations
@@ -35,12 +36,37 @@ def check_embeddings(x: np.ndarray, name: str = "embeddings", batch: int = ASSIG
             raise DataError(f"{name}: row {row} holds NaN or inf; embeddings must be finite")
 
 
+def kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding (Arthur and Vassilvitskii 2007): each next seed is drawn with probability proportional
+    to its squared distance from the seeds so far, so separated modes get a seed whatever their size (FAISS's
+    own initialisation draws seeds uniformly, i.e. in proportion to density). x: (m, d) -> (k, d) float32."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norms = np.einsum("ij,ij->i", x, x)
+    seeds = np.empty((k, x.shape[1]), dtype=np.float32)
+    first = int(rng.integers(len(x)))
+    seeds[0] = x[first]
+    closest = np.maximum(norms - 2 * (x @ seeds[0]) + norms[first], 0)
+    for j in range(1, k):
+        cumulative = np.cumsum(closest, dtype=np.float64)
+        if cumulative[-1] > 0:
+            pick = min(int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")), len(x) - 1)
+        else:  # fewer distinct points than k: any point
+            pick = int(rng.integers(len(x)))
+        seeds[j] = x[pick]
+        np.minimum(closest, np.maximum(norms - 2 * (x @ seeds[j]) + norms[pick], 0), out=closest)
+    return seeds
+
+
+PLUSPLUS_POINTS_PER_CENTROID = 16
+
+
 def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, init: np.ndarray | None = None,
-           max_points_per_centroid: int = 256, gpu: bool = False) -> np.ndarray:
+           max_points_per_centroid: int = 256, plusplus: bool = True, gpu: bool = False) -> np.ndarray:
     """FAISS k-means. x: (n, d) float32 -> centroids (k, d) float32.
 
     FAISS trains on at most ``k * max_points_per_centroid`` points (a random sample), which bounds memory and
-    time for large n; assign everything afterwards with :func:`assign`.
+    time for large n; assign everything afterwards with :func:`assign`. Unless ``init`` is given, the seeds are
+    k-means++ on a sample of ``16 k`` of those points (``plusplus=False``: FAISS's uniform random seeds).
     """
     import faiss
 
@@ -53,6 +79,11 @@ def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, init: np.nd
     if n > k * max_points_per_centroid:  # subsample here, so a memmap is read once, in order
         rng = np.random.default_rng(seed)
         sample = x[np.sort(rng.choice(n, size=k * max_points_per_centroid, replace=False))]
+    if init is None and plusplus and k > 1:
+        rng = np.random.default_rng(seed + 1)
+        m = min(len(sample), k * PLUSPLUS_POINTS_PER_CENTROID)
+        init = kmeans_plusplus(sample[rng.choice(len(sample), size=m, replace=False)] if m < len(sample) else sample,
+                               k, rng)
     km.train(np.ascontiguousarray(sample, dtype=np.float32),
              init_centroids=None if init is None else np.ascontiguousarray(init, dtype=np.float32))
     return np.asarray(km.centroids, dtype=np.float32)
@@ -87,25 +118,27 @@ def pick_per_cluster(labels: np.ndarray, sq_dist: np.ndarray, r: int, how: Resam
 
 
 def resampled_kmeans(x: np.ndarray, k: int, *, steps: int = 10, per_cluster: int | None = None,
-                     how: Resample = Resample.CLOSEST, niter: int = 20, seed: int = 0,
+                     how: Resample = Resample.CLOSEST, niter: int = 20, seed: int = 0, plusplus: bool = True,
                      gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """k-means, then ``steps`` resampling refinements: re-fit the centroids (a fresh k-means) on ``per_cluster``
     points of each cluster, a sample in which every cluster weighs about the same. Default ``per_cluster``:
-    half the mean cluster size, at least 1 and at most 64 (which bounds each refit at 64 k points).
+    half the mean cluster size, at least 1 and at most 64 (which bounds each refit at 64 k points). Every fit is
+    seeded by k-means++ (``plusplus``): with FAISS's uniform seeds, well-separated small modes that draw no seed
+    stay merged, and a refit on a balanced sample cannot undo that.
 
     Returns:
         centroids (k, d) float32; labels (n,) int64 of every point of x.
     """
     n = len(x)
     rng = np.random.default_rng(seed)
-    centroids = kmeans(x, k, niter=niter, seed=seed, gpu=gpu)
+    centroids = kmeans(x, k, niter=niter, seed=seed, plusplus=plusplus, gpu=gpu)
     r = per_cluster or max(1, min(n // (2 * k), 64))
     for step in range(steps):
         labels, dist = assign(x, centroids)
         chosen = pick_per_cluster(labels, dist, r, how, rng)
         if len(chosen) < k:
             break
-        centroids = kmeans(np.asarray(x[chosen]), k, niter=niter, seed=seed + step + 1, gpu=gpu)
+        centroids = kmeans(np.asarray(x[chosen]), k, niter=niter, seed=seed + step + 1, plusplus=plusplus, gpu=gpu)
     labels, _ = assign(x, centroids)
     return centroids, labels
 
@@ -136,7 +169,7 @@ class Hierarchy:
 
 
 def hierarchical_kmeans(x: np.ndarray, levels: list[int], *, steps: int = 10, how: Resample = Resample.CLOSEST,
-                        niter: int = 20, seed: int = 0, per_cluster: int | None = None,
+                        niter: int = 20, seed: int = 0, per_cluster: int | None = None, plusplus: bool = True,
                         gpu: bool = False) -> Hierarchy:
     """Level 0 clusters the points; level t clusters the centroids of level t-1. ``levels`` finest first and
     decreasing, e.g. [1000, 100, 10] for a million points."""
@@ -146,11 +179,11 @@ def hierarchical_kmeans(x: np.ndarray, levels: list[int], *, steps: int = 10, ho
     if levels[0] > len(x):
         raise DataError(f"curation levels {levels}: k={levels[0]} is larger than the number of points ({len(x)})")
     centroids, labels = resampled_kmeans(x, levels[0], steps=steps, per_cluster=per_cluster, how=how, niter=niter,
-                                         seed=seed, gpu=gpu)
+                                         seed=seed, plusplus=plusplus, gpu=gpu)
     tree = Hierarchy(list(levels), labels, [], [centroids])
     for t, k in enumerate(levels[1:], start=1):
         upper, parent = resampled_kmeans(tree.centroids[-1], k, steps=steps, per_cluster=per_cluster, how=how,
-                                         niter=niter, seed=seed + 1000 * t, gpu=gpu)
+                                         niter=niter, seed=seed + 1000 * t, plusplus=plusplus, gpu=gpu)
         tree.centroids.append(upper)
         tree.parents.append(parent)
     return tree

@@ -112,32 +112,35 @@ def _outputs(model: torch.nn.Module, sessions: dict[str, OnnxModel], dm: RecipeD
     return {k: np.concatenate(v) for k, v in outs.items()}, np.concatenate(targets)
 
 
-def _latency_ms(fn, x: np.ndarray, repeats: int, warmup: int) -> float:
-    """Median wall time of ``fn(x)`` over ``repeats`` calls, after ``warmup`` calls (milliseconds)."""
+def _latency_ms(fns: dict[str, Any], x: np.ndarray, repeats: int, warmup: int) -> dict[str, float]:
+    """Median wall time (milliseconds) of each ``fns[name](x)`` over ``repeats`` rounds, after ``warmup`` rounds.
+    The variants take turns within every round, so a slow spell of a shared machine hits all of them alike and
+    their ratios stay fair."""
     for _ in range(warmup):
-        fn(x)
-    times = []
+        for fn in fns.values():
+            fn(x)
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn(x)
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn(x)
+            times[name].append((time.perf_counter() - t) * 1e3)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def _latencies(model, sessions: dict[str, OnnxModel], sample: np.ndarray, cfg: DictConfig) -> dict[str, dict]:
     lat = cfg.export.latency
-    result: dict[str, dict] = {}
 
     def torch_fn(x):
         with torch.inference_mode():
             return model(torch.from_numpy(x))
 
     runners = {"pytorch": torch_fn, **{k: (lambda x, s=s: s.session.run(None, {INPUT_NAME: x})) for k, s in sessions.items()}}
-    for name, fn in runners.items():
-        result[name] = {}
-        for bs in lat.batch_sizes:
-            x = np.ascontiguousarray(np.resize(sample, (int(bs), *sample.shape[1:])), dtype=np.float32)
-            result[name][f"batch_{bs}_ms"] = _latency_ms(fn, x, int(lat.repeats), int(lat.warmup))
+    result: dict[str, dict] = {name: {} for name in runners}
+    for bs in lat.batch_sizes:
+        x = np.ascontiguousarray(np.resize(sample, (int(bs), *sample.shape[1:])), dtype=np.float32)
+        for name, ms in _latency_ms(runners, x, int(lat.repeats), int(lat.warmup)).items():
+            result[name][f"batch_{bs}_ms"] = ms
     return result
 
 

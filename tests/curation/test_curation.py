@@ -47,9 +47,10 @@ def test_small_clusters_are_over_represented_after_sampling():
     assert curated_share > random_share + 0.2
 
 
-def test_resampling_spreads_centroids_out_of_the_dense_region():
-    """Plain k-means spends centroids on the dense cluster; the resampling refinement moves some of them to the
-    small modes (summed over four datasets, as single runs of k-means are noisy)."""
+def test_seeding_and_resampling_spread_centroids_out_of_the_dense_region():
+    """Uniform seeds (FAISS's own) follow density and leave small modes merged; k-means++ seeds give every mode a
+    centroid; the resampling refinement then moves centroids out of the dense cluster (summed over four
+    datasets, as single runs of k-means are noisy)."""
     def in_dense(c):
         return int((np.linalg.norm(c, axis=1) < 3).sum())  # the huge cluster lies within radius ~3 of 0
 
@@ -57,14 +58,18 @@ def test_resampling_spreads_centroids_out_of_the_dense_region():
         labels, _ = assign(x, c)
         return len({int(np.bincount(mode[labels == j]).argmax()) for j in np.unique(labels)} - {0})
 
-    plain = spread = found_plain = found_spread = 0
+    dense = {"random": 0, "kmeans++": 0, "resampled": 0}
+    found = dict.fromkeys(dense, 0)
     for seed in range(4):
         x, mode = skewed(seed=seed)
-        a, _ = resampled_kmeans(x, 40, steps=0, seed=0)
-        b, _ = resampled_kmeans(x, 40, steps=8, seed=0, how=Resample.CLOSEST)
-        plain, spread = plain + in_dense(a), spread + in_dense(b)
-        found_plain, found_spread = found_plain + modes_found(a, x, mode), found_spread + modes_found(b, x, mode)
-    assert spread < plain and found_spread > found_plain
+        fits = {"random": resampled_kmeans(x, 40, steps=0, seed=0, plusplus=False)[0],
+                "kmeans++": resampled_kmeans(x, 40, steps=0, seed=0)[0],
+                "resampled": resampled_kmeans(x, 40, steps=8, seed=0, how=Resample.CLOSEST)[0]}
+        for name, c in fits.items():
+            dense[name] += in_dense(c)
+            found[name] += modes_found(c, x, mode)
+    assert found["random"] < found["kmeans++"] == found["resampled"] == 4 * 20
+    assert dense["resampled"] < dense["kmeans++"] < dense["random"]
 
 
 def test_closest_within_cluster_and_masks():
@@ -88,10 +93,26 @@ def test_near_duplicates_are_grouped():
     x = rng.normal(size=(200, 32)).astype(np.float32)
     copies = x[3] + rng.normal(size=(5, 32)).astype(np.float32) * 1e-3
     y = np.concatenate([x, copies])
-    rep = near_duplicate_groups(y, threshold=0.99)
+    rep = near_duplicate_groups(y, threshold=0.999)
     assert (rep[200:] == 3).all() and rep[3] == 3
     assert (rep[:200] == np.arange(200)).all()
     assert int((rep == np.arange(len(y))).sum()) == 200
+
+
+def test_dedup_inside_clusters_finds_the_same_groups():
+    """Large pools are deduplicated inside k-means cells (SemDeDup); copies sit in their original's cell."""
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(6, 16)).astype(np.float32) * 5
+    x = (centers[rng.integers(6, size=300)] + rng.normal(size=(300, 16))).astype(np.float32)
+    copies = np.repeat(x[[5, 77, 140]], 4, axis=0) + rng.normal(size=(12, 16)).astype(np.float32) * 1e-3
+    y = np.concatenate([x, copies])
+    exact = near_duplicate_groups(y, threshold=0.999)
+    cells = assign(y, centers)[0]
+    assert (near_duplicate_groups(y, threshold=0.999, partition=cells, exact_up_to=10) == exact).all()
+    assert (near_duplicate_groups(y, threshold=0.999, exact_up_to=10) == exact).all()  # cells computed inside
+    assert set(exact[300:]) == {5, 77, 140} and int((exact == np.arange(len(y))).sum()) == 300
+    with pytest.raises(DataError, match="partition"):
+        near_duplicate_groups(y, partition=cells[:5], exact_up_to=10)
 
 
 def test_bad_input_is_named():
