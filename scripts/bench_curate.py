@@ -10,8 +10,10 @@ quality: pretrain a ResNet-18 on the full global set (mnist_global), on a curate
 skew: duplicate one class of the global train split 20x with small noise, curate, and compare the class shares
     of the pool and the curated subset (and what dedup removed).
 speed: a Gaussian mixture of --n x --dim float32 embeddings with very uneven cluster sizes, as a .npy on disk;
-    the hierarchical curation ([1000, 100, 10], resampling, balanced sampling to 20%), near-duplicate removal,
-    and scikit-learn's MiniBatchKMeans at k=1000, each in its own process: wall time and peak RSS.
+    the whole curation (curate_embeddings: hierarchical k-means [1000, 100, 10] with k-means++ seeding and 10
+    resampling steps, near-duplicate removal inside the finest clusters, balanced sampling to 20%), the same
+    with FAISS's uniform seeding and no dedup (an ablation), and scikit-learn's MiniBatchKMeans at k=1000, each
+    in its own process: wall time, peak RSS, and how the mixture components are represented.
 Writes bench_curate.json and bench_curate.md under --out.
 """
 
@@ -148,36 +150,37 @@ def make_mixture(path: Path, n: int, dim: int, components: int = 300, seed: int 
     np.save(path.with_suffix(".components.npy"), comp)
 
 
-CHILD = {
-    "curation": """
+CURATION = """
 import numpy as np, time, json, resource, sys
-from fmtransfer.curation.kmeans import hierarchical_kmeans
-from fmtransfer.curation.sampling import balanced_sample
+from fmtransfer.curation.curate import CurationSettings, curate_embeddings
 x = np.load(sys.argv[1], mmap_mode="r")
+init, dedup = sys.argv[2], sys.argv[3] == "dedup"
 t = time.perf_counter()
-tree = hierarchical_kmeans(x, [1000, 100, 10], steps=10, niter=20, seed=0)
-t_km = time.perf_counter() - t
-chosen = balanced_sample(tree, len(x) // 5, seed=0)
+settings = CurationSettings(target_size=0.2, levels=[1000, 100, 10], resampling_steps=10, init=init, dedup=dedup,
+                            dedup_threshold=0.99)
+cur = curate_embeddings(x, settings, seed=0, log=lambda m: print(m, file=sys.stderr, flush=True))
 total = time.perf_counter() - t
 comp = np.load(sys.argv[1].replace(".npy", ".components.npy"))
 sizes = np.bincount(comp)
-big = np.argsort(sizes)[::-1][:30]
-print(json.dumps({"seconds": total, "kmeans_seconds": t_km, "sampling_seconds": total - t_km,
-                  "selected": int(len(chosen)),
+order = np.argsort(sizes)[::-1]
+big, small = order[:len(order) // 10], order[len(order) // 2:]
+chosen = cur.selected
+print(json.dumps({"seconds": total, **{f"{k}_seconds": v for k, v in cur.seconds.items()},
+                  "selected": int(len(chosen)), "duplicates": int((~cur.kept).sum()),
                   "largest_10pct_components_share": {"pool": float(np.isin(comp, big).mean()),
                                                       "curated": float(np.isin(comp[chosen], big).mean())},
+                  "smallest_half_components_share": {"pool": float(np.isin(comp, small).mean()),
+                                                      "curated": float(np.isin(comp[chosen], small).mean())},
+                  "components_present": {"pool": int((sizes > 0).sum()),
+                                         "curated": int(len(np.unique(comp[chosen])))},
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-""",
-    "dedup": """
-import numpy as np, time, json, resource, sys
-from fmtransfer.curation.dedup import near_duplicate_groups
-x = np.load(sys.argv[1], mmap_mode="r")
-t = time.perf_counter()
-rep = near_duplicate_groups(x, 0.99)
-print(json.dumps({"seconds": time.perf_counter() - t, "duplicates": int((rep != np.arange(len(x))).sum()),
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-""",
-    "minibatch_kmeans": """
+"""
+CHILD = {
+    # the whole curation (k-means++ seeding, resampling, dedup inside the finest clusters, balanced sampling)
+    "curation": (CURATION, ["kmeans++", "dedup"]),
+    # the same without k-means++ (FAISS's uniform seeds) and without dedup: what the seeding buys
+    "curation_random_init": (CURATION, ["random", "nodedup"]),
+    "minibatch_kmeans": ("""
 import numpy as np, time, json, resource, sys
 from sklearn.cluster import MiniBatchKMeans
 x = np.load(sys.argv[1], mmap_mode="r")
@@ -185,7 +188,7 @@ t = time.perf_counter()
 MiniBatchKMeans(n_clusters=1000, batch_size=4096, n_init=1, max_iter=10, random_state=0).fit(x)
 print(json.dumps({"seconds": time.perf_counter() - t,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-""",
+""", []),
 }
 
 
@@ -196,7 +199,8 @@ def speed(out: Path, n: int, dim: int, parts: list[str]) -> dict:
     result = {"n": n, "dim": dim, "file_mb": path.stat().st_size / 2**20}
     for name in parts:
         t = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", CHILD[name], str(path)], capture_output=True, text=True,
+        code, argv = CHILD[name]
+        proc = subprocess.run([sys.executable, "-c", code, str(path), *argv], capture_output=True, text=True,
                               cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
         if proc.returncode != 0:
             raise RuntimeError(f"{name} failed:\n{proc.stderr[-2000:]}")
@@ -211,7 +215,7 @@ def main() -> None:
     p.add_argument("--fraction", type=float, default=0.2)
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=384)
-    p.add_argument("--speed-parts", nargs="+", default=["curation", "dedup", "minibatch_kmeans"])
+    p.add_argument("--speed-parts", nargs="+", default=list(CHILD))
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench" / "curate")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -244,15 +248,22 @@ def main() -> None:
         s = results["speed"]
         lines += [f"Speed: {s['n']:,} x {s['dim']} float32 embeddings ({s['file_mb']:.0f} MiB .npy):", "",
                   "| step | wall time (s) | peak RSS (MiB) | RSS / file |", "|---|---:|---:|---:|"]
-        for name in ("curation", "dedup", "minibatch_kmeans"):
+        for name in CHILD:
             if name in s:
-                lines.append(f"| {name} | {s[name]['seconds']:.0f} | {s[name]['peak_rss_mb']:.0f} | "
-                             f"{s[name]['peak_rss_mb'] / s['file_mb']:.2f} |")
-        if "curation" in s:
-            c = s["curation"]
-            lines.append(f"\nThe 10% largest mixture components hold {c['largest_10pct_components_share']['pool']:.1%}"
-                         f" of the points and {c['largest_10pct_components_share']['curated']:.1%} of the curated "
-                         f"{c['selected']:,}.")
+                phases = ", ".join(f"{k[:-8]} {v:.0f}" for k, v in s[name].items()
+                                   if k.endswith("_seconds") and k != "seconds")
+                lines.append(f"| {name}{f' ({phases})' if phases else ''} | {s[name]['seconds']:.0f} | "
+                             f"{s[name]['peak_rss_mb']:.0f} | {s[name]['peak_rss_mb'] / s['file_mb']:.2f} |")
+        rows = [n for n in CHILD if n in s and "components_present" in s[n]]
+        if rows:
+            lines += ["", "| mixture components | pool | " + " | ".join(f"curated by {n}" for n in rows) + " |",
+                      "|---|---:|" + "---:|" * len(rows)]
+            for key, label in (("largest_10pct_components_share", "share of the largest 10%"),
+                               ("smallest_half_components_share", "share of the smallest half")):
+                lines.append(f"| {label} | {s[rows[0]][key]['pool']:.1%} | "
+                             + " | ".join(f"{s[n][key]['curated']:.1%}" for n in rows) + " |")
+            lines.append(f"| components present | {s[rows[0]]['components_present']['pool']} | "
+                         + " | ".join(str(s[n]['components_present']['curated']) for n in rows) + " |")
     table = "\n".join(lines)
     (args.out / "bench_curate.md").write_text(table + "\n")
     print("\n" + table)

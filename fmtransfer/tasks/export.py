@@ -112,19 +112,22 @@ def _outputs(model: torch.nn.Module, sessions: dict[str, OnnxModel], dm: RecipeD
     return {k: np.concatenate(v) for k, v in outs.items()}, np.concatenate(targets)
 
 
-def _latency_ms(fns: dict[str, Any], x: np.ndarray, repeats: int, warmup: int) -> dict[str, float]:
-    """Median wall time (milliseconds) of each ``fns[name](x)`` over ``repeats`` rounds, after ``warmup`` rounds.
-    The variants take turns within every round, so a slow spell of a shared machine hits all of them alike and
-    their ratios stay fair."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn(x)
+def _latency_ms(fns: dict[str, Any], x: np.ndarray, repeats: int, warmup: int, rounds: int) -> dict[str, float]:
+    """Median wall time (milliseconds) of each ``fns[name](x)`` over ``repeats`` timed calls. The calls are made
+    in ``rounds`` rounds in which every variant takes its turn (a block of ``warmup`` untimed calls, then its
+    share of the timed ones), so that a slow spell of a shared machine hits all variants alike, and one runtime's
+    idle threads (onnxruntime's spin after a run) do not slow the next variant's timed calls."""
+    rounds = max(1, min(rounds, repeats))
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
+    for r in range(rounds):
+        share = repeats // rounds + (r < repeats % rounds)
         for name, fn in fns.items():
-            t = time.perf_counter()
-            fn(x)
-            times[name].append((time.perf_counter() - t) * 1e3)
+            for _ in range(warmup):
+                fn(x)
+            for _ in range(share):
+                t = time.perf_counter()
+                fn(x)
+                times[name].append((time.perf_counter() - t) * 1e3)
     return {name: statistics.median(v) for name, v in times.items()}
 
 
@@ -139,7 +142,7 @@ def _latencies(model, sessions: dict[str, OnnxModel], sample: np.ndarray, cfg: D
     result: dict[str, dict] = {name: {} for name in runners}
     for bs in lat.batch_sizes:
         x = np.ascontiguousarray(np.resize(sample, (int(bs), *sample.shape[1:])), dtype=np.float32)
-        for name, ms in _latency_ms(runners, x, int(lat.repeats), int(lat.warmup)).items():
+        for name, ms in _latency_ms(runners, x, int(lat.repeats), int(lat.warmup), int(lat.get("rounds", 5))).items():
             result[name][f"batch_{bs}_ms"] = ms
     return result
 
