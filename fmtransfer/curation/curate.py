@@ -1,4 +1,4 @@
-"""The curation recipe over an embedding array: dedup -> hierarchical k-means -> balanced sampling."""
+"""The curation recipe over an embedding array: hierarchical k-means -> dedup (inside its clusters) -> balanced sampling."""
 
 from __future__ import annotations
 

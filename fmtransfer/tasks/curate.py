@@ -1,4 +1,4 @@
-"""``curate``: embed a split -> near-duplicate removal -> hierarchical k-means with resampling -> balanced
+"""``curate``: embed a split -> hierarchical k-means with resampling -> near-duplicate removal -> balanced
 sampling -> ``curated.csv``, a manifest any recipe consumes as ``data.subset=<csv>``.
 
 Writes into the run dir: ``embeddings/`` (memory-mapped .npy, id list, shard progress), ``curated.csv`` (id,
