@@ -50,24 +50,27 @@ def _run(name: str, folder: Path, overrides: list[str]) -> dict:
     return json.loads((folder / "metrics.json").read_text())
 
 
-def quality(out: Path, fraction: float) -> dict:
+def quality(out: Path, fraction: float, seed: int = 0) -> dict:
+    """One seed of the quality comparison (seed 0 reuses bench_adapt's full-data base and the configs' seed)."""
     from fmtransfer.config import compose_stage
     from fmtransfer.data import RecipeDataModule, load_recipe
 
-    full_dir = ADAPT_BASE
-    full = _run("pretrain", full_dir, ["experiment=demo", "logger=none"])
-    cur = _run("curate", out / "quality" / "curate", [f"base={full_dir}", "data=mnist_global",
-                                                       f"curation.target_size={fraction}"])
-    manifest = out / "quality" / "curate" / "curated.csv"
-    _run("curate", out / "quality" / "curate_by_label", [f"base={full_dir}", "data=mnist_global",
-                                                         f"curation.target_size={fraction}", "curation.stratify_by=label"])
-    by_label = out / "quality" / "curate_by_label" / "curated.csv"
+    q = out / ("quality" if seed == 0 else f"quality_s{seed}")
+    seeded = [] if seed == 0 else [f"seed={seed}"]
+    full_dir = ADAPT_BASE if seed == 0 else q / "full"
+    full = _run("pretrain", full_dir, ["experiment=demo", "logger=none", *seeded])
+    cur = _run("curate", q / "curate", [f"base={full_dir}", "data=mnist_global",
+                                        f"curation.target_size={fraction}", *seeded])
+    manifest = q / "curate" / "curated.csv"
+    _run("curate", q / "curate_by_label", [f"base={full_dir}", "data=mnist_global",
+                                           f"curation.target_size={fraction}", "curation.stratify_by=label", *seeded])
+    by_label = q / "curate_by_label" / "curated.csv"
     dm = RecipeDataModule(load_recipe(compose_stage("pretrain", ["experiment=demo", "run_dir=/tmp/x"]).data))
     table = dm.prepare()
     train_ids = table.ids[dm.rows("train")]
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     random_ids = rng.choice(train_ids, size=cur["selected"], replace=False)
-    random_manifest = out / "quality" / "random.csv"
+    random_manifest = q / "random.csv"
     random_manifest.parent.mkdir(parents=True, exist_ok=True)
     random_manifest.write_text("id\n" + "".join(f"{i}\n" for i in random_ids))
     batch = compose_stage("pretrain", ["experiment=demo", "run_dir=/tmp/x"]).loader.batch_size
@@ -76,23 +79,23 @@ def quality(out: Path, fraction: float) -> dict:
     epochs = max(1, round(full_steps / steps_per_epoch))
     rows = {}
     for label, folder, extra in (("full", full_dir, []),
-                                 (f"curated {fraction:.0%}", out / "quality" / "pretrain_curated",
+                                 (f"curated {fraction:.0%}", q / "pretrain_curated",
                                   [f"data.subset={manifest}", f"trainer.max_epochs={epochs}"]),
-                                 (f"curated {fraction:.0%}, stratified by label", out / "quality" / "pretrain_by_label",
+                                 (f"curated {fraction:.0%}, stratified by label", q / "pretrain_by_label",
                                   [f"data.subset={by_label}", f"trainer.max_epochs={epochs}"]),
-                                 (f"random {fraction:.0%}", out / "quality" / "pretrain_random",
+                                 (f"random {fraction:.0%}", q / "pretrain_random",
                                   [f"data.subset={random_manifest}", f"trainer.max_epochs={epochs}"])):
-        m = _run("pretrain", folder, ["experiment=demo", "logger=none", *extra])
+        m = _run("pretrain", folder, ["experiment=demo", "logger=none", *seeded, *extra])
         key = folder.name
-        zero = _run("evaluate", out / "quality" / f"zero_{key}", [f"model={folder}", "data=uci_digits_region"])
-        adapted = _run("adapt", out / "quality" / f"adapt_{key}", [f"base={folder}", "adapter=lora",
-                                                                   "calibration.size=100", "logger=none"])
+        zero = _run("evaluate", q / f"zero_{key}", [f"model={folder}", "data=uci_digits_region"])
+        adapted = _run("adapt", q / f"adapt_{key}", [f"base={folder}", "adapter=lora", "calibration.size=100",
+                                                     "logger=none", *seeded])
         rows[label] = {"train_images": m["data"]["splits"]["train"], "steps": m["global_step"],
                        "global_test": m["test"]["overall"]["accuracy"],
                        "region_zero_shot": zero["overall"]["accuracy"],
                        "region_lora_100": adapted["test"]["overall"]["accuracy"]}
-        print(label, rows[label], flush=True)
-    return {"rows": rows, "curation": {k: cur[k] for k in ("pool", "selected", "duplicates_removed",
+        print(f"seed {seed}", label, rows[label], flush=True)
+    return {"seed": seed, "rows": rows, "curation": {k: cur[k] for k in ("pool", "selected", "duplicates_removed",
                                                           "largest_10pct_clusters_share")}}
 
 
@@ -213,6 +216,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", nargs="+", default=["quality", "skew", "speed"])
     p.add_argument("--fraction", type=float, default=0.2)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="quality: one full comparison per seed")
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--speed-parts", nargs="+", default=list(CHILD))
@@ -222,7 +226,12 @@ def main() -> None:
     json_path = args.out / "bench_curate.json"
     results = json.loads(json_path.read_text()) if json_path.is_file() else {}
     if "quality" in args.parts:
-        results["quality"] = quality(args.out, args.fraction)
+        runs = [quality(args.out, args.fraction, seed) for seed in args.seeds]
+        results["quality"] = {"seeds": args.seeds, "runs": runs, "rows": {
+            label: {k: float(np.mean([r["rows"][label][k] for r in runs])) for k in runs[0]["rows"][label]}
+            | {f"{k}_sd": float(np.std([r["rows"][label][k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0
+               for k in ("global_test", "region_zero_shot", "region_lora_100")}
+            for label in runs[0]["rows"]}}
     if "skew" in args.parts:
         results["skew"] = skew(args.out, args.fraction)
     if "speed" in args.parts:
@@ -233,11 +242,13 @@ def main() -> None:
     if "quality" in results:
         q = results["quality"]["rows"]
         full = q["full"]["global_test"]
-        lines += ["| pretraining data | train images | steps | global test acc | vs full | region zero-shot | "
+        lines += [f"Mean +- sd over seeds {results['quality'].get('seeds', [0])}:", "",
+                  "| pretraining data | train images | steps | global test acc | vs full | region zero-shot | "
                   "region LoRA (100 labels) |", "|---|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {k} | {v['train_images']} | {v['steps']} | {v['global_test']:.4f} | "
-                  f"{v['global_test'] / full:.1%} | {v['region_zero_shot']:.4f} | {v['region_lora_100']:.4f} |"
-                  for k, v in q.items()]
+        lines += [f"| {k} | {v['train_images']:.0f} | {v['steps']:.0f} | {v['global_test']:.4f} +- "
+                  f"{v.get('global_test_sd', 0):.4f} | {v['global_test'] / full:.1%} | {v['region_zero_shot']:.4f} +- "
+                  f"{v.get('region_zero_shot_sd', 0):.4f} | {v['region_lora_100']:.4f} +- "
+                  f"{v.get('region_lora_100_sd', 0):.4f} |" for k, v in q.items()]
         lines.append("")
     if "skew" in results:
         s = results["skew"]

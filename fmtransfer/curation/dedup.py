@@ -9,6 +9,7 @@ from fmtransfer.curation.kmeans import ASSIGN_BATCH, assign, check_embeddings, k
 from fmtransfer.errors import DataError
 
 EXACT_UP_TO = 50_000
+MAX_CELL = 4096  # cells larger than this are split by k-means before the exact search
 BLOCK_ENTRIES = 1 << 24  # query rows x candidates per similarity block (64 MiB of float32)
 
 
@@ -43,13 +44,14 @@ def _close_pairs(u: np.ndarray, threshold: float, k: int) -> tuple[np.ndarray, n
 
 def near_duplicate_groups(x: np.ndarray, threshold: float = 0.95, k: int = 8, center: bool = True,
                           batch: int = ASSIGN_BATCH, partition: np.ndarray | None = None,
-                          exact_up_to: int = EXACT_UP_TO) -> np.ndarray:
+                          exact_up_to: int = EXACT_UP_TO, max_cell: int = MAX_CELL) -> np.ndarray:
     """Group points whose cosine similarity to a neighbour is >= ``threshold`` (transitively).
 
     Up to ``exact_up_to`` points the search is exact over all of them. Beyond, it is exact inside each cell of
     ``partition`` (e.g. the finest k-means level; computed here with about sqrt(n) cells when not given), as in
     SemDeDup (Abbas et al. 2023): near-duplicates lie at the same place and share a cell almost always, and the
-    cost falls from n^2 to the sum of squared cell sizes, with one cell's rows in memory at a time.
+    cost falls from n^2 to the sum of squared cell sizes, with one cell's rows in memory at a time. Cells above
+    ``max_cell`` points are split by k-means first (resampled clusters are large where the data is dense).
 
     With ``center`` the similarity is taken after subtracting the mean embedding: pooled ReLU features all
     point into the positive orthant, where raw cosines are high even between unrelated images.
@@ -79,11 +81,18 @@ def near_duplicate_groups(x: np.ndarray, threshold: float = 0.95, k: int = 8, ce
         order = np.argsort(partition, kind="stable")
         bounds = np.flatnonzero(np.diff(partition[order])) + 1
         rows, cols = [], []
-        for members in np.split(order, bounds):
-            if len(members) > 1:
-                r, c = _close_pairs(_unit(x[members], mean), threshold, k)
-                rows.append(members[r])
-                cols.append(members[c])
+        cells = [m for m in np.split(order, bounds) if len(m) > 1]
+        while cells:
+            members = cells.pop()
+            u = _unit(x[members], mean)
+            if len(members) > max_cell:  # e.g. a resampled cluster over a dense region: split it first
+                parts = assign(u, kmeans(u, -(-2 * len(members) // max_cell), niter=10, plusplus=False))[0]
+                if parts.max() > parts.min():
+                    cells += [members[parts == j] for j in np.unique(parts) if (parts == j).sum() > 1]
+                    continue
+            r, c = _close_pairs(u, threshold, k)
+            rows.append(members[r])
+            cols.append(members[c])
         rows = np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)
         cols = np.concatenate(cols) if cols else np.empty(0, dtype=np.int64)
     graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n, n))

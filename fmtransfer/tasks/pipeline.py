@@ -20,7 +20,7 @@ from fmtransfer.tasks.adapt import adapt, validate_adapt
 from fmtransfer.tasks.common import run_dir
 from fmtransfer.tasks.curate import curate, curation_settings
 from fmtransfer.tasks.evaluate import evaluate
-from fmtransfer.tasks.export import export, validate_export
+from fmtransfer.tasks.export import GateFailed, export, validate_export
 from fmtransfer.tasks.plan import plan
 from fmtransfer.tasks.pretrain import pretrain, validate
 from fmtransfer.tasks.report import metric_rows, results_table, write_report
@@ -112,14 +112,17 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
                                          "targets": [0.9, 0.95, 0.99], "metric": "accuracy"}))
         record.add_parent(planned["run_dir"])
         region_run = adapted[(cfg.adapter, int(cfg.calibration.size))]
-        exported = None
+        exported = rejected = None
         if cfg.export_region_model:
-            exported = export(OmegaConf.create({
-                "stage": "export", "seed": cfg.seed, "run_dir": str(out / "export"), "model": None,
-                "adapter_file": region_run["adapter"], "data": OmegaConf.to_container(cfg.region, resolve=True),
-                "loader": OmegaConf.to_container(cfg.loader, resolve=True),
-                "export": OmegaConf.to_container(cfg.export, resolve=True)}))
-            record.add_parent(exported["run_dir"])
+            try:
+                exported = export(OmegaConf.create({
+                    "stage": "export", "seed": cfg.seed, "run_dir": str(out / "export"), "model": None,
+                    "adapter_file": region_run["adapter"], "data": OmegaConf.to_container(cfg.region, resolve=True),
+                    "loader": OmegaConf.to_container(cfg.loader, resolve=True),
+                    "export": OmegaConf.to_container(cfg.export, resolve=True)}))
+                record.add_parent(exported["run_dir"])
+            except GateFailed as e:  # report everything first, then fail
+                rejected = e
 
         pm, zm = pre["metrics"], zero["metrics"]
         task = pm["task"]
@@ -144,8 +147,9 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
         if curated is not None:
             sections.insert(2, ("Data curation", Path(curated["report"]).read_text().split("\n", 2)[2]
                                 .split("![")[0].strip()))
-        if exported is not None:
-            sections.append(("Edge export", Path(exported["report"]).read_text().split("\n", 2)[2].strip()))
+        if exported is not None or rejected is not None:
+            text = (out / "export" / "export.md").read_text().split("\n", 2)[2].strip()
+            sections.append(("Edge export", text if rejected is None else f"**Rejected**: {rejected}\n\n{text}"))
         images = [("Global test split", Path(pre["run_dir"]) / "confusion_test.png"),
                   (f"Zero-shot on {zm['recipe']}", Path(zero["run_dir"]) / f"confusion_{zm['split']}.png"),
                   ("Training curves", Path(pre["run_dir"]) / "training_curves.png"),
@@ -161,10 +165,14 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
                                            *([f"- curation: `{curated['manifest']}`"] if curated else []),
                                            f"- region adapter: `{region_run['adapter']}`",
                                            f"- adaptation sweep: `{out / 'adapt'}`", f"- plan: `{planned['run_dir']}`",
-                                           *([f"- edge export: `{exported['model']}`"] if exported else [])]))],
+                                           *([f"- edge export: `{exported['model']}`"] if exported else []),
+                                           *([f"- edge export: rejected, `{out / 'export' / 'rejected'}`"]
+                                             if rejected else [])]))],
                             images=[(c, p) for c, p in images if p.is_file()])
         write_text_atomic(report_path, text)
         record.add_output(report_path, "report")
+        if rejected is not None:
+            raise rejected
     return {"run_dir": str(out), "report": str(report_path),
             "steps": {"pretrain": pre, "zero_shot": zero, "adapt": region_run, "sweep": list(adapted.values()),
                       "plan": planned, "export": exported, "curate": curated, "pretrain_curated": curated_pre}}

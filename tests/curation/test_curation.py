@@ -110,6 +110,9 @@ def test_dedup_inside_clusters_finds_the_same_groups():
     cells = assign(y, centers)[0]
     assert (near_duplicate_groups(y, threshold=0.999, partition=cells, exact_up_to=10) == exact).all()
     assert (near_duplicate_groups(y, threshold=0.999, exact_up_to=10) == exact).all()  # cells computed inside
+    # one cell of all 312 points, split by k-means into cells of at most 64 before the search
+    assert (near_duplicate_groups(y, threshold=0.999, partition=np.zeros(len(y), int), exact_up_to=10,
+                                  max_cell=64) == exact).all()
     assert set(exact[300:]) == {5, 77, 140} and int((exact == np.arange(len(y))).sum()) == 300
     with pytest.raises(DataError, match="partition"):
         near_duplicate_groups(y, partition=cells[:5], exact_up_to=10)

@@ -7,6 +7,7 @@ import re
 import pytest
 
 from fmtransfer.lineage import load_record
+from fmtransfer.tasks.export import GateFailed
 from fmtransfer.tasks.pipeline import pipeline
 
 
@@ -35,6 +36,19 @@ def test_pipeline_report(cfg_factory, tmp_path):
     assert result["steps"]["export"]["model"] == str(out / "export" / "model.int8.onnx")
     assert load_record(out / "zero_shot")["parents"][0]["stage"] == "pretrain"
     assert result["steps"]["zero_shot"]["metrics"]["overall"]["n"] == 60
+
+
+def test_pipeline_reports_a_rejected_export_then_fails(cfg_factory, tmp_path):
+    with pytest.raises(GateFailed, match="fp32_parity"):
+        pipeline(cfg_factory("pipeline", "experiment=smoke", "region.limit=200", "sweep.sizes=[20]",
+                             "sweep.adapters=[lora]", "calibration.size=20", 'adapt_overrides=["adapter.steps=2"]',
+                             "curate_global=false", "export.quantize=none", "export.latency.repeats=1",
+                             "export.gates.max_abs_diff=-1"))
+    out = tmp_path / "pipeline"
+    report = (out / "report.md").read_text()
+    assert "## Edge export" in report and "**Rejected**: export rejected: fp32_parity" in report
+    assert "edge export: rejected" in report and (out / "export" / "rejected" / "reason.json").is_file()
+    assert load_record(out)["status"] != "ok"
 
 
 def test_pipeline_checks_sweep_sizes_first(cfg_factory, tmp_path):
