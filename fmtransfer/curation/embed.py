@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 
-from fmtransfer.errors import DataError
-from fmtransfer.lineage.io import write_json_atomic, write_text_atomic
+from fmtransfer.errors import ConfigError, DataError
+from fmtransfer.lineage.io import atomic_path, sha256_bytes, write_json_atomic, write_text_atomic
 
 EMBEDDINGS, IDS, PROGRESS = "embeddings.npy", "embeddings.ids.txt", "embeddings.shards.json"
 
@@ -41,16 +44,37 @@ def load_embeddings(path: str | Path) -> tuple[np.ndarray, list[str]]:
     return x, ids
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes, as torchrun and Lightning's DDP launchers set them
+    (``RANK``, ``WORLD_SIZE``); (0, 1) for a single process."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    except ValueError as e:
+        raise ConfigError(f"RANK / WORLD_SIZE must be integers ({e})") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"RANK={rank} with WORLD_SIZE={world}: expected 0 <= RANK < WORLD_SIZE")
+    return rank, world
+
+
+def _shard_name(s: int) -> str:
+    return f"shard_{s:05d}.npy"
+
+
 def embed_split(model, dm, split: str, folder: str | Path, *, dtype: str = "float32", shard_size: int = 65536,
-                accelerator: str = "auto") -> tuple[Path, list[str]]:
+                accelerator: str = "auto", rank: int = 0, world_size: int = 1, wait_s: float = 86400.0,
+                poll_s: float = 2.0) -> tuple[Path | None, list[str]]:
     """Embed every sample of ``split`` with ``model.features`` into ``folder/embeddings.npy`` (rows in split
     order) and ``embeddings.ids.txt``.
 
-    Shards of ``shard_size`` rows are computed one after another; a finished shard is recorded in
-    ``embeddings.shards.json`` and skipped when the same folder is embedded again (same ids, dtype and width).
+    The rows are cut into shards of ``shard_size``; shard s belongs to rank ``s % world_size``, which writes it to
+    its own file ``shards-<key>/shard_<s>.npy`` (atomically; the key changes with the ids, width, dtype and shard
+    size, so stale shards never mix in). A shard file that exists is never recomputed, so an interrupted run
+    resumes where it stopped. Rank 0 then waits (up to ``wait_s``) for every shard, assembles the memory-mapped
+    ``embeddings.npy`` (atomically), records it in ``embeddings.shards.json`` and removes the shard files.
 
     Returns:
-        (the .npy path, the ids).
+        (the .npy path, the ids) on rank 0; (None, the ids) on the other ranks once their shards are written.
     """
     from fmtransfer.tasks.common import embed
 
@@ -61,29 +85,46 @@ def embed_split(model, dm, split: str, folder: str | Path, *, dtype: str = "floa
     ids = [str(i) for i in table.ids[rows]]
     if len(rows) == 0:
         raise DataError(f"recipe {dm.recipe.name!r} has no samples in split {split!r} to embed")
-    dim = int(model.embed_dim)
+    dim, size = int(model.embed_dim), int(shard_size)
+    n_shards = -(-len(rows) // size)
     npy, ids_file, progress_file = folder / EMBEDDINGS, folder / IDS, folder / PROGRESS
-    state = {"ids": len(ids), "dim": dim, "dtype": dtype, "shard_size": int(shard_size), "done": []}
+    state = {"ids": len(ids), "dim": dim, "dtype": dtype, "shard_size": size}
     if progress_file.is_file() and npy.is_file() and ids_file.is_file():
         old = json.loads(progress_file.read_text())
-        if ({k: old.get(k) for k in ("ids", "dim", "dtype", "shard_size")}
-                == {k: state[k] for k in ("ids", "dim", "dtype", "shard_size")} and read_ids(ids_file) == ids):
-            state["done"] = list(old.get("done", []))
-    if not state["done"]:
-        write_text_atomic(ids_file, "".join(f"{i}\n" for i in ids))
-        np.lib.format.open_memmap(npy, mode="w+", dtype=np.dtype(dtype), shape=(len(ids), dim)).flush()
-        write_json_atomic(progress_file, state)
-    out = np.lib.format.open_memmap(npy, mode="r+")
+        if ({k: old.get(k) for k in state} == state and old.get("done") == list(range(n_shards))
+                and read_ids(ids_file) == ids):
+            return (npy if rank == 0 else None), ids
+    key = sha256_bytes(json.dumps(state, sort_keys=True).encode() + "\n".join(ids).encode())[:12]
+    shard_dir = folder / f"shards-{key}"
+    shard_dir.mkdir(exist_ok=True)
+    device = int(os.environ.get("LOCAL_RANK", rank)) if world_size > 1 else None
     try:
-        for shard, start in enumerate(range(0, len(rows), int(shard_size))):
-            if shard in state["done"]:
+        for s in range(rank, n_shards, world_size):
+            if (shard_dir / _shard_name(s)).is_file():
                 continue
-            dm.use_rows(split, rows[start:start + int(shard_size)])
-            out[start:start + int(shard_size)] = embed(model, dm.dataloader(split), accelerator).astype(dtype)
-            out.flush()
-            state["done"].append(shard)
-            write_json_atomic(progress_file, state)
+            dm.use_rows(split, rows[s * size:(s + 1) * size])
+            part = embed(model, dm.dataloader(split), accelerator, device=device).astype(dtype)
+            with atomic_path(shard_dir / _shard_name(s)) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, part)
     finally:
         dm.use_rows(split, rows)
+    if rank != 0:
+        return None, ids
+    deadline = time.monotonic() + wait_s
+    while missing := [s for s in range(n_shards) if not (shard_dir / _shard_name(s)).is_file()]:
+        if time.monotonic() > deadline:
+            owners = sorted({s % world_size for s in missing})
+            raise DataError(f"{shard_dir}: {len(missing)} of {n_shards} shards (e.g. {missing[:3]}) were not written "
+                            f"by rank(s) {owners} within {wait_s:g} s; start those ranks (resume= keeps the "
+                            f"finished shards)")
+        time.sleep(poll_s)
+    with atomic_path(npy) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(len(ids), dim))
+        for s in range(n_shards):
+            out[s * size:(s + 1) * size] = np.load(shard_dir / _shard_name(s))
+        out.flush()
         del out
+    write_text_atomic(ids_file, "".join(f"{i}\n" for i in ids))
+    write_json_atomic(progress_file, {**state, "done": list(range(n_shards)), "world_size": world_size})
+    shutil.rmtree(shard_dir, ignore_errors=True)
     return npy, ids

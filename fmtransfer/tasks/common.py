@@ -190,10 +190,13 @@ class _Embedder(pl.LightningModule):
         return self.model.features(batch[0]).float()
 
 
-def embed(model: Classifier, loader, accelerator: str = "auto") -> np.ndarray:
-    """Backbone features over a loader: (n, embed_dim) float32, in loader order."""
+def embed(model: Classifier, loader, accelerator: str = "auto", device: int | None = None) -> np.ndarray:
+    """Backbone features over a loader: (n, embed_dim) float32, in loader order. ``device``: which GPU this
+    process uses when there are several (a rank's LOCAL_RANK); ignored on CPU."""
+    gpu = device is not None and accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     with quiet_lightning():
-        trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
+        trainer = pl.Trainer(accelerator=accelerator, devices=[device] if gpu else 1, logger=False,
+                             enable_checkpointing=False,
                              enable_model_summary=False, enable_progress_bar=len(loader) > 5)
         model.eval()
         batches = trainer.predict(_Embedder(model), loader)

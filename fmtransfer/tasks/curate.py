@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fmtransfer.config import build_dataclass, run_dir
 from fmtransfer.curation.curate import Curation, CurationSettings, curate_embeddings, largest_share
-from fmtransfer.curation.embed import embed_split, load_embeddings
+from fmtransfer.curation.embed import embed_split, load_embeddings, rank_and_world
 from fmtransfer.data import Preprocess, RecipeDataModule, load_recipe
 from fmtransfer.errors import ConfigError, DataError
 from fmtransfer.lineage import RunRecord, write_json_atomic, write_text_atomic
@@ -34,13 +34,12 @@ def curation_settings(cfg: DictConfig) -> CurationSettings:
     return build_dataclass(CurationSettings, values, "curation")
 
 
-def _pool_embeddings(cfg: DictConfig, record: RunRecord, out: Path, recipe) -> tuple[np.ndarray, np.ndarray, Any]:
+def _pool_embeddings(cfg: DictConfig, record: RunRecord, out: Path, recipe,
+                     world: int = 1) -> tuple[np.ndarray, np.ndarray, Any]:
     """The split's embeddings (computed, resumed or precomputed), the table rows they belong to, and the table."""
     split = cfg.curation.split
     if cfg.curation.get("embeddings"):
-        dm = RecipeDataModule(recipe, batch_size=cfg.loader.batch_size, num_workers=cfg.loader.num_workers,
-                              output_dir=out)
-        table = dm.prepare()
+        table = _datamodule(cfg, recipe, out).prepare()
         x, ids = load_embeddings(cfg.curation.embeddings)
         record.add_input(cfg.curation.embeddings, "embeddings")
         index = {str(i): r for r, i in enumerate(table.ids)}
@@ -50,6 +49,20 @@ def _pool_embeddings(cfg: DictConfig, record: RunRecord, out: Path, recipe) -> t
                             f"{recipe.name!r}, e.g. {unknown[:3]}")
         rows = np.array([index[i] for i in ids], dtype=np.int64)
         return x, rows, table
+    npy, _ = _embed(cfg, out, recipe, record, 0, world)
+    dm = _datamodule(cfg, recipe, out)
+    table = dm.prepare()
+    return np.load(npy, mmap_mode="r"), dm.rows(split), table
+
+
+def _datamodule(cfg: DictConfig, recipe, out: Path, preprocess: dict | None = None) -> RecipeDataModule:
+    return RecipeDataModule(recipe, batch_size=cfg.loader.batch_size, num_workers=cfg.loader.num_workers,
+                            preprocess=Preprocess.from_dict(preprocess) if preprocess else None, output_dir=out)
+
+
+def _embed(cfg: DictConfig, out: Path, recipe, record: RunRecord | None, rank: int = 0,
+           world: int = 1) -> tuple[Path | None, list[str]]:
+    """Embed the split with ``base`` (this rank's shards; rank 0 assembles); ``record`` is None off rank 0."""
     if not cfg.get("base"):
         raise ConfigError("pass base=<model run dir or checkpoint> (its backbone embeds the data) "
                           "or curation.embeddings=<file.npy>")
@@ -58,21 +71,23 @@ def _pool_embeddings(cfg: DictConfig, record: RunRecord, out: Path, recipe) -> t
 
     path = resolve_model_path(cfg.base)
     model, meta = load_model(path)
-    record_sources(record, path, meta)
     check_fit(recipe, meta)
-    dm = RecipeDataModule(recipe, batch_size=cfg.loader.batch_size, num_workers=cfg.loader.num_workers,
-                          preprocess=Preprocess.from_dict(meta["preprocess"]), output_dir=out)
-    table = dm.prepare()
+    dm = _datamodule(cfg, recipe, out, meta["preprocess"])
     folder = out / "embeddings"
     if cfg.get("resume"):
         folder = Path(cfg.resume).expanduser() / "embeddings"
         if not folder.is_dir():
             raise ConfigError(f"resume={cfg.resume}: no embeddings/ folder there to continue")
-        record.add_parent(Path(cfg.resume))
-    npy, _ = embed_split(model, dm, split, folder, dtype=cfg.curation.embed.dtype,
-                         shard_size=int(cfg.curation.embed.shard_size), accelerator=cfg.accelerator)
-    record.add_output(npy, "embeddings")
-    return np.load(npy, mmap_mode="r"), dm.rows(split), table
+    if record is not None:
+        record_sources(record, path, meta)
+        if cfg.get("resume"):
+            record.add_parent(Path(cfg.resume))
+    npy, ids = embed_split(model, dm, cfg.curation.split, folder, dtype=cfg.curation.embed.dtype,
+                           shard_size=int(cfg.curation.embed.shard_size), accelerator=cfg.accelerator, rank=rank,
+                           world_size=world, wait_s=float(cfg.curation.embed.get("wait_s", 86400)))
+    if record is not None:
+        record.add_output(npy, "embeddings")
+    return npy, ids
 
 
 def curate(cfg: DictConfig) -> dict[str, Any]:
@@ -82,8 +97,15 @@ def curate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.curation.embed.dtype not in ("float32", "float16"):
         raise ConfigError(f"curation.embed.dtype={cfg.curation.embed.dtype!r}: choose float32 or float16")
     recipe = load_recipe(cfg.data)
+    rank, world = rank_and_world()
+    if rank != 0:  # one of several processes (torchrun / DDP launcher): embed this rank's shards, then stop
+        if cfg.curation.get("embeddings"):
+            return {"run_dir": str(out), "rank": rank, "embedded": False}
+        _embed(cfg, out, recipe, None, rank, world)
+        log.info(f"rank {rank} of {world}: shards written; rank 0 assembles them and curates")
+        return {"run_dir": str(out), "rank": rank, "embedded": True}
     with RunRecord("curate", out, cfg) as record:
-        x, rows, table = _pool_embeddings(cfg, record, out, recipe)
+        x, rows, table = _pool_embeddings(cfg, record, out, recipe, world)
         record.set_data(recipe.name, recipe.to_dict(), table.fingerprint)
         strata = None
         if settings.stratify_by == "label":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from fmtransfer.errors import ConfigError, DataError
 from fmtransfer.lineage import load_record, verify_record
 from fmtransfer.tasks.curate import curate
 from fmtransfer.tasks.pretrain import pretrain
-from tests.conftest import make_cfg
+from tests.conftest import ROOT, cli_env, make_cfg
 
 SMALL = ["data.limit=300", "curation.levels=[12,4]", "curation.resampling_steps=2", "curation.target_size=0.3"]
 
@@ -67,6 +69,47 @@ def test_embeddings_resume_and_float16(base, tmp_path, monkeypatch):
     again = curate(make_cfg("curate", [f"base={base}", *SMALL, "curation.embed.shard_size=64",
                                        "curation.embed.dtype=float16", f"resume={tmp_path / 'a'}"], tmp_path / "b"))
     assert _manifest(again["manifest"]) == _manifest(first["manifest"])
+
+
+def test_ranks_embed_their_own_shards_and_rank_0_assembles(base, tmp_path, monkeypatch):
+    args = [f"base={base}", *SMALL, "curation.embed.shard_size=64"]  # 240 rows: shards 0-3
+    single = curate(make_cfg("curate", args, tmp_path / "one"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert curate(make_cfg("curate", args, tmp_path / "two")) == {"run_dir": str(tmp_path / "two"), "rank": 1,
+                                                                 "embedded": True}
+    (shard_dir,) = (tmp_path / "two" / "embeddings").glob("shards-*")
+    assert sorted(p.name for p in shard_dir.iterdir()) == ["shard_00001.npy", "shard_00003.npy"]
+    assert not (tmp_path / "two" / "curated.csv").exists() and not (tmp_path / "two" / "run.json").exists()
+    monkeypatch.setenv("RANK", "0")
+    two = curate(make_cfg("curate", args, tmp_path / "two"))
+    assert not shard_dir.exists()  # assembled into embeddings.npy, then removed
+    a, b = (np.load(tmp_path / d / "embeddings" / "embeddings.npy") for d in ("one", "two"))
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert _manifest(two["manifest"]) == _manifest(single["manifest"])
+
+
+def test_rank_0_names_the_shards_it_waited_for(base, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(DataError, match=r"2 of 4 shards .* by rank\(s\) \[1, 2\] within 0.2 s"):
+        curate(make_cfg("curate", [f"base={base}", *SMALL, "curation.embed.shard_size=64",
+                                   "curation.embed.wait_s=0.2"], tmp_path / "a"))
+    monkeypatch.setenv("RANK", "3")
+    with pytest.raises(ConfigError, match="RANK=3 with WORLD_SIZE=3"):
+        curate(make_cfg("curate", [f"base={base}", *SMALL], tmp_path / "b"))
+
+
+def test_torchrun_processes_share_the_embedding(base, tmp_path):
+    """Two real processes started by torchrun: each embeds its own shards, rank 0 curates."""
+    out = tmp_path / "tr"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "fmtransfer",
+                           "curate", f"base={base}", *SMALL, "curation.embed.shard_size=64", f"run_dir={out}",
+                           f"hydra.run.dir={out}"], capture_output=True, text=True, env=cli_env(), cwd=ROOT,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(_manifest(out / "curated.csv")) == 72
+    assert json.loads((out / "embeddings" / "embeddings.shards.json").read_text())["world_size"] == 2
 
 
 def test_precomputed_embeddings_and_their_errors(base, tmp_path):
