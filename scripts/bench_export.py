@@ -51,22 +51,27 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--modes", nargs="+", default=["static", "dynamic"])
-    p.add_argument("--models", nargs="+", default=list(MODELS))
+    p.add_argument("--models", nargs="*", default=list(MODELS))
     p.add_argument("--seeds", type=int, default=3, help="calibration samples per variant (accuracy per seed)")
     p.add_argument("--no-ablation", action="store_true", help="skip static INT8 with every layer quantized")
+    p.add_argument("--adapter-file", action="append", default=[], metavar="LABEL=PATH",
+                   help="also export this adapter (e.g. the one `make demo` wrote: "
+                        "'demo lora=outputs/<run>/adapt/1_lora_n100/adapter.safetensors'); repeatable")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench" / "export")
     args = p.parse_args()
 
     results = []
-    for label in args.models:
-        adapter = region_adapter(*MODELS[label])
+    extra = dict(item.split("=", 1) for item in args.adapter_file)
+    for label in [*args.models, *extra]:
+        adapter = Path(extra[label]) if label in extra else region_adapter(*MODELS[label])
+        short = label.replace(" ", "_").replace("+", "") if label in extra else MODELS[label][2]
         variants = [(mode, []) for mode in args.modes]
         if "static" in args.modes and not args.no_ablation:  # the same export quantizing every layer
             variants.append(("static, keep_fp32=[]", ["export.keep_fp32.static=[]"]))
         for mode, extra in variants:
             seeds = []
             for seed in range(args.seeds):  # the calibration sample's seed; latency is timed on seed 0 only
-                tag = f"{MODELS[label][2]}_{mode.replace(', keep_fp32=[]', '_all_int8')}_s{seed}"
+                tag = f"{short}_{mode.replace(', keep_fp32=[]', '_all_int8')}_s{seed}"
                 cfg = compose_stage("export", [f"adapter_file={adapter}", "data=uci_digits_region", f"seed={seed}",
                                                f"export.quantize={mode.split(',')[0]}", *extra,
                                                f"export.latency.repeats={args.repeats if seed == 0 else 3}",
