@@ -49,10 +49,8 @@ def _pool_embeddings(cfg: DictConfig, record: RunRecord, out: Path, recipe,
                             f"{recipe.name!r}, e.g. {unknown[:3]}")
         rows = np.array([index[i] for i in ids], dtype=np.int64)
         return x, rows, table
-    npy, _ = _embed(cfg, out, recipe, record, 0, world)
-    dm = _datamodule(cfg, recipe, out)
-    table = dm.prepare()
-    return np.load(npy, mmap_mode="r"), dm.rows(split), table
+    npy, dm = _embed(cfg, out, recipe, record, 0, world)
+    return np.load(npy, mmap_mode="r"), dm.rows(split), dm.prepare()  # the table embed_split already read
 
 
 def _datamodule(cfg: DictConfig, recipe, out: Path, preprocess: dict | None = None) -> RecipeDataModule:
@@ -61,8 +59,9 @@ def _datamodule(cfg: DictConfig, recipe, out: Path, preprocess: dict | None = No
 
 
 def _embed(cfg: DictConfig, out: Path, recipe, record: RunRecord | None, rank: int = 0,
-           world: int = 1) -> tuple[Path | None, list[str]]:
-    """Embed the split with ``base`` (this rank's shards; rank 0 assembles); ``record`` is None off rank 0."""
+           world: int = 1) -> tuple[Path | None, RecipeDataModule]:
+    """Embed the split with ``base`` (this rank's shards; rank 0 assembles); ``record`` is None off rank 0.
+    Returns the .npy (None off rank 0) and the datamodule whose table the embedding read."""
     if not cfg.get("base"):
         raise ConfigError("pass base=<model run dir or checkpoint> (its backbone embeds the data) "
                           "or curation.embeddings=<file.npy>")
@@ -82,12 +81,12 @@ def _embed(cfg: DictConfig, out: Path, recipe, record: RunRecord | None, rank: i
         record_sources(record, path, meta)
         if cfg.get("resume"):
             record.add_parent(Path(cfg.resume))
-    npy, ids = embed_split(model, dm, cfg.curation.split, folder, dtype=cfg.curation.embed.dtype,
-                           shard_size=int(cfg.curation.embed.shard_size), accelerator=cfg.accelerator, rank=rank,
-                           world_size=world, wait_s=float(cfg.curation.embed.get("wait_s", 86400)))
+    npy, _ = embed_split(model, dm, cfg.curation.split, folder, dtype=cfg.curation.embed.dtype,
+                         shard_size=int(cfg.curation.embed.shard_size), accelerator=cfg.accelerator, rank=rank,
+                         world_size=world, wait_s=float(cfg.curation.embed.get("wait_s", 86400)))
     if record is not None:
         record.add_output(npy, "embeddings")
-    return npy, ids
+    return npy, dm
 
 
 def curate(cfg: DictConfig) -> dict[str, Any]:
