@@ -8,7 +8,8 @@ quality: pretrain a ResNet-18 on the full global set (mnist_global), on a curate
     global test accuracy and the region's (uci_digits_region) zero-shot and LoRA-adapted (100 labels) accuracy.
     Curation embeds with the full-data model, as `fmtransfer pipeline` does.
 skew: duplicate one class of the global train split 20x with small noise, curate, and compare the class shares
-    of the pool and the curated subset (and what dedup removed).
+    of the pool and the curated subset (and what dedup removed), over 5 curation seeds, with the default levels
+    and with the earlier default [100, 20, 5].
 speed: a Gaussian mixture of --n x --dim float32 embeddings with very uneven cluster sizes, as a .npy on disk;
     the whole curation (curate_embeddings: hierarchical k-means [1000, 100, 10] with k-means++ seeding and 10
     resampling steps, near-duplicate removal inside the finest clusters, balanced sampling to 20%), the same
@@ -20,7 +21,9 @@ Writes bench_curate.json and bench_curate.md under --out.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -42,11 +45,48 @@ def _stage(name: str, overrides: list[str]):
     return getattr(module, name)(compose_stage(name, overrides))
 
 
+CURATION_CODE = ("fmtransfer/curation", "fmtransfer/tasks/curate.py", "configs/curation")
+
+
+def _digest(path: Path) -> str:
+    files = sorted(f for f in path.rglob("*") if f.is_file() and "__pycache__" not in f.parts) if path.is_dir() \
+        else [path]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(ROOT) if f.is_relative_to(ROOT) else f).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _key(name: str, overrides: list[str]) -> dict | None:
+    """What a cached run depends on beyond its folder: the curation code (curate runs), the content of files
+    named in the overrides (a curated manifest) and the keys of run folders named there. None: nothing of that."""
+    deps = {}
+    if name == "curate":
+        deps["code"] = "".join(_digest(ROOT / c) for c in CURATION_CODE)
+    for o in overrides:
+        value = Path(o.split("=", 1)[-1])
+        if value.is_file():
+            deps[o] = _digest(value)
+        elif (value / "bench_key.json").is_file():
+            deps[o] = (value / "bench_key.json").read_text()
+    return {"stage": name, "overrides": overrides, "deps": deps} if deps else None
+
+
 def _run(name: str, folder: Path, overrides: list[str]) -> dict:
-    """A stage run kept on disk: an interrupted benchmark resumes without redoing finished runs."""
-    if (folder / "metrics.json").is_file():
+    """A stage run kept on disk: an interrupted benchmark resumes without redoing finished runs. A run that
+    depends on the curation code or on a curated manifest is redone when either changed (bench_key.json)."""
+    key = _key(name, overrides)
+    key_file = folder / "bench_key.json"
+    fresh = key is None or (key_file.is_file() and json.loads(key_file.read_text()) == key)
+    if (folder / "metrics.json").is_file() and fresh:
         return json.loads((folder / "metrics.json").read_text())
+    if (folder / "metrics.json").is_file():
+        print(f"{folder}: the curation code or its inputs changed since this run; running it again", flush=True)
+        shutil.rmtree(folder)
     _stage(name, [*overrides, f"run_dir={folder}"])
+    if key is not None:
+        key_file.write_text(json.dumps(key, indent=1) + "\n")
     return json.loads((folder / "metrics.json").read_text())
 
 
@@ -99,8 +139,10 @@ def quality(out: Path, fraction: float, seed: int = 0) -> dict:
                                                           "largest_10pct_clusters_share")}}
 
 
-def skew(out: Path, fraction: float, copies: int = 20, skewed_class: str = "3") -> dict:
-    """mnist_global with one class of the train split copied ``copies`` times (+ small noise), as an npz."""
+def skew(out: Path, fraction: float, seeds: list[int], ablation_levels: tuple[list[int], ...] = ([100, 20, 5],),
+         copies: int = 20, skewed_class: str = "3") -> dict:
+    """mnist_global with one class of the train split copied ``copies`` times (+ small noise), as an npz, curated
+    with every seed in ``seeds`` (the default levels, and each of ``ablation_levels``)."""
     from fmtransfer.config import compose_stage
     from fmtransfer.data import RecipeDataModule, load_recipe
 
@@ -126,14 +168,30 @@ def skew(out: Path, fraction: float, copies: int = 20, skewed_class: str = "3") 
                  splits=np.array(splits + ["train"] * len(dup_ids)))
     data = ["data=npz", f"data.source.path={npz}", "data.channels=1", "data.image_size=[28,28]",
             "data.mean=[0.1307]", "data.std=[0.3081]", "data.name=mnist_skewed"]
-    m = _run("curate", folder / "curate", [f"base={ADAPT_BASE}", *data, f"curation.target_size={fraction}"])
-    pool = {c: v["pool"] for c, v in m["per_class"].items()}
-    cur = {c: v["curated"] for c, v in m["per_class"].items()}
-    share = {"pool": pool[skewed_class] / sum(pool.values()), "curated": cur[skewed_class] / sum(cur.values()),
-             "natural": 0.1}
-    print("skew", share, "duplicates removed", m["duplicates_removed"], flush=True)
-    return {"class": skewed_class, "copies": copies, "share": share, "per_class": m["per_class"],
-            "duplicates_removed": m["duplicates_removed"], "pool": m["pool"], "selected": m["selected"]}
+    first = folder / "curate"
+    embeddings = first / "embeddings" / "embeddings.npy"
+    out = {"class": skewed_class, "copies": copies, "seeds": list(seeds), "settings": {}}
+    for levels in (None, *ablation_levels):
+        label = "default" if levels is None else "levels=" + ",".join(map(str, levels))
+        runs = []
+        for seed in seeds:
+            name = "curate" if (seed, levels) == (seeds[0], None) else f"curate_{label.replace('=', '_')}_s{seed}"
+            extra = [] if name == "curate" else [f"curation.embeddings={embeddings}"]
+            extra += [] if levels is None else [f"curation.levels=[{','.join(map(str, levels))}]"]
+            m = _run("curate", folder / name, [f"base={ADAPT_BASE}", *data, f"curation.target_size={fraction}",
+                                               f"seed={seed}", *extra])
+            pool = {c: v["pool"] for c, v in m["per_class"].items()}
+            cur = {c: v["curated"] for c, v in m["per_class"].items()}
+            runs.append({"seed": seed, "levels": m["levels"], "pool_share": pool[skewed_class] / sum(pool.values()),
+                         "curated_share": cur[skewed_class] / sum(cur.values()), "per_class": m["per_class"],
+                         "duplicates_removed": m["duplicates_removed"], "pool": m["pool"], "selected": m["selected"]})
+            print("skew", label, f"seed {seed}", f"{runs[-1]['pool_share']:.3f} -> {runs[-1]['curated_share']:.3f}",
+                  "duplicates removed", m["duplicates_removed"], flush=True)
+        shares = [r["curated_share"] for r in runs]
+        out["settings"][label] = {"levels": runs[0]["levels"], "runs": runs, "pool_share": runs[0]["pool_share"],
+                                  "curated_share_mean": float(np.mean(shares)), "curated_share_min": min(shares),
+                                  "curated_share_max": max(shares)}
+    return out
 
 
 def make_mixture(path: Path, n: int, dim: int, components: int = 300, seed: int = 0) -> None:
@@ -217,6 +275,7 @@ def main() -> None:
     p.add_argument("--parts", nargs="+", default=["quality", "skew", "speed"])
     p.add_argument("--fraction", type=float, default=0.2)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="quality: one full comparison per seed")
+    p.add_argument("--skew-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="skew: curation seeds")
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--speed-parts", nargs="+", default=list(CHILD))
@@ -233,7 +292,7 @@ def main() -> None:
                for k in ("global_test", "region_zero_shot", "region_lora_100")}
             for label in runs[0]["rows"]}}
     if "skew" in args.parts:
-        results["skew"] = skew(args.out, args.fraction)
+        results["skew"] = skew(args.out, args.fraction, args.skew_seeds)
     if "speed" in args.parts:
         results["speed"] = speed(args.out, args.n, args.dim, args.speed_parts)
     json_path.write_text(json.dumps(results, indent=2) + "\n")
@@ -252,9 +311,15 @@ def main() -> None:
         lines.append("")
     if "skew" in results:
         s = results["skew"]
-        lines += [f"Skew test: class {s['class']} copied {s['copies']}x in the train split: its share is "
-                  f"{s['share']['pool']:.1%} of the pool ({s['pool']} images) and {s['share']['curated']:.1%} of "
-                  f"the curated {s['selected']} (natural share ~10%); dedup removed {s['duplicates_removed']}.", ""]
+        first = next(iter(s["settings"].values()))
+        lines += [f"Skew test: class {s['class']} copied {s['copies']}x (+ noise) in the train split holds "
+                  f"{first['pool_share']:.1%} of the pool ({first['runs'][0]['pool']} images; natural share ~10%). "
+                  f"Its share of the curated {first['runs'][0]['selected']}, over curation seeds {s['seeds']}:", "",
+                  "| curation | levels | class share, mean | min | max | duplicates removed |", "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| {label} | {v['levels']} | {v['curated_share_mean']:.1%} | {v['curated_share_min']:.1%} | "
+                  f"{v['curated_share_max']:.1%} | {v['runs'][0]['duplicates_removed']} |"
+                  for label, v in s["settings"].items()]
+        lines.append("")
     if "speed" in results:
         s = results["speed"]
         lines += [f"Speed: {s['n']:,} x {s['dim']} float32 embeddings ({s['file_mb']:.0f} MiB .npy):", "",

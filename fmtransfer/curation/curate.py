@@ -34,7 +34,7 @@ class CurationSettings:
     """
 
     target_size: float = 0.2
-    levels: list[int] = field(default_factory=lambda: [100, 20, 5])
+    levels: list[int] = field(default_factory=lambda: [100, 10])
     resampling_steps: int = 10
     resample: Literal["closest", "random"] = "closest"
     resample_per_cluster: int | None = None
