@@ -28,11 +28,13 @@ def sidecar_path(model_path: str | Path) -> Path:
     return path.with_name(path.name + SIDECAR_SUFFIX)
 
 
-def session_options(threads: int | None = None):
+def session_options(threads: int | None = None, optimize: bool = True):
+    """``optimize=False`` runs the graph as written (a QDQ model is then simulated in fp32, node by node)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     if threads:
         opts.intra_op_num_threads = int(threads)
     return opts

@@ -166,6 +166,9 @@ def validate_export(settings: DictConfig) -> tuple[Quantize, GateSettings]:
             isinstance(v, str) or not all(isinstance(k, str) for k in v or []) for v in keep.values()):
         raise ConfigError(f"export.keep_fp32={keep!r}: expected lists of node names or first/last per INT8 mode, "
                           f"e.g. export.keep_fp32.static=[first,last] export.keep_fp32.dynamic=[]")
+    if not isinstance(settings.calibration.get("bias_correction", False), bool):
+        raise ConfigError(f"export.calibration.bias_correction={settings.calibration.bias_correction!r}: "
+                          f"expected true or false")
     if int(settings.parity_samples) < 1 or int(settings.latency.repeats) < 1:
         raise ConfigError("export.parity_samples and export.latency.repeats must be >= 1")
     return mode, gates
@@ -203,6 +206,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             reference = model(torch.from_numpy(parity_x)).float().numpy()
         gates = [parity_gate(reference, sessions["onnx_fp32"].run(parity_x), settings)]
         kept: list[str] = []
+        bias_corrected = mode is Quantize.STATIC and bool(cfg.export.calibration.get("bias_correction", False))
         if mode is not Quantize.NONE:
             calibration = None
             kept = fp32_nodes(files["fp32"], list((cfg.export.get("keep_fp32") or {}).get(mode.value) or []))
@@ -212,7 +216,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             files["int8"] = quantize_model(files["fp32"], staging / INT8_FILE, mode, input_name=INPUT_NAME,
                                            calibration=calibration, per_channel=bool(cfg.export.per_channel),
                                            method=cfg.export.calibration.get("method", "minmax"),
-                                           keep_fp32=kept)
+                                           keep_fp32=kept, bias_correction=bias_corrected)
             sessions["onnx_int8"] = _session(files["int8"])
 
         outputs, targets = _outputs(model, sessions, dm, gate_split)
@@ -238,6 +242,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
                          "quantize": mode.value if precision == "int8" else "none"}
             if precision == "int8":
                 onnx_meta["fp32_nodes"] = kept
+                onnx_meta["bias_correction"] = bias_corrected
             embed_metadata(path, onnx_meta)
             write_json_atomic(sidecar_path(path), {**onnx_meta, "file": path.name, "bytes": path.stat().st_size,
                                                    "onnx_sha256": sha256_file(path)})
@@ -258,7 +263,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         final = released.get("int8", released["fp32"])
         metrics = {"stage": "export", "task": task, "recipe": recipe.name, "split": gate_split,
                    "n_test": int(len(targets)), "quantize": mode.value, "exporter": cfg.export.exporter,
-                   "fp32_nodes": kept,
+                   "fp32_nodes": kept, "bias_correction": bias_corrected,
+                   "calibration_method": cfg.export.calibration.get("method", "minmax")
+                   if mode is Quantize.STATIC else None,
                    "passed": passed, "gates": gates, "variants": rows, "sizes_bytes": sizes,
                    "int8_to_fp32_size": sizes["int8"] / sizes["fp32"] if "int8" in sizes else None,
                    "int8_fp32_agreement": agreement(outputs["onnx_fp32"], outputs["onnx_int8"])
@@ -305,7 +312,9 @@ def _report(m: dict[str, Any], settings: GateSettings) -> str:
     lines = [f"# fmtransfer export: {'released' if m['passed'] else 'REJECTED'}", "",
              f"Scored on `{m['recipe']}` / {m['split']} ({m['n_test']} images); INT8 mode `{m['quantize']}`, "
              f"exporter `{m['exporter']}`" + (f"; kept in fp32: {', '.join(f'`{n}`' for n in m['fp32_nodes'])}"
-                                              if m.get("fp32_nodes") else "") + ".", "",
+                                              if m.get("fp32_nodes") else "")
+             + (f"; calibration `{m['calibration_method']}`" if m.get("calibration_method") else "")
+             + ("; bias-corrected" if m.get("bias_correction") else "") + ".", "",
              f"| variant | file | size (MB) | batch-1 latency (ms) | batch-32 latency (ms) | {metric} |",
              "|---|---|---:|---:|---:|---:|"]
     for r in m["variants"]:

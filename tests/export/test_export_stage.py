@@ -54,6 +54,8 @@ def test_export_writes_gated_onnx_with_metadata(exported, adapter):
     # export.keep_fp32.static=[first,last]: the ResNet stem and the classifier stay fp32, and say so
     assert len(m["fp32_nodes"]) == 2 and m["fp32_nodes"][0].startswith("/backbone/conv1") and m["fp32_nodes"][1] == "/head/Gemm"
     assert OnnxModel.load(f"{out}/model.int8.onnx").meta["fp32_nodes"] == m["fp32_nodes"]
+    assert m["bias_correction"] is True and m["calibration_method"] == "percentile"
+    assert OnnxModel.load(f"{out}/model.int8.onnx").meta["bias_correction"] is True
 
     header, _ = read_adapter(adapter)
     for name in ("model.onnx", "model.int8.onnx"):

@@ -9,7 +9,7 @@ import torch
 
 from fmtransfer.errors import ConfigError
 from fmtransfer.export.onnx_export import INPUT_NAME, export_onnx
-from fmtransfer.export.quantize import Quantize, fp32_nodes, quantize_model
+from fmtransfer.export.quantize import Quantize, correct_bias, fp32_nodes, quantize_model
 from fmtransfer.export.runtime import create_session
 
 
@@ -66,6 +66,36 @@ def test_histogram_calibration_takes_a_size_that_is_not_a_multiple_of_the_batch(
     assert logits.shape == (4, 5) and np.isfinite(logits).all()
 
 
+def _int32_biases(path):
+    return {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer
+            if i.data_type == onnx.TensorProto.INT32 and i.name.endswith("bias_quantized")}
+
+
+def test_bias_correction_cancels_the_int8_mean_shift_of_every_quantized_layer(cnn, tmp_path):
+    cal = np.random.default_rng(2).normal(size=(48, 1, 16, 16)).astype(np.float32)
+    plain = quantize_model(cnn, tmp_path / "plain.onnx", Quantize.STATIC, input_name=INPUT_NAME, calibration=cal)
+    corrected = quantize_model(cnn, tmp_path / "bc.onnx", Quantize.STATIC, input_name=INPUT_NAME, calibration=cal,
+                               bias_correction=True)
+    before, after = _int32_biases(plain), _int32_biases(corrected)
+    assert before.keys() == after.keys() and len(before) == 3  # both convs and the classifier: all quantized
+    assert all(after[k].dtype == np.int32 for k in after) and any((before[k] != after[k]).any() for k in before)
+    # measuring again on the corrected model: what is left of each layer's shift is bias rounding, not error
+    shifts = correct_bias(cnn, plain, cal, input_name=INPUT_NAME)
+    residual = correct_bias(cnn, corrected, cal, input_name=INPUT_NAME)
+    assert list(shifts) == list(residual) == sorted(_quantized_inputs(plain), key=list(shifts).index)
+    assert all(shifts[k] > 0 for k in shifts)
+    # (a shift below the int32 bias step, like the first conv's here, can only be rounded)
+    assert all(residual[k] <= shifts[k] for k in shifts), (shifts, residual)
+    assert sum(residual.values()) < 0.05 * sum(shifts.values()), (shifts, residual)
+
+
+def test_bias_correction_leaves_fp32_nodes_alone(cnn, tmp_path):
+    cal = np.random.default_rng(3).normal(size=(32, 1, 16, 16)).astype(np.float32)
+    out = quantize_model(cnn, tmp_path / "int8.onnx", Quantize.STATIC, input_name=INPUT_NAME, calibration=cal,
+                         keep_fp32=("first", "last"))
+    assert list(correct_bias(cnn, out, cal, input_name=INPUT_NAME)) == [_weighted(cnn)[1].name]
+
+
 def test_keep_fp32_must_be_lists_per_mode(tmp_path):
     from fmtransfer.tasks.export import validate_export
     from tests.conftest import make_cfg
@@ -75,3 +105,5 @@ def test_keep_fp32_must_be_lists_per_mode(tmp_path):
         validate_export(make_cfg("export", ["export.keep_fp32.static=first"], tmp_path).export)
     with pytest.raises(ConfigError, match="export.keep_fp32=.*per INT8 mode"):
         validate_export(make_cfg("export", ["+export.keep_fp32.qat=[first]"], tmp_path).export)
+    with pytest.raises(ConfigError, match="export.calibration.bias_correction='yes'"):
+        validate_export(make_cfg("export", ["export.calibration.bias_correction=yes"], tmp_path).export)
