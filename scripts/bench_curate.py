@@ -175,7 +175,7 @@ def skew(out: Path, fraction: float, seeds: list[int], ablation_levels: tuple[li
         label = "default" if levels is None else "levels=" + ",".join(map(str, levels))
         runs = []
         for seed in seeds:
-            name = "curate" if (seed, levels) == (seeds[0], None) else f"curate_{label.replace('=', '_')}_s{seed}"
+            name = "curate" if (seed, levels) == (seeds[0], None) else f"curate_{label.replace('=', '_').replace(',', '-')}_s{seed}"
             extra = [] if name == "curate" else [f"curation.embeddings={embeddings}"]
             extra += [] if levels is None else [f"curation.levels=[{','.join(map(str, levels))}]"]
             m = _run("curate", folder / name, [f"base={ADAPT_BASE}", *data, f"curation.target_size={fraction}",

@@ -8,9 +8,10 @@ a ViT-Tiny region model (its base + a VPT adapter from 100 labels), taken from s
 outputs when they exist, trained here otherwise. Each goes through the `export` stage once per INT8 mode
 (static QDQ and dynamic); latency is the median of --repeats timed calls per variant and batch size, measured
 in the same process, so the ratios compare like with like. Accuracy is on the region's test split (539 images),
-for --seeds calibration samples (one image is 0.19 points, so a single sample's drop is noisy); static INT8 is
-also run with every layer quantized (export.keep_fp32.static=[]) to show what keeping the stem and the
-classifier in fp32 buys.
+for --seeds calibration samples (one image is 0.19 points, so a single sample's drop is noisy). Static INT8 is
+also run with every layer quantized (export.keep_fp32.static=[]) and without bias correction
+(export.calibration.bias_correction=false), to show what keeping the stem and the classifier in fp32, and
+correcting the biases, each buy (--ablations).
 Writes bench_export.json and bench_export.md under --out.
 """
 
@@ -35,6 +36,11 @@ MODELS = {"resnet18 + lora": ("resnet18", "experiment=demo", "lora"),
           "vit_tiny + vpt": ("vit_tiny", "experiment=vit_from_scratch", "vpt")}
 
 
+# static INT8 ablations: what keeping the stem and classifier in fp32, and bias correction, each buy
+ABLATIONS = {"all_int8": ("static, keep_fp32=[]", ["export.keep_fp32.static=[]"]),
+             "no_bias_correction": ("static, no bias correction", ["export.calibration.bias_correction=false"])}
+
+
 def region_adapter(base_name: str, recipe: str, method: str) -> Path:
     """bench_adapt's n=100 seed-0 adapter (trained here when missing)."""
     base = ADAPT_OUT / "bases" / base_name
@@ -53,7 +59,8 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["static", "dynamic"])
     p.add_argument("--models", nargs="*", default=list(MODELS))
     p.add_argument("--seeds", type=int, default=3, help="calibration samples per variant (accuracy per seed)")
-    p.add_argument("--no-ablation", action="store_true", help="skip static INT8 with every layer quantized")
+    p.add_argument("--ablations", nargs="*", default=list(ABLATIONS), choices=list(ABLATIONS),
+                   help="static INT8 variants beside the default export (none: --ablations)")
     p.add_argument("--adapter-file", action="append", default=[], metavar="LABEL=PATH",
                    help="also export this adapter (e.g. the one `make demo` wrote: "
                         "'demo lora=outputs/<run>/adapt/1_lora_n100/adapter.safetensors'); repeatable")
@@ -61,17 +68,17 @@ def main() -> None:
     args = p.parse_args()
 
     results = []
-    extra = dict(item.split("=", 1) for item in args.adapter_file)
-    for label in [*args.models, *extra]:
-        adapter = Path(extra[label]) if label in extra else region_adapter(*MODELS[label])
-        short = label.replace(" ", "_").replace("+", "") if label in extra else MODELS[label][2]
-        variants = [(mode, []) for mode in args.modes]
-        if "static" in args.modes and not args.no_ablation:  # the same export quantizing every layer
-            variants.append(("static, keep_fp32=[]", ["export.keep_fp32.static=[]"]))
-        for mode, extra in variants:
+    adapter_files = dict(item.split("=", 1) for item in args.adapter_file)
+    for label in [*args.models, *adapter_files]:
+        adapter = Path(adapter_files[label]) if label in adapter_files else region_adapter(*MODELS[label])
+        short = label.replace(" ", "_").replace("+", "") if label in adapter_files else MODELS[label][2]
+        variants = [(mode, [], mode) for mode in args.modes]
+        if "static" in args.modes:
+            variants += [(*ABLATIONS[a], f"static_{a}") for a in args.ablations]
+        for mode, extra, name in variants:
             seeds = []
             for seed in range(args.seeds):  # the calibration sample's seed; latency is timed on seed 0 only
-                tag = f"{short}_{mode.replace(', keep_fp32=[]', '_all_int8')}_s{seed}"
+                tag = f"{short}_{name}_s{seed}"
                 cfg = compose_stage("export", [f"adapter_file={adapter}", "data=uci_digits_region", f"seed={seed}",
                                                f"export.quantize={mode.split(',')[0]}", *extra,
                                                f"export.latency.repeats={args.repeats if seed == 0 else 3}",
@@ -97,7 +104,8 @@ def main() -> None:
                             "agreement": m["int8_fp32_agreement"],
                             "agreement_per_seed": [s_["int8_fp32_agreement"] for s_ in seeds],
                             "passed_per_seed": [s_["passed"] for s_ in seeds],
-                            "fp32_nodes": m.get("fp32_nodes", []), "gates": m["gates"]})
+                            "fp32_nodes": m.get("fp32_nodes", []), "calibration_method": m.get("calibration_method"),
+                            "bias_correction": m.get("bias_correction"), "gates": m["gates"]})
 
     lines = ["| model | INT8 mode | variant | size (MB) | batch 1 (ms) | batch 32 (ms) | accuracy |",
              "|---|---|---|---:|---:|---:|---:|"]
@@ -110,7 +118,9 @@ def main() -> None:
               "INT8 b32 / PyTorch b32 | accuracy drop, seed 0 (target <= 0.005) | drop, median / max over seeds | "
               "top-1 agreement (min over seeds) | gates passed |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
-        lines.append(f"| {r['model']} | {r['mode']} | {r['int8_to_fp32_size']:.3f} | {r['int8_b1_vs_torch']:.3f} | "
+        how = (f" ({r['calibration_method']}{', bias-corrected' if r['bias_correction'] else ''})"
+               if r.get("calibration_method") else "")
+        lines.append(f"| {r['model']} | {r['mode']}{how} | {r['int8_to_fp32_size']:.3f} | {r['int8_b1_vs_torch']:.3f} | "
                      f"{r['int8_b32_vs_torch']:.3f} | {r['accuracy_drop']:+.4f} | "
                      f"{r['accuracy_drop_median']:+.4f} / {r['accuracy_drop_max']:+.4f} | "
                      f"{min(r['agreement_per_seed']):.4f} | {sum(r['passed_per_seed'])}/{len(r['passed_per_seed'])} |")
