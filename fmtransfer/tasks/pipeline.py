@@ -70,6 +70,9 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
     if too_big:
         raise ConfigError(f"sweep.sizes / calibration.size {too_big} exceed the train split of region "
                           f"{region.name!r} ({pool} samples)")
+    if cfg.get("pretrain_curated_steps", "equal") not in ("equal", "epochs"):
+        raise ConfigError(f"pretrain_curated_steps={cfg.pretrain_curated_steps!r}: choose equal (as many "
+                          f"optimisation steps as the full pretraining) or epochs (as many epochs)")
     adapt_configs = _adapt_configs(cfg, out / "adapt")
     if cfg.export_region_model:
         validate_export(cfg.export)
@@ -99,8 +102,11 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
                 "curation": OmegaConf.to_container(cfg.curation, resolve=True)}))
             record.add_parent(curated["run_dir"])
             if cfg.pretrain_curated:
-                curated_pre = pretrain(_sub_config(cfg, out / "pretrain_curated", stage="pretrain",
-                                                   **{"data.subset": curated["manifest"]}))
+                extra = {"data.subset": curated["manifest"]}
+                if cfg.get("pretrain_curated_steps", "equal") == "equal":  # as many optimisation steps as `pre`
+                    per_epoch = max(1, int(curated["metrics"]["selected"]) // int(cfg.loader.batch_size))
+                    extra["trainer.max_epochs"] = max(1, round(int(pre["metrics"]["global_step"]) / per_epoch))
+                curated_pre = pretrain(_sub_config(cfg, out / "pretrain_curated", stage="pretrain", **extra))
                 record.add_parent(curated_pre["run_dir"])
 
         adapted = {}

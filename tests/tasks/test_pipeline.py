@@ -33,6 +33,9 @@ def test_pipeline_report(cfg_factory, tmp_path):
     assert "## Data curation" in report and "curated 20% of the train split" in report
     assert stages[2:4] == ["curate", "pretrain"] and result["steps"]["pretrain_curated"]["metrics"]["data"]["splits"][
         "train"] == result["steps"]["curate"]["metrics"]["selected"]
+    # pretrain_curated_steps=equal: the curated subset trains for as many optimisation steps as the full data
+    full_steps = result["steps"]["pretrain"]["metrics"]["global_step"]
+    assert result["steps"]["pretrain_curated"]["metrics"]["global_step"] == full_steps > 1
     assert result["steps"]["export"]["model"] == str(out / "export" / "model.int8.onnx")
     assert load_record(out / "zero_shot")["parents"][0]["stage"] == "pretrain"
     assert result["steps"]["zero_shot"]["metrics"]["overall"]["n"] == 60
