@@ -94,6 +94,7 @@ def quality(out: Path, fraction: float, seed: int = 0) -> dict:
     """One seed of the quality comparison (seed 0 reuses bench_adapt's full-data base and the configs' seed)."""
     from fmtransfer.config import compose_stage
     from fmtransfer.data import RecipeDataModule, load_recipe
+    from fmtransfer.tasks.pretrain import epochs_for_steps
 
     q = out / ("quality" if seed == 0 else f"quality_s{seed}")
     seeded = [] if seed == 0 else [f"seed={seed}"]
@@ -115,8 +116,7 @@ def quality(out: Path, fraction: float, seed: int = 0) -> dict:
     random_manifest.write_text("id\n" + "".join(f"{i}\n" for i in random_ids))
     batch = compose_stage("pretrain", ["experiment=demo", "run_dir=/tmp/x"]).loader.batch_size
     full_steps = full["global_step"]
-    steps_per_epoch = cur["selected"] // batch
-    epochs = max(1, round(full_steps / steps_per_epoch))
+    epochs = epochs_for_steps(full_steps, cur["selected"], batch)
     rows = {}
     for label, folder, extra in (("full", full_dir, []),
                                  (f"curated {fraction:.0%}", q / "pretrain_curated",

@@ -103,6 +103,7 @@ def main() -> None:
                             "accuracy_drop_median": statistics.median(drops), "accuracy_drop_max": max(drops),
                             "agreement": m["int8_fp32_agreement"],
                             "agreement_per_seed": [s_["int8_fp32_agreement"] for s_ in seeds],
+                            "rmse_per_seed": [s_.get("int8_fp32_rmse") for s_ in seeds],
                             "passed_per_seed": [s_["passed"] for s_ in seeds],
                             "fp32_nodes": m.get("fp32_nodes", []), "calibration_method": m.get("calibration_method"),
                             "bias_correction": m.get("bias_correction"), "gates": m["gates"]})
@@ -116,14 +117,16 @@ def main() -> None:
                          f"{v['batch_1_ms']:.2f} | {v['batch_32_ms']:.2f} | {v['accuracy']:.4f} |")
     lines += ["", "| model | INT8 mode | INT8/fp32 size (target <= 0.3) | INT8 b1 / PyTorch b1 (target <= 0.5) | "
               "INT8 b32 / PyTorch b32 | accuracy drop, seed 0 (target <= 0.005) | drop, median / max over seeds | "
-              "top-1 agreement (min over seeds) | gates passed |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+              "top-1 agreement (min over seeds) | INT8 - fp32 output RMS, per seed | gates passed |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         how = (f" ({r['calibration_method']}{', bias-corrected' if r['bias_correction'] else ''})"
                if r.get("calibration_method") else "")
         lines.append(f"| {r['model']} | {r['mode']}{how} | {r['int8_to_fp32_size']:.3f} | {r['int8_b1_vs_torch']:.3f} | "
                      f"{r['int8_b32_vs_torch']:.3f} | {r['accuracy_drop']:+.4f} | "
                      f"{r['accuracy_drop_median']:+.4f} / {r['accuracy_drop_max']:+.4f} | "
-                     f"{min(r['agreement_per_seed']):.4f} | {sum(r['passed_per_seed'])}/{len(r['passed_per_seed'])} |")
+                     f"{min(r['agreement_per_seed']):.4f} | "
+                     f"{' / '.join(f'{v:.3f}' for v in r['rmse_per_seed'] if v is not None)} | {sum(r['passed_per_seed'])}/{len(r['passed_per_seed'])} |")
     table = "\n".join(lines)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_export.md").write_text(table + "\n")

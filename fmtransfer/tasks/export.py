@@ -270,6 +270,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
                    "int8_to_fp32_size": sizes["int8"] / sizes["fp32"] if "int8" in sizes else None,
                    "int8_fp32_agreement": agreement(outputs["onnx_fp32"], outputs["onnx_int8"])
                    if "onnx_int8" in outputs and task == "classification" else None,
+                   # RMS difference of the INT8 outputs (logits) from ONNX fp32's: finer than top-1 agreement
+                   "int8_fp32_rmse": float(np.sqrt(np.mean((outputs["onnx_int8"] - outputs["onnx_fp32"]) ** 2)))
+                   if "onnx_int8" in outputs else None,
                    "lineage": lineage, "files": {k: str(v) for k, v in released.items()}}
         if passed and cfg.export.triton:
             name = cfg.export.name or _default_name(recipe.name, lineage)

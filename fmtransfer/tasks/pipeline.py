@@ -22,7 +22,7 @@ from fmtransfer.tasks.curate import curate, curation_settings
 from fmtransfer.tasks.evaluate import evaluate
 from fmtransfer.tasks.export import GateFailed, export, validate_export
 from fmtransfer.tasks.plan import plan
-from fmtransfer.tasks.pretrain import pretrain, validate
+from fmtransfer.tasks.pretrain import epochs_for_steps, pretrain, validate
 from fmtransfer.tasks.report import metric_rows, results_table, write_report
 
 
@@ -104,8 +104,8 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
             if cfg.pretrain_curated:
                 extra = {"data.subset": curated["manifest"]}
                 if cfg.get("pretrain_curated_steps", "equal") == "equal":  # as many optimisation steps as `pre`
-                    per_epoch = max(1, int(curated["metrics"]["selected"]) // int(cfg.loader.batch_size))
-                    extra["trainer.max_epochs"] = max(1, round(int(pre["metrics"]["global_step"]) / per_epoch))
+                    extra["trainer.max_epochs"] = epochs_for_steps(pre["metrics"]["global_step"],
+                                                                   curated["metrics"]["selected"], cfg.loader.batch_size)
                 curated_pre = pretrain(_sub_config(cfg, out / "pretrain_curated", stage="pretrain", **extra))
                 record.add_parent(curated_pre["run_dir"])
 

@@ -30,6 +30,12 @@ from fmtransfer.tasks.common import (
 from fmtransfer.tasks.evaluate import score_model
 
 
+def epochs_for_steps(steps: int, n_train: int, batch_size: int) -> int:
+    """Epochs over ``n_train`` images that take about ``steps`` optimisation steps (the loader drops the last
+    partial batch), e.g. to train on a subset for as many steps as on the full data."""
+    return max(1, round(int(steps) / max(1, int(n_train) // int(batch_size))))
+
+
 def validate(cfg: DictConfig):
     """Every check that needs no data: recipe, backbone, method and their fit. Returns (recipe, spec)."""
     recipe = load_recipe(cfg.data)

@@ -55,6 +55,7 @@ def test_export_writes_gated_onnx_with_metadata(exported, adapter):
     assert len(m["fp32_nodes"]) == 2 and m["fp32_nodes"][0].startswith("/backbone/conv1") and m["fp32_nodes"][1] == "/head/Gemm"
     assert OnnxModel.load(f"{out}/model.int8.onnx").meta["fp32_nodes"] == m["fp32_nodes"]
     assert m["bias_correction"] is True and m["calibration_method"] == "percentile"
+    assert 0 < m["int8_fp32_rmse"] < 1e3  # INT8 differs from fp32, finitely
     assert OnnxModel.load(f"{out}/model.int8.onnx").meta["bias_correction"] is True
 
     header, _ = read_adapter(adapter)

@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from fmtransfer.errors import ConfigError
 from fmtransfer.lineage import load_record
 from fmtransfer.tasks.export import GateFailed
 from fmtransfer.tasks.pipeline import pipeline
@@ -74,3 +75,8 @@ def test_pipeline_checks_adapt_settings_first(cfg_factory, tmp_path):
     with pytest.raises(ConfigError, match="export.quantize='int4'"):
         pipeline(cfg_factory("pipeline", "experiment=smoke", "sweep.sizes=[20]", "export.quantize=int4"))
     assert not (tmp_path / "pipeline" / "pretrain").exists()
+
+
+def test_pipeline_refuses_an_unknown_curated_pretraining_mode(cfg_factory):
+    with pytest.raises(ConfigError, match="pretrain_curated_steps='steps'.*equal"):
+        pipeline(cfg_factory("pipeline", "experiment=smoke", "pretrain_curated_steps=steps"))
