@@ -17,6 +17,7 @@ from torch import nn
 from fmtransfer.errors import ConfigError
 from fmtransfer.models.classifier import Classifier
 from fmtransfer.models.families import family_of
+from fmtransfer.models.vpt import PromptedViT
 
 NormStats = Literal["adapt", "frozen"]
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
@@ -209,8 +210,6 @@ class VPT(AdapterMethod):
             raise ConfigError(f"adapter.method.num_tokens={self.num_tokens} must be >= 1")
 
     def attach(self, model, backbone_name):
-        from fmtransfer.adapters.vpt import PromptedViT
-
         family = family_of(backbone_name)
         if not family.prompts:
             raise ConfigError(f"adapter=vpt needs a Vision Transformer, but backbone {backbone_name!r} is of the "

@@ -14,6 +14,7 @@ from fmtransfer.data.preprocess import Preprocess
 from fmtransfer.errors import ArtifactError
 from fmtransfer.lineage.io import atomic_path, sha256_file, write_json_atomic
 from fmtransfer.models.backbone import BackboneSpec, create_backbone, read_state_dict
+from fmtransfer.models.vpt import PromptedViT
 
 MODEL_FORMAT = "fmtransfer.model"
 MODEL_FORMAT_VERSION = 1
@@ -60,6 +61,19 @@ def save_model(model: Classifier, meta: dict[str, Any], folder: str | Path) -> t
     return weights, write_json_atomic(folder / META_FILE, meta)
 
 
+def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """The model header stored in a Lightning checkpoint by :class:`SupervisedModule` (weights_only load)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ArtifactError(f"cannot read checkpoint {path} safely ({type(e).__name__}: {e})") from e
+    meta = ckpt.get("fmtransfer") if isinstance(ckpt, dict) else None
+    if not meta:
+        raise ArtifactError(f"checkpoint {path} was not written by fmtransfer (no 'fmtransfer' header); "
+                            f"use it as backbone.checkpoint=... instead")
+    return meta
+
+
 def resolve_model_path(path: str | Path) -> Path:
     """A run dir, model.json, model.safetensors or Lightning .ckpt -> the file to load."""
     path = Path(path).expanduser()
@@ -84,8 +98,6 @@ def load_model(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
     """
     path = resolve_model_path(path)
     if path.suffix == ".ckpt":
-        from fmtransfer.models.module import read_checkpoint_meta
-
         meta = {**read_checkpoint_meta(path), "weights_sha256": sha256_file(path)}
         state = {k.removeprefix("model."): v for k, v in read_state_dict(path).items()
                  if k.startswith("model.")}
@@ -117,7 +129,5 @@ def build_classifier(meta: dict[str, Any]) -> Classifier:
     spec = BackboneSpec(**meta["backbone"])
     backbone = create_backbone(spec)
     if meta.get("prompts"):  # a merged visual-prompt-tuned ViT keeps its prompts
-        from fmtransfer.adapters.vpt import PromptedViT
-
         backbone = PromptedViT(backbone, **meta["prompts"])
     return Classifier(backbone, int(meta["num_outputs"]))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,7 +13,6 @@ from torch import nn
 from torchmetrics import MeanAbsoluteError, MetricCollection, R2Score
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from fmtransfer.errors import ArtifactError
 from fmtransfer.models.classifier import Classifier
 
 STAGES = ("train", "val", "test")
@@ -116,10 +114,6 @@ class SupervisedModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._epoch_end("test")
 
-    def predict_step(self, batch, batch_idx):
-        x, y, rows = batch
-        return self.model(x), y, rows
-
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)
@@ -150,16 +144,3 @@ class EpochSeed(pl.Callback):
         torch.manual_seed(s)
         np.random.seed(s % 2**32)
         random.seed(s)
-
-
-def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
-    """The model header stored in a Lightning checkpoint by :class:`SupervisedModule` (weights_only load)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ArtifactError(f"cannot read checkpoint {path} safely ({type(e).__name__}: {e})") from e
-    meta = ckpt.get("fmtransfer") if isinstance(ckpt, dict) else None
-    if not meta:
-        raise ArtifactError(f"checkpoint {path} was not written by fmtransfer (no 'fmtransfer' header); "
-                            f"use it as backbone.checkpoint=... instead")
-    return meta

@@ -1,4 +1,7 @@
-"""Visual prompt tuning around a timm VisionTransformer, without touching timm's code."""
+"""Visual prompt tuning around a timm VisionTransformer, without touching timm's code.
+
+It lives in models, not adapters: a merged VPT model keeps its prompts, so loading one builds this module.
+"""
 
 from __future__ import annotations
 
