@@ -12,6 +12,7 @@ import numpy as np
 
 from fmtransfer.errors import ConfigError, DataError
 from fmtransfer.lineage.io import atomic_path, sha256_bytes, write_json_atomic, write_text_atomic
+from fmtransfer.models import inference
 
 EMBEDDINGS, IDS, PROGRESS = "embeddings.npy", "embeddings.ids.txt", "embeddings.shards.json"
 
@@ -76,8 +77,6 @@ def embed_split(model, dm, split: str, folder: str | Path, *, dtype: str = "floa
     Returns:
         (the .npy path, the ids) on rank 0; (None, the ids) on the other ranks once their shards are written.
     """
-    from fmtransfer.tasks.common import embed
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     table = dm.prepare()
@@ -103,7 +102,7 @@ def embed_split(model, dm, split: str, folder: str | Path, *, dtype: str = "floa
             if (shard_dir / _shard_name(s)).is_file():
                 continue
             dm.use_rows(split, rows[s * size:(s + 1) * size])
-            part = embed(model, dm.dataloader(split), accelerator, device=device).astype(dtype)
+            part = inference.embed(model, dm.dataloader(split), accelerator, device=device).astype(dtype)
             with atomic_path(shard_dir / _shard_name(s)) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, part)
     finally:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import math
 import shutil
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,33 +18,29 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from fmtransfer.adapters.artifact import ADAPTER_FILE, adapted_meta, save_adapter
-from fmtransfer.adapters.calibration import (
-    Strategy,
-    parse_strategy,
-    select_diverse,
-    select_random,
-    select_stratified,
-)
+from fmtransfer.adapters.calibration import Strategy, select_diverse, select_random, select_stratified
 from fmtransfer.adapters.head import region_head
 from fmtransfer.adapters.methods import AdapterMethod, adapter_state, trainable_count
-from fmtransfer.config import build
-from fmtransfer.data import Preprocess, RecipeDataModule, load_recipe
+from fmtransfer.adapters.settings import AdaptSettings
+from fmtransfer.config import build, build_dataclass, require, to_plain
+from fmtransfer.data import Preprocess, Recipe, RecipeDataModule, load_recipe
 from fmtransfer.errors import ConfigError
 from fmtransfer.lineage import RunRecord, write_json_atomic, write_text_atomic
-from fmtransfer.models.classifier import load_model, resolve_model_path
+from fmtransfer.models.classifier import Classifier, load_model, resolve_model_path
 from fmtransfer.models.families import family_of
+from fmtransfer.models.inference import embed
 from fmtransfer.models.module import EpochSeed, SupervisedModule
 from fmtransfer.tasks.common import (
     build_augment,
     build_logger,
     build_trainer,
     checkpoint_callback,
-    embed,
     extra_callbacks,
     resolve_resume,
     run_dir,
 )
 from fmtransfer.tasks.evaluate import _model_run_dir, check_fit, score_model
+from fmtransfer.tasks.result import StageResult
 
 log = logging.getLogger(__name__)
 
@@ -61,30 +60,76 @@ def choose_calibration(dm: RecipeDataModule, model, strategy: Strategy, size: in
     return pool[pick]
 
 
-def validate_adapt(cfg: DictConfig):
-    """Checks that need no data or base: recipe, method, strategy, steps, size, loss."""
+_SETTINGS_KEYS = ("adapter", "calibration", "loss", "scheduler", "resume", "checkpoints", "keep_checkpoints",
+                  "accelerator")
+
+
+@dataclass
+class _Inputs:
+    """The recipe, the method, the base (loaded for inference) and the region's data read with the base's
+    preprocessing."""
+
+    recipe: Recipe
+    method: AdapterMethod
+    base_path: Path
+    model: Classifier
+    meta: dict[str, Any]
+    dm: RecipeDataModule
+    size: int
+    resume: Path | None
+
+
+@dataclass
+class _Fitted:
+    """The adapted model, its metadata and adapter header, and what the training took."""
+
+    meta: dict[str, Any]
+    header: dict[str, Any]
+    fit_seconds: float
+    last_checkpoint: str
+
+
+def adapt_settings(cfg: DictConfig) -> AdaptSettings:
+    """The run's ``adapter``, ``calibration``, loss and checkpoint keys, every key and value checked; their
+    defaults live in configs/adapt.yaml and the ``adapter`` group only."""
+    require(cfg, *_SETTINGS_KEYS)
+    return build_dataclass(AdaptSettings, {k: to_plain(cfg[k]) for k in _SETTINGS_KEYS}, "")
+
+
+def validate_adapt(cfg: DictConfig) -> tuple[AdaptSettings, Recipe, AdapterMethod]:
+    """Checks that need no data or base: the keys, the settings, the recipe, the method, the loss's task."""
+    require(cfg, "seed", "base", "data", "loader")
+    settings = adapt_settings(cfg)
     recipe = load_recipe(cfg.data)
-    method: AdapterMethod = build(cfg.adapter.method, "adapter.method")
-    strategy = parse_strategy(cfg.calibration.strategy)
-    steps = int(cfg.adapter.steps)
-    if steps < 1:
-        raise ConfigError(f"adapter.steps={steps} must be >= 1")
-    size = cfg.calibration.size
-    if size is not None and int(size) < 1:
-        raise ConfigError(f"calibration.size={size} must be a positive integer (or null: the whole train split)")
-    loss_name = str(cfg.loss.get("_target_", ""))
-    if recipe.task == "regression" and "CrossEntropy" in loss_name:
+    method: AdapterMethod = build(settings.adapter.method, "adapter.method")
+    if recipe.task == "regression" and "CrossEntropy" in str(settings.loss.get("_target_")):
         raise ConfigError(f"data recipe {recipe.name!r} is a regression task: set loss._target_=torch.nn.HuberLoss")
-    return recipe, method, strategy, steps
+    return settings, recipe, method
 
 
-def adapt(cfg: DictConfig) -> dict[str, Any]:
+def adapt(cfg: DictConfig) -> StageResult:
     """Choose a calibration set, train the adapter, save ``adapter.safetensors``, score the region's test split.
 
     Every check that can fail (recipe, method, calibration size, method vs backbone) runs before anything is
-    written, so bad input leaves no partial artifact.
+    written, so bad input leaves no partial artifact. The result's outputs include ``adapter`` and ``confusion``.
     """
-    recipe, method, strategy, steps = validate_adapt(cfg)
+    settings, recipe, method = validate_adapt(cfg)
+    inputs = _load_inputs(cfg, settings, recipe, method)
+    out = run_dir(cfg)
+    files = inputs.dm.write_manifests(out / "data")
+    with RunRecord("adapt", out, cfg) as record:
+        _record_inputs(record, inputs)
+        zero_shot = _zero_shot(inputs, settings, out)
+        files["calibration"] = _calibrate(inputs, settings, out)
+        fitted = _fit(cfg, settings, inputs, record, out)
+        files["adapter"] = save_adapter(out / ADAPTER_FILE, adapter_state(inputs.model, method), fitted.header)
+        result = _record(cfg, settings, inputs, fitted, zero_shot, files, record, out)
+    return result
+
+
+def _load_inputs(cfg: DictConfig, settings: AdaptSettings, recipe: Recipe, method: AdapterMethod) -> _Inputs:
+    """The base and the region's data, with the checks that need them (method vs backbone, the recipe's fit, the
+    calibration size against the train split)."""
     base_path = resolve_model_path(cfg.base)
     model, base_meta = load_model(base_path)
     backbone_name = base_meta["backbone"]["name"]
@@ -94,108 +139,129 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
     check_fit(recipe, base_meta)
     dm = RecipeDataModule(recipe, batch_size=cfg.loader.batch_size, num_workers=cfg.loader.num_workers,
                           preprocess=Preprocess.from_dict(base_meta["preprocess"]), seed=cfg.seed)
-    table = dm.prepare()
-    pool = len(table.indices("train"))
-    size = pool if cfg.calibration.size is None else int(cfg.calibration.size)
+    pool = len(dm.prepare().indices("train"))
+    size = pool if settings.calibration.size is None else settings.calibration.size
     if size > pool:
         raise ConfigError(f"calibration.size={size} is larger than the train split of {recipe.name!r} ({pool} "
                           f"samples; val and test are never used for calibration)")
-    resume = resolve_resume(cfg.get("resume"))
+    return _Inputs(recipe, method, base_path, model, base_meta, dm, size, resolve_resume(settings.resume))
 
-    out = run_dir(cfg)
-    files = dm.write_manifests(out / "data")
-    with RunRecord("adapt", out, cfg) as record:
-        record.add_input(base_path, "base")
-        if (parent := _model_run_dir(base_path, base_meta)) is not None:
-            record.add_parent(parent)
-        record.set_data(recipe.name, recipe.to_dict(), table.fingerprint)
-        accelerator = cfg.get("accelerator", "auto")
 
-        zero_shot = None
-        if table.classes == base_meta["classes"]:
-            zero_shot = score_model(model, base_meta, recipe, split="test", out_dir=out / "zero_shot", datamodule=dm,
-                                    accelerator=accelerator, title=f"zero-shot on {recipe.name}")
-            zero_shot = {k: v for k, v in zero_shot.items() if k != "files"}
+def _record_inputs(record: RunRecord, inputs: _Inputs) -> None:
+    record.add_input(inputs.base_path, "base")
+    if (parent := _model_run_dir(inputs.base_path, inputs.meta)) is not None:
+        record.add_parent(parent)
+    recipe = inputs.recipe
+    record.set_data(recipe.name, recipe.to_dict(), inputs.dm.prepare().fingerprint)
 
-        rows = choose_calibration(dm, model, strategy, size, int(cfg.calibration.seed), accelerator)
-        dm.use_rows("train", rows)
-        files["calibration"] = out / "calibration.csv"
-        write_text_atomic(files["calibration"], _calibration_csv(table, rows))
 
-        model.head, head_note = region_head(model.head, base_meta["classes"], table.classes, method.reuse_head)
-        method.attach(model, backbone_name)
-        for p in model.head.parameters():
-            p.requires_grad = True
-        trainable, total = trainable_count(model)
-        header = {
-            "method": method.describe(), "config": OmegaConf.to_container(cfg.adapter, resolve=True),
-            "base": {"sha256": base_meta["weights_sha256"], "path": str(base_path.resolve()),
-                     "backbone": backbone_name, "run_id": base_meta.get("lineage", {}).get("run_id")},
-            "task": recipe.task, "classes": table.classes, "num_outputs": dm.num_outputs,
-            "preprocess": base_meta["preprocess"], "head": head_note,
-            "calibration": {"size": size, "strategy": strategy.value, "seed": int(cfg.calibration.seed)},
-            "trainable_parameters": trainable, "total_parameters": total,
-            "lineage": {"run_id": record.data["run_id"], "run_dir": str(out.resolve()), "recipe": recipe.name,
-                        "data_fingerprint": table.fingerprint},
-        }
-        meta = adapted_meta(base_meta, header)
+def _zero_shot(inputs: _Inputs, settings: AdaptSettings, out: Path) -> dict[str, Any] | None:
+    """The base on the region's test split before any adaptation, when it knows the region's classes."""
+    if inputs.dm.prepare().classes != inputs.meta["classes"]:
+        return None
+    recipe = inputs.recipe
+    scored = score_model(inputs.model, inputs.meta, recipe, split="test", out_dir=out / "zero_shot",
+                         datamodule=inputs.dm, accelerator=settings.accelerator, title=f"zero-shot on {recipe.name}")
+    return {k: v for k, v in scored.items() if k != "files"}
 
-        batches = max(1, size // dm.batch_size) if size > dm.batch_size else 1
-        epochs = math.ceil(steps / batches)
-        pl.seed_everything(cfg.seed, workers=True, verbose=False)
-        module = SupervisedModule(model, recipe.task, build(cfg.loss, "loss"), build(cfg.adapter.optimizer,
-                                  "adapter.optimizer"), build(cfg.scheduler, "scheduler") if cfg.get("scheduler")
-                                  else None, meta, build_augment(cfg), seed=cfg.seed,
-                                  frozen_norm_stats=method.norm_stats == "frozen")
-        ckpt = checkpoint_callback(cfg, out / "checkpoints", every_n_epochs=max(1, epochs // max(1, cfg.checkpoints)))
-        trainer_cfg = OmegaConf.merge(cfg, {"trainer": {"max_epochs": epochs, "max_steps": steps,
-                                                        "limit_val_batches": 0, "num_sanity_val_steps": 0,
-                                                        "log_every_n_steps": min(50, steps)}})
-        logger = build_logger(cfg)
-        trainer = build_trainer(trainer_cfg, callbacks=[ckpt, EpochSeed(cfg.seed), *extra_callbacks(cfg)],
-                                logger=logger, default_root_dir=out)
-        log.info("adapter %s over %s: %d of %d parameters trainable (%.2f%%); %d calibration samples (%s); %s",
-                 method.name, backbone_name, trainable, total, 100 * trainable / total, size, strategy.value,
-                 head_note)
-        if logger:
-            logger.log_hyperparams({"method": method.name, "calibration_size": size, "trainable_parameters": trainable,
-                                    "trainable_fraction": trainable / total})
-        module.train()  # the base was loaded for inference
-        started = time.perf_counter()
-        trainer.fit(module, train_dataloaders=dm.dataloader("train", shuffle=True),
-                    ckpt_path=str(resume) if resume else None, weights_only=True)
-        fit_seconds = time.perf_counter() - started
 
-        files["adapter"] = save_adapter(out / ADAPTER_FILE, adapter_state(model, method), header)
-        model.eval()
-        test = score_model(model, meta, recipe, split="test", out_dir=out, datamodule=dm, accelerator=accelerator,
-                           title=f"{method.name} ({size} labels) on {recipe.name}")
-        # the val split (never trained on) is where settings should be compared, leaving test untouched
-        val = (score_model(model, meta, recipe, split="val", out_dir=out, datamodule=dm, accelerator=accelerator,
-                           title=f"{method.name} ({size} labels) on {recipe.name} val")
-               if dm.split_size("val") else None)
-        adapter_bytes = files["adapter"].stat().st_size
-        base_bytes = (base_path.parent / base_meta["weights"]).stat().st_size if base_meta.get("weights") \
-            else base_path.stat().st_size
-        metrics = {
-            "stage": "adapt", "method": method.name, "recipe": recipe.name, "base": str(base_path),
-            "calibration": header["calibration"], "steps": steps, "seed": cfg.seed, "head": head_note,
-            "trainable_parameters": trainable, "total_parameters": total,
-            "trainable_fraction": trainable / total, "adapter_bytes": adapter_bytes, "base_bytes": base_bytes,
-            "adapter_to_base": adapter_bytes / base_bytes, "fit_seconds": round(fit_seconds, 2),
-            "zero_shot": zero_shot, "test": {k: v for k, v in test.items() if k != "files"},
-            "val": {k: v for k, v in val.items() if k != "files"} if val else None,
-        }
-        write_json_atomic(out / "metrics.json", metrics)
-        outputs = {**files, "metrics": out / "metrics.json", **test["files"],
-                   **{f"val_{k}": v for k, v in (val or {}).get("files", {}).items()}}
-        for role, path in outputs.items():
-            record.add_output(path, role)
-        if cfg.get("keep_checkpoints", False) and ckpt.last_model_path:
-            record.add_output(ckpt.last_model_path, "last_checkpoint")
-        elif (out / "checkpoints").is_dir():
-            shutil.rmtree(out / "checkpoints")  # whole-model resume state, useless once the adapter exists
-    return {"run_dir": str(out), "adapter": str(files["adapter"]), "metrics": metrics}
+def _calibrate(inputs: _Inputs, settings: AdaptSettings, out: Path) -> Path:
+    """Choose the calibration rows, restrict the train split to them, and save their ids."""
+    cal = settings.calibration
+    rows = choose_calibration(inputs.dm, inputs.model, cal.strategy, inputs.size, cal.seed, settings.accelerator)
+    inputs.dm.use_rows("train", rows)
+    return write_text_atomic(out / "calibration.csv", _calibration_csv(inputs.dm.prepare(), rows))
+
+
+def _fit(cfg: DictConfig, settings: AdaptSettings, inputs: _Inputs, record: RunRecord, out: Path) -> _Fitted:
+    """Give the base the region's head and the method's structure, and train for ``adapter.steps`` steps."""
+    model, base_meta, dm, size = inputs.model, inputs.meta, inputs.dm, inputs.size
+    recipe, method = inputs.recipe, inputs.method
+    table = dm.prepare()
+    backbone_name = base_meta["backbone"]["name"]
+    model.head, head_note = region_head(model.head, base_meta["classes"], table.classes, method.reuse_head)
+    method.attach(model, backbone_name)
+    for p in model.head.parameters():
+        p.requires_grad = True
+    trainable, total = trainable_count(model)
+    header = {
+        "method": method.describe(), "config": dataclasses.asdict(settings.adapter),
+        "base": {"sha256": base_meta["weights_sha256"], "path": str(inputs.base_path.resolve()),
+                 "backbone": backbone_name, "run_id": base_meta.get("lineage", {}).get("run_id")},
+        "task": recipe.task, "classes": table.classes, "num_outputs": dm.num_outputs,
+        "preprocess": base_meta["preprocess"], "head": head_note,
+        "calibration": {"size": size, "strategy": settings.calibration.strategy.value,
+                        "seed": settings.calibration.seed},
+        "trainable_parameters": trainable, "total_parameters": total,
+        "lineage": {"run_id": record.data["run_id"], "run_dir": str(out.resolve()), "recipe": recipe.name,
+                    "data_fingerprint": table.fingerprint},
+    }
+    meta = adapted_meta(base_meta, header)
+
+    steps = settings.adapter.steps
+    batches = max(1, size // dm.batch_size) if size > dm.batch_size else 1
+    epochs = math.ceil(steps / batches)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = SupervisedModule(model, recipe.task, build(settings.loss, "loss"),
+                              build(settings.adapter.optimizer, "adapter.optimizer"),
+                              build(settings.scheduler, "scheduler") if settings.scheduler else None, meta,
+                              build_augment(cfg), seed=cfg.seed, frozen_norm_stats=method.norm_stats == "frozen")
+    ckpt = checkpoint_callback(cfg, out / "checkpoints", every_n_epochs=max(1, epochs // settings.checkpoints))
+    trainer_cfg = OmegaConf.merge(cfg, {"trainer": {"max_epochs": epochs, "max_steps": steps,
+                                                    "limit_val_batches": 0, "num_sanity_val_steps": 0,
+                                                    "log_every_n_steps": min(50, steps)}})
+    logger = build_logger(cfg)
+    trainer = build_trainer(trainer_cfg, callbacks=[ckpt, EpochSeed(cfg.seed), *extra_callbacks(cfg)],
+                            logger=logger, default_root_dir=out)
+    log.info("adapter %s over %s: %d of %d parameters trainable (%.2f%%); %d calibration samples (%s); %s",
+             method.name, backbone_name, trainable, total, 100 * trainable / total, size,
+             settings.calibration.strategy.value, head_note)
+    if logger:
+        logger.log_hyperparams({"method": method.name, "calibration_size": size, "trainable_parameters": trainable,
+                                "trainable_fraction": trainable / total})
+    module.train()  # the base was loaded for inference
+    started = time.perf_counter()
+    trainer.fit(module, train_dataloaders=dm.dataloader("train", shuffle=True),
+                ckpt_path=str(inputs.resume) if inputs.resume else None, weights_only=True)
+    return _Fitted(meta, header, time.perf_counter() - started, ckpt.last_model_path)
+
+
+def _record(cfg: DictConfig, settings: AdaptSettings, inputs: _Inputs, fitted: _Fitted,
+            zero_shot: dict[str, Any] | None, files: dict[str, Path], record: RunRecord, out: Path) -> StageResult:
+    """Score the adapted model on the region's test (and val) split; write ``metrics.json`` and the record."""
+    model, dm, header, recipe, method = inputs.model, inputs.dm, fitted.header, inputs.recipe, inputs.method
+    model.eval()
+    title = f"{method.name} ({inputs.size} labels) on {recipe.name}"
+    test = score_model(model, fitted.meta, recipe, split="test", out_dir=out, datamodule=dm,
+                       accelerator=settings.accelerator, title=title)
+    # the val split (never trained on) is where settings should be compared, leaving test untouched
+    val = (score_model(model, fitted.meta, recipe, split="val", out_dir=out, datamodule=dm,
+                       accelerator=settings.accelerator, title=f"{title} val")
+           if dm.split_size("val") else None)
+    adapter_bytes = files["adapter"].stat().st_size
+    base_path, base_meta = inputs.base_path, inputs.meta
+    base_bytes = (base_path.parent / base_meta["weights"]).stat().st_size if base_meta.get("weights") \
+        else base_path.stat().st_size
+    trainable, total = header["trainable_parameters"], header["total_parameters"]
+    metrics = {
+        "stage": "adapt", "method": method.name, "recipe": recipe.name, "base": str(base_path),
+        "calibration": header["calibration"], "steps": settings.adapter.steps, "seed": cfg.seed,
+        "head": header["head"], "trainable_parameters": trainable, "total_parameters": total,
+        "trainable_fraction": trainable / total, "adapter_bytes": adapter_bytes, "base_bytes": base_bytes,
+        "adapter_to_base": adapter_bytes / base_bytes, "fit_seconds": round(fitted.fit_seconds, 2),
+        "zero_shot": zero_shot, "test": {k: v for k, v in test.items() if k != "files"},
+        "val": {k: v for k, v in val.items() if k != "files"} if val else None,
+    }
+    write_json_atomic(out / "metrics.json", metrics)
+    outputs = {**files, "metrics": out / "metrics.json", **test["files"],
+               **{f"val_{k}": v for k, v in (val or {}).get("files", {}).items()}}
+    for role, path in outputs.items():
+        record.add_output(path, role)
+    if settings.keep_checkpoints and fitted.last_checkpoint:
+        record.add_output(fitted.last_checkpoint, "last_checkpoint")
+    elif (out / "checkpoints").is_dir():
+        shutil.rmtree(out / "checkpoints")  # whole-model resume state, useless once the adapter exists
+    return StageResult("adapt", out, metrics, {role: Path(path) for role, path in outputs.items()})
 
 
 def _calibration_csv(table, rows: np.ndarray) -> str:

@@ -1,8 +1,7 @@
-"""What every stage does: output folders, loggers, trainers, checkpoints, predictions."""
+"""What every stage does: output folders, loggers, trainers, checkpoints, scores."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -19,7 +18,6 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from fmtransfer.config import build, run_dir  # noqa: F401 - run_dir: re-exported for the stages
 from fmtransfer.errors import ArtifactError
 from fmtransfer.metrics import classification_metrics, regression_metrics
-from fmtransfer.models.classifier import Classifier
 
 # Lightning's chatter that says nothing to a user of this framework
 for pattern in (r".*does not have many workers.*", r".*LeafSpec.*", r".*treespec.*",
@@ -37,17 +35,6 @@ class _DropAdverts(logging.Filter):
 
 _LIGHTNING_LOG = logging.getLogger("pytorch_lightning.utilities.rank_zero")
 _LIGHTNING_LOG.addFilter(_DropAdverts())
-
-
-@contextlib.contextmanager
-def quiet_lightning():
-    """Hide Lightning's device banner for helper trainers (inference), where it is noise."""
-    level = _LIGHTNING_LOG.level
-    _LIGHTNING_LOG.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        _LIGHTNING_LOG.setLevel(level)
 
 
 def resolve_precision(precision: Any) -> Any:
@@ -152,55 +139,6 @@ def resolve_resume(resume: str | None) -> Path | None:
     if not path.is_file():
         raise ArtifactError(f"resume={resume}: no such checkpoint file or run dir")
     return path
-
-
-class _Predictor(pl.LightningModule):
-    def __init__(self, model: Classifier):
-        super().__init__()
-        self.model = model
-
-    def predict_step(self, batch, batch_idx):
-        x, y, rows = batch
-        return self.model(x).float(), y, rows
-
-
-def predict(model: Classifier, loader, accelerator: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Model outputs over a loader with Lightning (device placement, progress bar).
-
-    Returns:
-        outputs: (n, num_outputs) float32 logits or values; targets: (n,); rows: (n,) table rows.
-    """
-    with quiet_lightning():
-        trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
-                             enable_model_summary=False, enable_progress_bar=len(loader) > 5)
-        model.eval()
-        batches = trainer.predict(_Predictor(model), loader)
-    outputs = torch.cat([b[0] for b in batches]).cpu().numpy()
-    targets = torch.cat([b[1] for b in batches]).cpu().numpy()
-    rows = torch.cat([b[2] for b in batches]).cpu().numpy()
-    return outputs, targets, rows
-
-
-class _Embedder(pl.LightningModule):
-    def __init__(self, model: Classifier):
-        super().__init__()
-        self.model = model
-
-    def predict_step(self, batch, batch_idx):
-        return self.model.features(batch[0]).float()
-
-
-def embed(model: Classifier, loader, accelerator: str = "auto", device: int | None = None) -> np.ndarray:
-    """Backbone features over a loader: (n, embed_dim) float32, in loader order. ``device``: which GPU this
-    process uses when there are several (a rank's LOCAL_RANK); ignored on CPU."""
-    gpu = device is not None and accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    with quiet_lightning():
-        trainer = pl.Trainer(accelerator=accelerator, devices=[device] if gpu else 1, logger=False,
-                             enable_checkpointing=False,
-                             enable_model_summary=False, enable_progress_bar=len(loader) > 5)
-        model.eval()
-        batches = trainer.predict(_Embedder(model), loader)
-    return torch.cat(batches).cpu().numpy()
 
 
 def score(task: str, outputs: np.ndarray, targets: np.ndarray, num_classes: int | None) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from fmtransfer.config import require
 from fmtransfer.data import Preprocess, Recipe, RecipeDataModule, load_recipe
 from fmtransfer.data.images import ChannelMismatch, convert_channels
 from fmtransfer.errors import ConfigError
@@ -17,8 +18,10 @@ from fmtransfer.export.runtime import softmax
 from fmtransfer.lineage import RunRecord, write_json_atomic, write_text_atomic
 from fmtransfer.lineage.record import RUN_FILE
 from fmtransfer.models.classifier import Classifier, load_model, resolve_model_path
+from fmtransfer.models.inference import predict
 from fmtransfer.plots import confusion_matrix_png
-from fmtransfer.tasks.common import predict, run_dir, score_by_region
+from fmtransfer.tasks.common import run_dir, score_by_region
+from fmtransfer.tasks.result import StageResult
 
 
 def check_fit(recipe: Recipe, meta: dict[str, Any]) -> None:
@@ -78,17 +81,18 @@ def _predictions_csv(task: str, outputs: np.ndarray, targets: np.ndarray, rows: 
     return buf.getvalue()
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
+def evaluate(cfg: DictConfig) -> StageResult:
     """Score ``cfg.model`` on ``cfg.data`` / ``cfg.split``; writes metrics.json, predictions, confusion PNG."""
+    require(cfg, "model", "adapter_file", "split", "accelerator", "data", "loader")
     out = run_dir(cfg)
     recipe = load_recipe(cfg.data)
-    if not cfg.get("model") and not cfg.get("adapter_file"):
+    if not cfg.model and not cfg.adapter_file:
         raise ConfigError("pass model=<run dir or model file> and/or adapter=<adapter file>")
     with RunRecord("evaluate", out, cfg) as record:
-        if cfg.get("adapter_file"):
+        if cfg.adapter_file:
             from fmtransfer.tasks.merge import load_adapted
 
-            host, meta, model_path, header = load_adapted(cfg.adapter_file, cfg.get("model"))
+            host, meta, model_path, header = load_adapted(cfg.adapter_file, cfg.model)
             model = host.model
             record_sources(record, model_path, host.base_meta, header, role="model")
         else:
@@ -102,14 +106,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         table = dm.prepare()
         record.set_data(recipe.name, recipe.to_dict(), table.fingerprint)
         result = score_model(model, meta, recipe, split=cfg.split, out_dir=out, datamodule=dm,
-                             accelerator=cfg.get("accelerator", "auto"))
-        metrics = {"stage": "evaluate", "model": str(model_path), "adapter": cfg.get("adapter_file"),
+                             accelerator=cfg.accelerator)
+        metrics = {"stage": "evaluate", "model": str(model_path), "adapter": cfg.adapter_file,
                    "recipe": recipe.name, "split": cfg.split,
                    "task": meta["task"], "classes": meta["classes"], **result, "data": dm.summary()}
         write_json_atomic(out / "metrics.json", metrics)
-        for role, path in {"metrics": out / "metrics.json", **result["files"], **dm.files}.items():
+        outputs = {"metrics": out / "metrics.json", **result["files"], **dm.files}
+        for role, path in outputs.items():
             record.add_output(path, role)
-    return {"run_dir": str(out), "metrics": metrics}
+    return StageResult("evaluate", out, metrics, {role: Path(path) for role, path in outputs.items()})
 
 
 def _model_run_dir(model_path: Path, meta: dict[str, Any]) -> Path | None:

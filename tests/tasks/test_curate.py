@@ -15,6 +15,7 @@ from fmtransfer.errors import ConfigError, DataError
 from fmtransfer.lineage import load_record, verify_record
 from fmtransfer.tasks.curate import curate
 from fmtransfer.tasks.pretrain import pretrain
+from fmtransfer.tasks.result import StageResult
 from tests.conftest import ROOT, cli_env, make_cfg
 
 SMALL = ["data.limit=300", "curation.levels=[12,4]", "curation.resampling_steps=2", "curation.target_size=0.3"]
@@ -22,7 +23,7 @@ SMALL = ["data.limit=300", "curation.levels=[12,4]", "curation.resampling_steps=
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    return pretrain(make_cfg("pretrain", ["experiment=smoke"], tmp_path_factory.mktemp("base") / "run"))["run_dir"]
+    return pretrain(make_cfg("pretrain", ["experiment=smoke"], tmp_path_factory.mktemp("base") / "run")).run_dir
 
 
 def _manifest(path):
@@ -33,8 +34,8 @@ def _manifest(path):
 def test_curate_writes_a_manifest_that_recipes_consume(base, tmp_path):
     result = curate(make_cfg("curate", [f"base={base}", *SMALL], tmp_path / "cur"))
     out = tmp_path / "cur"
-    m = result["metrics"]
-    rows = _manifest(result["manifest"])
+    m = result.metrics
+    rows = _manifest(result.outputs["manifest"])
     assert m["pool"] == 240 and m["selected"] == len(rows) == 72  # the train split of 300, 30% kept
     assert list(rows[0]) == ["id", "path", "label", "region", "cluster_0", "cluster_1"]
     with open(out / "data" / "mnist_global.splits.csv") as f:
@@ -47,12 +48,13 @@ def test_curate_writes_a_manifest_that_recipes_consume(base, tmp_path):
     assert load_record(out)["parents"][0]["stage"] == "pretrain" and verify_record(out) == []
 
     # the manifest as data.subset: the train split shrinks, val and test and the split assignment stay
-    recipe = load_recipe(make_cfg("pretrain", ["experiment=smoke", f"data.subset={result['manifest']}"],
+    recipe = load_recipe(make_cfg("pretrain", ["experiment=smoke", f"data.subset={result.outputs['manifest']}"],
                                   tmp_path / "x").data)
     sizes = RecipeDataModule(recipe).split_sizes()
     assert sizes == {"train": 72, "val": 30, "test": 30}
-    pre = pretrain(make_cfg("pretrain", ["experiment=smoke", f"data.subset={result['manifest']}"], tmp_path / "pre"))
-    assert pre["metrics"]["data"]["splits"]["train"] == 72
+    pre = pretrain(make_cfg("pretrain", ["experiment=smoke", f"data.subset={result.outputs['manifest']}"],
+                            tmp_path / "pre"))
+    assert pre.metrics["data"]["splits"]["train"] == 72
 
 
 def test_embeddings_resume_and_float16(base, tmp_path, monkeypatch):
@@ -60,15 +62,15 @@ def test_embeddings_resume_and_float16(base, tmp_path, monkeypatch):
                                        "curation.embed.dtype=float16"], tmp_path / "a"))
     progress = json.loads((tmp_path / "a" / "embeddings" / "embeddings.shards.json").read_text())
     assert progress["done"] == [0, 1, 2, 3] and np.load(tmp_path / "a" / "embeddings" / "embeddings.npy").dtype == np.float16
-    import fmtransfer.tasks.common as common
+    import fmtransfer.models.inference as inference
 
     def boom(*a, **k):
         raise AssertionError("a finished shard was embedded again")
 
-    monkeypatch.setattr(common, "embed", boom)
+    monkeypatch.setattr(inference, "embed", boom)
     again = curate(make_cfg("curate", [f"base={base}", *SMALL, "curation.embed.shard_size=64",
                                        "curation.embed.dtype=float16", f"resume={tmp_path / 'a'}"], tmp_path / "b"))
-    assert _manifest(again["manifest"]) == _manifest(first["manifest"])
+    assert _manifest(again.outputs["manifest"]) == _manifest(first.outputs["manifest"])
 
 
 def test_ranks_embed_their_own_shards_and_rank_0_assembles(base, tmp_path, monkeypatch):
@@ -76,8 +78,8 @@ def test_ranks_embed_their_own_shards_and_rank_0_assembles(base, tmp_path, monke
     single = curate(make_cfg("curate", args, tmp_path / "one"))
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    assert curate(make_cfg("curate", args, tmp_path / "two")) == {"run_dir": str(tmp_path / "two"), "rank": 1,
-                                                                 "embedded": True}
+    assert curate(make_cfg("curate", args, tmp_path / "two")) == StageResult("curate", tmp_path / "two",
+                                                                             {"rank": 1, "embedded": True})
     (shard_dir,) = (tmp_path / "two" / "embeddings").glob("shards-*")
     assert sorted(p.name for p in shard_dir.iterdir()) == ["shard_00001.npy", "shard_00003.npy"]
     assert not (tmp_path / "two" / "curated.csv").exists() and not (tmp_path / "two" / "run.json").exists()
@@ -86,7 +88,7 @@ def test_ranks_embed_their_own_shards_and_rank_0_assembles(base, tmp_path, monke
     assert not shard_dir.exists()  # assembled into embeddings.npy, then removed
     a, b = (np.load(tmp_path / d / "embeddings" / "embeddings.npy") for d in ("one", "two"))
     np.testing.assert_allclose(a, b, atol=1e-5)
-    assert _manifest(two["manifest"]) == _manifest(single["manifest"])
+    assert _manifest(two.outputs["manifest"]) == _manifest(single.outputs["manifest"])
 
 
 def test_rank_0_names_the_shards_it_waited_for(base, tmp_path, monkeypatch):
@@ -116,7 +118,7 @@ def test_precomputed_embeddings_and_their_errors(base, tmp_path):
     first = curate(make_cfg("curate", [f"base={base}", *SMALL], tmp_path / "a"))
     npy = tmp_path / "a" / "embeddings" / "embeddings.npy"
     again = curate(make_cfg("curate", [f"curation.embeddings={npy}", *SMALL], tmp_path / "b"))
-    assert _manifest(again["manifest"]) == _manifest(first["manifest"])
+    assert _manifest(again.outputs["manifest"]) == _manifest(first.outputs["manifest"])
 
     ids = (tmp_path / "a" / "embeddings" / "embeddings.ids.txt").read_text().splitlines()
     bad = tmp_path / "bad.npy"
@@ -142,7 +144,7 @@ def test_precomputed_embeddings_and_their_errors(base, tmp_path):
 
 def test_stratified_by_label_keeps_every_class(base, tmp_path):
     m = curate(make_cfg("curate", [f"base={base}", *SMALL, "curation.stratify_by=label",
-                                   "curation.target_size=20"], tmp_path / "s"))["metrics"]
+                                   "curation.target_size=20"], tmp_path / "s")).metrics
     assert m["selected"] == 20 and all(v["curated"] >= 1 for v in m["per_class"].values())
 
 
