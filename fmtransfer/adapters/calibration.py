@@ -10,7 +10,8 @@ from enum import Enum
 
 import numpy as np
 
-from fmtransfer.data.table import _stratified_choice
+from fmtransfer.clustering import kmeans, kmeans_plusplus
+from fmtransfer.data.table import stratified_choice
 from fmtransfer.errors import ConfigError
 
 
@@ -35,23 +36,7 @@ def select_random(n_pool: int, k: int, seed: int) -> np.ndarray:
 
 def select_stratified(labels: np.ndarray, ids: list[str], k: int, seed: int) -> np.ndarray:
     """k positions keeping each label's share (to within one sample). labels: (n,) int."""
-    return _stratified_choice(labels, ids, k, seed)
-
-
-def kmeans_pp_init(x: np.ndarray, k: int, rng: np.random.Generator, chunk: int = 65536) -> np.ndarray:
-    """k-means++ seeding (D^2 sampling): (k, d) starting centroids that reach small, distant groups, which a
-    uniform random start leaves to the dense ones. x: (n, d) float32; memory O(n)."""
-    n = len(x)
-    centres = np.empty((k, x.shape[1]), dtype=np.float32)
-    centres[0] = x[rng.integers(n)]
-    nearest = np.full(n, np.inf, dtype=np.float64)
-    for j in range(1, k):
-        for start in range(0, n, chunk):
-            d = ((x[start:start + chunk] - centres[j - 1]) ** 2).sum(1)
-            np.minimum(nearest[start:start + chunk], d, out=nearest[start:start + chunk])
-        total = nearest.sum()
-        centres[j] = x[rng.choice(n, p=nearest / total)] if total > 0 else x[rng.integers(n)]
-    return centres
+    return stratified_choice(labels, ids, k, seed)
 
 
 def select_diverse(embeddings: np.ndarray, k: int, seed: int, iterations: int = 25) -> np.ndarray:
@@ -74,13 +59,13 @@ def select_diverse(embeddings: np.ndarray, k: int, seed: int, iterations: int = 
     if k >= n:
         return np.arange(n)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    kmeans = faiss.Kmeans(d, k, niter=iterations, seed=seed, min_points_per_centroid=1,
-                          max_points_per_centroid=1 << 30, verbose=False)
-    kmeans.train(x, init_centroids=kmeans_pp_init(x, k, np.random.default_rng(seed)))
+    # every sample trains (no subsample: a calibration pool is small), from a k-means++ start on all of them
+    centroids = kmeans(x, k, niter=iterations, seed=seed, init=kmeans_plusplus(x, k, np.random.default_rng(seed)),
+                       max_points_per_centroid=1 << 30)
     index = faiss.IndexFlatL2(d)
     index.add(x)
     neighbours = min(n, 32)
-    dist, nearest = index.search(kmeans.centroids, neighbours)
+    dist, nearest = index.search(centroids, neighbours)
     taken = np.zeros(n, dtype=bool)
     chosen: list[int] = []
     for c in np.argsort(dist[:, 0], kind="stable"):

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fmtransfer.curation.kmeans import ASSIGN_BATCH, assign, check_embeddings, kmeans
+from fmtransfer.clustering import ASSIGN_BATCH, assign, kmeans
+from fmtransfer.curation.kmeans import check_embeddings
 from fmtransfer.errors import DataError
 
 EXACT_UP_TO = 50_000

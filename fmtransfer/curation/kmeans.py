@@ -13,9 +13,8 @@ from enum import Enum
 
 import numpy as np
 
+from fmtransfer.clustering import ASSIGN_BATCH, assign, kmeans
 from fmtransfer.errors import DataError
-
-ASSIGN_BATCH = 65_536
 
 
 class Resample(str, Enum):
@@ -34,77 +33,6 @@ def check_embeddings(x: np.ndarray, name: str = "embeddings", batch: int = ASSIG
         if not np.isfinite(chunk).all():
             row = start + int(np.argwhere(~np.isfinite(chunk))[0, 0])
             raise DataError(f"{name}: row {row} holds NaN or inf; embeddings must be finite")
-
-
-def kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k-means++ seeding (Arthur and Vassilvitskii 2007): each next seed is drawn with probability proportional
-    to its squared distance from the seeds so far, so separated modes get a seed whatever their size (FAISS's
-    own initialisation draws seeds uniformly, i.e. in proportion to density). x: (m, d) -> (k, d) float32."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    norms = np.einsum("ij,ij->i", x, x)
-    seeds = np.empty((k, x.shape[1]), dtype=np.float32)
-    first = int(rng.integers(len(x)))
-    seeds[0] = x[first]
-    closest = np.maximum(norms - 2 * (x @ seeds[0]) + norms[first], 0)
-    for j in range(1, k):
-        cumulative = np.cumsum(closest, dtype=np.float64)
-        if cumulative[-1] > 0:
-            pick = min(int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")), len(x) - 1)
-        else:  # fewer distinct points than k: any point
-            pick = int(rng.integers(len(x)))
-        seeds[j] = x[pick]
-        np.minimum(closest, np.maximum(norms - 2 * (x @ seeds[j]) + norms[pick], 0), out=closest)
-    return seeds
-
-
-PLUSPLUS_POINTS_PER_CENTROID = 16
-
-
-def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, init: np.ndarray | None = None,
-           max_points_per_centroid: int = 256, plusplus: bool = True, gpu: bool = False) -> np.ndarray:
-    """FAISS k-means. x: (n, d) float32 -> centroids (k, d) float32.
-
-    FAISS trains on at most ``k * max_points_per_centroid`` points (a random sample), which bounds memory and
-    time for large n; assign everything afterwards with :func:`assign`. Unless ``init`` is given, the seeds are
-    k-means++ on a sample of ``16 k`` of those points (``plusplus=False``: FAISS's uniform random seeds).
-    """
-    import faiss
-
-    n, d = x.shape
-    if k < 1 or k > n:
-        raise DataError(f"k-means with k={k} needs 1 <= k <= the number of points ({n})")
-    km = faiss.Kmeans(d, int(k), niter=int(niter), seed=int(seed), verbose=False, gpu=gpu,
-                      max_points_per_centroid=int(max_points_per_centroid), min_points_per_centroid=1)
-    sample = x
-    if n > k * max_points_per_centroid:  # subsample here, so a memmap is read once, in order
-        rng = np.random.default_rng(seed)
-        sample = x[np.sort(rng.choice(n, size=k * max_points_per_centroid, replace=False))]
-    if init is None and plusplus and k > 1:
-        rng = np.random.default_rng(seed + 1)
-        m = min(len(sample), k * PLUSPLUS_POINTS_PER_CENTROID)
-        init = kmeans_plusplus(sample[rng.choice(len(sample), size=m, replace=False)] if m < len(sample) else sample,
-                               k, rng)
-    km.train(np.ascontiguousarray(sample, dtype=np.float32),
-             init_centroids=None if init is None else np.ascontiguousarray(init, dtype=np.float32))
-    return np.asarray(km.centroids, dtype=np.float32)
-
-
-def assign(x: np.ndarray, centroids: np.ndarray, batch: int = ASSIGN_BATCH) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid of every point, in batches (no n x k matrix is held).
-
-    Returns:
-        labels: (n,) int64; sq_dist: (n,) float32 squared L2 distance to that centroid.
-    """
-    import faiss
-
-    index = faiss.IndexFlatL2(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    labels = np.empty(len(x), dtype=np.int64)
-    dist = np.empty(len(x), dtype=np.float32)
-    for start in range(0, len(x), batch):
-        d, i = index.search(np.ascontiguousarray(x[start:start + batch], dtype=np.float32), 1)
-        labels[start:start + batch], dist[start:start + batch] = i[:, 0], d[:, 0]
-    return labels, dist
 
 
 def pick_per_cluster(labels: np.ndarray, sq_dist: np.ndarray, r: int, how: Resample,

@@ -7,7 +7,8 @@ from enum import Enum
 
 import numpy as np
 
-from fmtransfer.curation.kmeans import Hierarchy, assign
+from fmtransfer.clustering import assign
+from fmtransfer.curation.kmeans import Hierarchy
 from fmtransfer.errors import DataError
 
 

@@ -95,7 +95,7 @@ def _map_labels(src: SourceTable, recipe: Recipe, classes: list[str] | None) -> 
     return np.array([index[v] for v in raw], dtype=np.int64), classes
 
 
-def _stratified_choice(groups: np.ndarray, keys: list[str], n: int, seed: int) -> np.ndarray:
+def stratified_choice(groups: np.ndarray, keys: list[str], n: int, seed: int) -> np.ndarray:
     """Deterministically pick ``n`` rows keeping each group's share (to within one). Returns sorted rows.
 
     Args:
@@ -171,7 +171,7 @@ def build_table(recipe: Recipe, *, classes: list[str] | None = None, scan_worker
     keep = np.arange(len(src.ids))
     strata = targets if recipe.task == "classification" else np.zeros(len(targets), dtype=np.int64)
     if recipe.limit is not None and recipe.limit < len(keep):
-        keep = _stratified_choice(strata, src.ids, recipe.limit, recipe.split.seed)
+        keep = stratified_choice(strata, src.ids, recipe.limit, recipe.split.seed)
 
     skipped: list[Skipped] = []
     shas: list[str] | None = None

