@@ -8,10 +8,12 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 
 from fmtransfer import __version__
+from fmtransfer.tasks.result import StageResult
 
 # stage -> (function, one-line description)
 STAGES: dict[str, tuple[str, str]] = {
@@ -41,7 +43,11 @@ Stages:
 
 Each stage is a Hydra app: `fmtransfer <stage> --help` lists its config groups and keys,
 `-m` runs a sweep (e.g. `fmtransfer pretrain -m backbone=resnet18,vit_tiny`), and
-`python -m fmtransfer.<stage>` is the same command. Configs: configs/; data recipes: data_recipes/.
+`python -m fmtransfer.<stage>` is the same command.
+
+Configs: {configs} (data recipes: its data/; FMTRANSFER_CONFIG_DIR replaces it).
+Your own config groups (data/<name>.yaml, experiment/<name>.yaml, ...) without copying these:
+`--config-dir DIR`, `hydra.searchpath=[file:///DIR]`, or FMTRANSFER_CONFIG_PATH=DIR[:DIR...].
 """
 
 
@@ -50,13 +56,12 @@ def _load(stage: str) -> Callable:
     return getattr(importlib.import_module(module), func)
 
 
-def _summary(result: dict) -> str:
-    lines = [f"run dir: {result.get('run_dir')}"]
+def _summary(result: StageResult) -> str:
+    lines = [f"run dir: {result.run_dir}"]
     for key in ("report", "model", "output"):
-        if result.get(key):
-            lines.append(f"{key + ':':8s} {result[key]}")
-    metrics = result.get("metrics") or {}
-    overall = (metrics.get("test") or metrics).get("overall")
+        if key in result.outputs:
+            lines.append(f"{key + ':':8s} {result.outputs[key]}")
+    overall = (result.metrics.get("test") or result.metrics).get("overall")
     if overall:
         shown = {k: round(v, 4) for k, v in overall.items() if isinstance(v, float)}
         lines.append(f"metrics: {json.dumps(shown)}")
@@ -68,12 +73,18 @@ def run_stage(stage: str, args: list[str]) -> None:
     import hydra
     from omegaconf.errors import MissingMandatoryValue
 
-    from fmtransfer.config import config_dir
+    from fmtransfer.config import config_dir, with_search_path
     from fmtransfer.errors import FmtError
 
     task = _load(stage)
+    try:
+        configs = config_dir()
+        args = with_search_path(args)  # FMTRANSFER_CONFIG_PATH's dirs join hydra.searchpath
+    except FmtError as e:
+        print(f"fmtransfer {stage}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
-    @hydra.main(config_path=str(config_dir()), config_name=stage, version_base="1.3")
+    @hydra.main(config_path=str(configs), config_name=stage, version_base="1.3")
     def app(cfg) -> None:
         logging.captureWarnings(True)  # warnings (skipped images, ...) also reach the run's log file
         try:
@@ -96,8 +107,11 @@ def run_stage(stage: str, args: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
+        from fmtransfer.config import CONFIG_DIR_ENV, PACKAGE_CONFIGS
+
         width = max(map(len, STAGES))
-        print(USAGE.format(stages="\n".join(f"  {s:<{width}}  {d}" for s, (_, d) in STAGES.items())))
+        print(USAGE.format(stages="\n".join(f"  {s:<{width}}  {d}" for s, (_, d) in STAGES.items()),
+                           configs=os.environ.get(CONFIG_DIR_ENV, PACKAGE_CONFIGS)))
         return 0
     if argv[0] in ("-V", "--version"):
         print(f"fmtransfer {__version__}")

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import types
 import typing
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -14,15 +15,74 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fmtransfer.errors import ConfigError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR_ENV = "FMTRANSFER_CONFIG_DIR"    # replaces the packaged configs
+CONFIG_PATH_ENV = "FMTRANSFER_CONFIG_PATH"  # adds the user's own config groups beside them
+SEARCHPATH = "hydra.searchpath"
 
 
 def config_dir() -> Path:
-    """The Hydra config directory (``FMTRANSFER_CONFIG_DIR`` overrides the checkout's ``configs/``)."""
-    path = Path(os.environ.get("FMTRANSFER_CONFIG_DIR", PROJECT_ROOT / "configs"))
+    """The primary Hydra config directory: the package's ``configs/``, or ``$FMTRANSFER_CONFIG_DIR``."""
+    path = Path(os.environ.get(CONFIG_DIR_ENV, PACKAGE_CONFIGS))
     if not path.is_dir():
-        raise ConfigError(f"config directory {path} does not exist (set FMTRANSFER_CONFIG_DIR)")
+        raise ConfigError(f"config directory {path} does not exist (set {CONFIG_DIR_ENV})")
     return path
+
+
+def user_config_dirs() -> list[Path]:
+    """The directories of ``$FMTRANSFER_CONFIG_PATH`` (``os.pathsep``-separated), which hold a user's own
+    config groups (``data/<name>.yaml``, ``experiment/<name>.yaml``, ...)."""
+    dirs = []
+    for entry in os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep):
+        if not entry:
+            continue
+        path = Path(entry).expanduser().resolve()
+        if not path.is_dir():
+            raise ConfigError(f"{CONFIG_PATH_ENV}: config directory {entry} does not exist")
+        if "'" in str(path) or "${" in str(path) or str(path).endswith("\\"):
+            # the path goes into a quoted Hydra override, where these would read as syntax
+            raise ConfigError(f"{CONFIG_PATH_ENV}: config directory {entry} has a quote, '${{' or a trailing "
+                              f"backslash in its path; move or link it elsewhere")
+        dirs.append(path)
+    return dirs
+
+
+def with_search_path(args: Sequence[str], inherited: Sequence[str] = ()) -> list[str]:
+    """``args`` (overrides, or a stage's command line) with the dirs of ``$FMTRANSFER_CONFIG_PATH`` added to
+    ``hydra.searchpath``.
+
+    Hydra reads one ``hydra.searchpath`` override, so the entries are merged into it: those of the user's own
+    override (or, without one, ``inherited``: a running app's search path) first, then the environment's.
+
+    Args:
+        args: Hydra overrides; other command-line words (``-m``, ``--cfg job``) pass through.
+        inherited: search-path entries to keep when ``args`` has no ``hydra.searchpath`` override.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = list(args)
+    given = [i for i, a in enumerate(args) if a.startswith(f"{SEARCHPATH}=")]
+    entries = [str(e) for e in inherited]
+    if given:
+        entries = OverridesParser.create().parse_override(args[given[-1]]).value()
+        if not isinstance(entries, list):
+            return args  # Hydra names the bad value itself
+    extra = [f"file://{d}" for d in user_config_dirs()]
+    if not extra and (given or not entries):
+        return args
+    merged = [str(e) for e in entries] + [e for e in extra if e not in entries]
+    override = f"{SEARCHPATH}=[{','.join(_quoted(e) for e in merged)}]"
+    if given:
+        args[given[-1]] = override
+        return [a for i, a in enumerate(args) if i not in given[:-1]]
+    # beside the other overrides: Hydra's command line takes its overrides as one run of words between flags
+    at = next((i for i, a in enumerate(args) if "=" in a and not a.startswith("-")), 0)
+    return [*args[:at], override, *args[at:]]
+
+
+def _quoted(value: str) -> str:
+    """``value`` as a single-quoted Hydra override value."""
+    return "'" + value.replace("'", "\\'") + "'"
 
 
 def wandb_offline() -> bool:
@@ -61,14 +121,20 @@ def build(node: Any, key: str, **kwargs: Any) -> Any:
 
 
 def compose_stage(stage: str, overrides: list[str]) -> DictConfig:
-    """Compose ``configs/<stage>.yaml`` with overrides, inside a running Hydra app or outside one."""
+    """Compose ``configs/<stage>.yaml`` with overrides, inside a running Hydra app or outside one.
+
+    The user's config dirs take part: ``hydra.searchpath=[file:///dir]`` in ``overrides``, the dirs of
+    ``$FMTRANSFER_CONFIG_PATH`` and, inside a running app, that app's own search path.
+    """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
 
     if GlobalHydra.instance().is_initialized():
-        return compose(config_name=stage, overrides=overrides)
+        inherited = list(HydraConfig.get().searchpath) if HydraConfig.initialized() else []
+        return compose(config_name=stage, overrides=with_search_path(overrides, inherited))
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name=stage, overrides=overrides)
+        return compose(config_name=stage, overrides=with_search_path(overrides))
 
 
 def to_plain(node: Any) -> Any:
