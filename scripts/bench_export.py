@@ -84,7 +84,7 @@ def main() -> None:
                                                f"export.latency.repeats={args.repeats if seed == 0 else 3}",
                                                f"run_dir={args.out / 'runs' / tag}"])
                 try:
-                    m = export(cfg)["metrics"]
+                    m = export(cfg).metrics
                 except Exception as e:  # noqa: BLE001 - a rejected export is a result too
                     print(f"{label} / {mode} / seed {seed}: {e}")
                     m = json.loads((Path(cfg.run_dir) / "metrics.json").read_text())

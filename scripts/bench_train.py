@@ -45,7 +45,7 @@ def stage_config(backbone: str, args, run_dir: Path):
 
 def run_stage(cfg) -> float:
     result = pretrain(cfg)
-    per_epoch = result["metrics"]["train_images_per_s"]["per_epoch"]
+    per_epoch = result.metrics["train_images_per_s"]["per_epoch"]
     return statistics.median(per_epoch[1:] or per_epoch)
 
 

@@ -19,13 +19,13 @@ def real_base(tmp_path_factory):
 
 
 def test_tiny_cnn_learns_real_digits(real_base):
-    assert real_base["metrics"]["test"]["overall"]["accuracy"] >= 0.8  # chance is 0.1
+    assert real_base.metrics["test"]["overall"]["accuracy"] >= 0.8  # chance is 0.1
 
 
 def test_adaptation_recovers_a_real_region(real_base, cfg_factory):
     """100 local labels of the UCI region through a LoRA adapter beat zero-shot by a wide margin."""
-    m = adapt(cfg_factory("adapt", f"base={real_base['run_dir']}", "adapter.steps=80", "calibration.size=100",
-                          "logger=none"))["metrics"]
+    m = adapt(cfg_factory("adapt", f"base={real_base.run_dir}", "adapter.steps=80", "calibration.size=100",
+                          "logger=none")).metrics
     assert m["test"]["overall"]["accuracy"] >= m["zero_shot"]["overall"]["accuracy"] + 0.15
 
 
@@ -34,9 +34,9 @@ def test_demo_meets_its_targets(cfg_factory):
     """The demo's claims: global test accuracy >= 0.95, a real drop zero-shot on the new region, and a LoRA
     adapter from 100 local labels that recovers most of it with few parameters and a small file."""
     result = pipeline(cfg_factory("pipeline", "experiment=demo"))
-    global_acc = result["steps"]["pretrain"]["metrics"]["test"]["overall"]["accuracy"]
-    region_acc = result["steps"]["zero_shot"]["metrics"]["overall"]["accuracy"]
-    adapted = result["steps"]["adapt"]["metrics"]
+    global_acc = result.steps["pretrain"].metrics["test"]["overall"]["accuracy"]
+    region_acc = result.steps["zero_shot"].metrics["overall"]["accuracy"]
+    adapted = result.steps["adapt"].metrics
     assert global_acc >= 0.95
     assert region_acc < global_acc - 0.1
     assert adapted["test"]["overall"]["accuracy"] >= region_acc + 0.15

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from enum import Enum
 
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
-from fmtransfer.config import build_dataclass, require
+from fmtransfer.adapters.calibration import Strategy
+from fmtransfer.adapters.settings import AdapterSettings, AdaptSettings, CalibrationSettings
+from fmtransfer.config import build_dataclass, config_dir, require
 from fmtransfer.errors import ConfigError
+from fmtransfer.export.gates import GateSettings
+from fmtransfer.export.quantize import Quantize
+from fmtransfer.export.settings import ExportCalibration, ExportSettings, KeepFp32, LatencySettings
+from fmtransfer.tasks.adapt import adapt, validate_adapt
+from fmtransfer.tasks.export import export, export_settings
+from tests.conftest import make_cfg
 
 
 class Colour(str, Enum):
@@ -57,3 +65,88 @@ def test_require_names_missing_keys():
     require(cfg, "seed", "export.split")
     with pytest.raises(ConfigError, match=r"missing config key\(s\): export.opset, loader"):
         require(cfg, "seed", "export.opset", "loader")
+
+
+def _without(cfg, key: str):
+    """``cfg`` with the dotted ``key`` removed, as a hand-built config might lack it."""
+    parent, _, name = key.rpartition(".")
+    with open_dict(cfg):
+        (OmegaConf.select(cfg, parent) if parent else cfg).pop(name)
+    return cfg
+
+
+SETTINGS = [ExportSettings, ExportCalibration, KeepFp32, LatencySettings, GateSettings,
+            AdaptSettings, AdapterSettings, CalibrationSettings]
+
+
+@pytest.mark.parametrize("cls", SETTINGS, ids=lambda c: c.__name__)
+def test_settings_have_no_defaults_of_their_own(cls):
+    """The YAML is the only source of defaults: a dataclass default could disagree with it unnoticed."""
+    assert all(f.default is MISSING and f.default_factory is MISSING for f in fields(cls))
+
+
+def test_export_settings_are_the_yaml(tmp_path):
+    settings = export_settings(make_cfg("export", [], tmp_path))
+    yaml = OmegaConf.load(config_dir() / "export" / "default.yaml")
+    assert settings.calibration.method == yaml.calibration.method == "percentile"
+    assert settings.calibration.bias_correction is yaml.calibration.bias_correction is True
+    assert settings.quantize is Quantize(yaml.quantize) and settings.keep_fp32.nodes(Quantize.STATIC) == ["first", "last"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("export.quantize=int4", r"export.quantize='int4' is not allowed; expected one of: 'auto', 'none', 'dynamic'"),
+    ("export.exporter=onnx", r"export.exporter='onnx' is not allowed; expected one of: 'torchscript', 'dynamo'"),
+    ("export.calibration.method=best",
+     r"export.calibration.method='best' is not allowed; expected one of: 'minmax', 'entropy', 'percentile'"),
+    ("export.per_channel=sometimes", r"export.per_channel='sometimes': expected true or false"),
+    ("export.latency.repeats=0", r"export.latency: repeats=0"),
+    ("export.calibration.split=test", r"export.calibration.split='test' is the split the gates score on"),
+])
+def test_export_refuses_a_wrong_value_naming_the_key(override, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        export(make_cfg("export", ["model=/nowhere", override], tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("key", ["export.calibration.method", "export.calibration.bias_correction",
+                                 "export.latency.rounds"])
+def test_export_refuses_a_missing_key_instead_of_a_default(key, tmp_path):
+    """Before, a missing calibration.method fell back to minmax and bias_correction to off, against the YAML."""
+    cfg = _without(make_cfg("export", ["model=/nowhere"], tmp_path / "run"), key)
+    with pytest.raises(ConfigError, match=rf"missing required key\(s\): {key}"):
+        export(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_stage_names_a_missing_top_level_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"missing config key\(s\): loader"):
+        export(_without(make_cfg("export", ["model=/nowhere"], tmp_path / "run"), "loader"))
+
+
+def test_adapt_settings_are_the_yaml(tmp_path):
+    settings, _, method = validate_adapt(make_cfg("adapt", ["base=/nowhere"], tmp_path))
+    yaml = OmegaConf.load(config_dir() / "adapt.yaml")
+    assert settings.calibration.size == yaml.calibration.size and settings.calibration.strategy is Strategy.STRATIFIED
+    assert settings.adapter.steps == 300 and method.name == "lora"
+    assert (settings.checkpoints, settings.keep_checkpoints) == (yaml.checkpoints, yaml.keep_checkpoints)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("calibration.strategy=best", r"calibration.strategy='best' is not allowed; expected one of: 'random', "
+                                  r"'stratified', 'diverse'"),
+    ("adapter.steps=0", r"adapter.steps=0 must be >= 1"),
+    ("calibration.size=0", r"calibration.size=0 must be a positive integer"),
+    ("keep_checkpoints=maybe", r"keep_checkpoints='maybe': expected true or false"),
+    ("checkpoints=0", r"checkpoints=0 must be >= 1"),
+])
+def test_adapt_refuses_a_wrong_value_naming_the_key(override, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        adapt(make_cfg("adapt", ["base=/nowhere", override], tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("key,message", [("adapter.steps", r"missing required key\(s\): adapter.steps"),
+                                         ("keep_checkpoints", r"missing config key\(s\): keep_checkpoints")])
+def test_adapt_refuses_a_missing_key(key, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        adapt(_without(make_cfg("adapt", ["base=/nowhere"], tmp_path / "run"), key))

@@ -10,7 +10,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class GateSettings:
-    """Thresholds (``export.gates`` in the config).
+    """Thresholds (``export.gates`` in the config, which holds their defaults).
 
     Attributes:
         max_abs_diff: largest |fp32 ONNX - PyTorch| allowed on any output of the parity inputs.
@@ -18,9 +18,9 @@ class GateSettings:
         max_accuracy_drop: PyTorch fp32 accuracy (R^2 for regression) minus INT8, at most (0.01 = 1 point).
     """
 
-    max_abs_diff: float = 1e-4
-    min_int8_agreement: float = 0.97
-    max_accuracy_drop: float = 0.01
+    max_abs_diff: float
+    min_int8_agreement: float
+    max_accuracy_drop: float
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)

@@ -1,1 +1,1 @@
-"""Stage functions: plain ``stage(cfg) -> dict`` callables; the CLI only parses and calls them."""
+"""Stage functions: plain ``stage(cfg) -> StageResult`` callables; the CLI only parses and calls them."""

@@ -17,13 +17,14 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from fmtransfer.config import build_dataclass, run_dir
+from fmtransfer.config import build_dataclass, require, run_dir
 from fmtransfer.curation.curate import Curation, CurationSettings, curate_embeddings, largest_share
 from fmtransfer.curation.embed import embed_split, load_embeddings, rank_and_world
 from fmtransfer.data import Preprocess, RecipeDataModule, load_recipe
 from fmtransfer.errors import ConfigError, DataError
 from fmtransfer.lineage import RunRecord, write_json_atomic, write_text_atomic
 from fmtransfer.plots import cluster_sizes_png, pca_map_png
+from fmtransfer.tasks.result import StageResult
 
 log = logging.getLogger(__name__)
 _STAGE_KEYS = ("split", "embed", "embeddings")
@@ -38,7 +39,7 @@ def _pool_embeddings(cfg: DictConfig, record: RunRecord, out: Path, recipe,
                      world: int = 1) -> tuple[np.ndarray, np.ndarray, Any]:
     """The split's embeddings (computed, resumed or precomputed), the table rows they belong to, and the table."""
     split = cfg.curation.split
-    if cfg.curation.get("embeddings"):
+    if cfg.curation.embeddings:
         table = _datamodule(cfg, recipe, out).prepare()
         x, ids = load_embeddings(cfg.curation.embeddings)
         record.add_input(cfg.curation.embeddings, "embeddings")
@@ -62,7 +63,7 @@ def _embed(cfg: DictConfig, out: Path, recipe, record: RunRecord | None, rank: i
            world: int = 1) -> tuple[Path | None, RecipeDataModule]:
     """Embed the split with ``base`` (this rank's shards; rank 0 assembles); ``record`` is None off rank 0.
     Returns the .npy (None off rank 0) and the datamodule whose table the embedding read."""
-    if not cfg.get("base"):
+    if not cfg.base:
         raise ConfigError("pass base=<model run dir or checkpoint> (its backbone embeds the data) "
                           "or curation.embeddings=<file.npy>")
     from fmtransfer.models.classifier import load_model, resolve_model_path
@@ -73,24 +74,29 @@ def _embed(cfg: DictConfig, out: Path, recipe, record: RunRecord | None, rank: i
     check_fit(recipe, meta)
     dm = _datamodule(cfg, recipe, out, meta["preprocess"])
     folder = out / "embeddings"
-    if cfg.get("resume"):
+    if cfg.resume:
         folder = Path(cfg.resume).expanduser() / "embeddings"
         if not folder.is_dir():
             raise ConfigError(f"resume={cfg.resume}: no embeddings/ folder there to continue")
     if record is not None:
         record_sources(record, path, meta)
-        if cfg.get("resume"):
+        if cfg.resume:
             record.add_parent(Path(cfg.resume))
     npy, _ = embed_split(model, dm, cfg.curation.split, folder, dtype=cfg.curation.embed.dtype,
                          shard_size=int(cfg.curation.embed.shard_size), accelerator=cfg.accelerator, rank=rank,
-                         world_size=world, wait_s=float(cfg.curation.embed.get("wait_s", 86400)))
+                         world_size=world, wait_s=float(cfg.curation.embed.wait_s))
     if record is not None:
         record.add_output(npy, "embeddings")
     return npy, dm
 
 
-def curate(cfg: DictConfig) -> dict[str, Any]:
-    """Curate ``cfg.curation.split`` of ``cfg.data``; see the module docstring."""
+def curate(cfg: DictConfig) -> StageResult:
+    """Curate ``cfg.curation.split`` of ``cfg.data``; see the module docstring.
+
+    The result's outputs include ``manifest`` (curated.csv), ``cluster_sizes`` and ``pca``; off rank 0 its metrics
+    are only ``rank`` and ``embedded``.
+    """
+    require(cfg, "seed", "base", "resume", "accelerator", "data", "loader", "curation")
     out = run_dir(cfg)
     settings = curation_settings(cfg)
     if cfg.curation.embed.dtype not in ("float32", "float16"):
@@ -98,11 +104,11 @@ def curate(cfg: DictConfig) -> dict[str, Any]:
     recipe = load_recipe(cfg.data)
     rank, world = rank_and_world()
     if rank != 0:  # one of several processes (torchrun / DDP launcher): embed this rank's shards, then stop
-        if cfg.curation.get("embeddings"):
-            return {"run_dir": str(out), "rank": rank, "embedded": False}
+        if cfg.curation.embeddings:
+            return StageResult("curate", out, {"rank": rank, "embedded": False})
         _embed(cfg, out, recipe, None, rank, world)
         log.info(f"rank {rank} of {world}: shards written; rank 0 assembles them and curates")
-        return {"run_dir": str(out), "rank": rank, "embedded": True}
+        return StageResult("curate", out, {"rank": rank, "embedded": True})
     with RunRecord("curate", out, cfg) as record:
         x, rows, table = _pool_embeddings(cfg, record, out, recipe, world)
         record.set_data(recipe.name, recipe.to_dict(), table.fingerprint)
@@ -115,11 +121,12 @@ def curate(cfg: DictConfig) -> dict[str, Any]:
         files = _write_outputs(out, result, x, rows, table, settings)
         metrics = _metrics(result, rows, table, settings, recipe.name, cfg.curation.split)
         write_json_atomic(out / "metrics.json", metrics)
-        files["report"] = write_text_atomic(out / "curation.md", _report(metrics, files))
-        for role, path in {"metrics": out / "metrics.json", **files}.items():
+        summary = _summary(metrics)
+        files["report"] = write_text_atomic(out / "curation.md", _report(metrics, summary, files))
+        files["metrics"] = out / "metrics.json"
+        for role, path in files.items():
             record.add_output(path, role)
-    return {"run_dir": str(out), "manifest": str(files["manifest"]), "report": str(files["report"]),
-            "metrics": metrics}
+    return StageResult("curate", out, metrics, files, [("Data curation", summary)])
 
 
 def _label(table, row: int) -> str:
@@ -179,17 +186,21 @@ def _metrics(result: Curation, rows: np.ndarray, table, settings: CurationSettin
             "per_class": per_class, "seconds": result.seconds}
 
 
-def _report(m: dict[str, Any], files: dict[str, Path]) -> str:
+def _summary(m: dict[str, Any]) -> str:
+    """What was kept, as markdown: the body of ``curation.md`` and the pipeline report's section."""
     share = m["largest_10pct_clusters_share"]
-    lines = [f"# fmtransfer curate: {m['recipe']} / {m['split']}", "",
-             f"{m['selected']} of {m['pool']} samples kept ({m['fraction']:.1%}); {m['duplicates_removed']} "
+    lines = [f"{m['selected']} of {m['pool']} samples kept ({m['fraction']:.1%}); {m['duplicates_removed']} "
              f"near-duplicates removed in {m['duplicate_groups']} groups.", "",
              f"The largest 10% of the {m['levels'][0]} finest clusters hold {share['pool']:.1%} of the pool and "
              f"{share['curated']:.1%} of the curated subset.", ""]
     if m["per_class"]:
         lines += ["| class | pool | curated |", "|---|---:|---:|"]
         lines += [f"| {c} | {v['pool']} | {v['curated']} |" for c, v in m["per_class"].items()]
-        lines.append("")
-    lines += [f"![cluster sizes]({files['cluster_sizes'].name})", "", f"![PCA map]({files['pca'].name})", "",
-              f"Use it: `data.subset={files['manifest']}`"]
+    return "\n".join(lines).strip()
+
+
+def _report(m: dict[str, Any], summary: str, files: dict[str, Path]) -> str:
+    lines = [f"# fmtransfer curate: {m['recipe']} / {m['split']}", "", summary, "",
+             f"![cluster sizes]({files['cluster_sizes'].name})", "", f"![PCA map]({files['pca'].name})", "",
+             f"Use it: `data.subset={files['manifest']}`"]
     return "\n".join(lines) + "\n"

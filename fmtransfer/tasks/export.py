@@ -13,7 +13,7 @@ from __future__ import annotations
 import shutil
 import statistics
 import time
-from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,35 +21,129 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from fmtransfer.config import build_dataclass, run_dir
-from fmtransfer.data import Preprocess, RecipeDataModule, load_recipe
+from fmtransfer.config import build_dataclass, require, run_dir
+from fmtransfer.data import Preprocess, Recipe, RecipeDataModule, load_recipe
 from fmtransfer.data.table import read_manifest
 from fmtransfer.errors import ConfigError, DataError, FmtError
-from fmtransfer.export.gates import GateSettings, accuracy_gate, agreement, agreement_gate, parity_gate
+from fmtransfer.export.gates import accuracy_gate, agreement, agreement_gate, parity_gate
 from fmtransfer.export.onnx_export import INPUT_NAME, embed_metadata, export_onnx, output_name
 from fmtransfer.export.quantize import Quantize, fp32_nodes, quantize_model
 from fmtransfer.export.runtime import ONNX_FORMAT, OnnxModel, create_session, sidecar_path
+from fmtransfer.export.settings import ExportSettings
 from fmtransfer.export.triton import write_repository
 from fmtransfer.lineage import RunRecord, sha256_file, write_json_atomic, write_text_atomic
 from fmtransfer.models.classifier import load_model, resolve_model_path
+from fmtransfer.models.families import family_of
 from fmtransfer.tasks.common import score
 from fmtransfer.tasks.evaluate import check_fit, record_sources
+from fmtransfer.tasks.result import StageResult
 
 FP32_FILE, INT8_FILE = "model.onnx", "model.int8.onnx"
 
 
 class GateFailed(FmtError):
-    """An export failed a gate; its files are under ``rejected/``."""
+    """An export failed a gate; its files are under ``rejected/`` and ``result`` describes the run."""
+
+    def __init__(self, message: str, result: StageResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass
+class _Inputs:
+    """What an export reads: the model (an adapter merged in), its header and lineage, the INT8 mode it gets, and
+    the gate recipe read with the model's preprocessing."""
+
+    model: torch.nn.Module
+    meta: dict[str, Any]
+    lineage: dict[str, Any]
+    mode: Quantize
+    recipe: Recipe
+    dm: RecipeDataModule
+    calibration_rows: np.ndarray | None
+
+
+@dataclass
+class _Converted:
+    """Staged ONNX files by precision, their sessions, the fp32 parity check and the INT8 choices made."""
+
+    staging: Path
+    files: dict[str, Path]
+    sessions: dict[str, OnnxModel]
+    parity_x: np.ndarray
+    parity: dict[str, Any]
+    kept: list[str]
+    bias_corrected: bool
+
+
+@dataclass
+class _Scored:
+    """Every variant over the gate split: outputs, accuracy, gates, latency."""
+
+    outputs: dict[str, np.ndarray]
+    targets: np.ndarray
+    accuracy: dict[str, float]
+    gates: list[dict[str, Any]]
+    latency: dict[str, dict]
+
+    @property
+    def passed(self) -> bool:
+        return all(g["passed"] for g in self.gates)
+
+
+def export_settings(cfg: DictConfig) -> ExportSettings:
+    """The ``export`` group, every key and value checked; its defaults live in configs/export/default.yaml only."""
+    require(cfg, "export")
+    return build_dataclass(ExportSettings, cfg.export, "export")
+
+
+def export(cfg: DictConfig) -> StageResult:
+    """Export, quantize, gate and release (or reject) a model; see the module docstring.
+
+    Raises:
+        GateFailed: a gate failed; the files are under ``rejected/`` and the exception carries the result.
+    """
+    settings, recipe = _check(cfg)
+    out = run_dir(cfg)
+    with RunRecord("export", out, cfg) as record:
+        inputs = _load_inputs(cfg, settings, recipe, record, out)
+        converted = _convert(inputs, settings, out / ".staging")
+        scored = _score(inputs, converted, settings, cfg)
+        result = _record(out, inputs, converted, scored, settings, record)
+        if not scored.passed:
+            raise GateFailed(_rejection(scored.gates, out / "rejected"), result)
+    return result
+
+
+def _check(cfg: DictConfig) -> tuple[ExportSettings, Recipe]:
+    """Everything that needs no model or data: the keys, the ``export`` settings and the recipe."""
+    require(cfg, "seed", "model", "adapter_file", "data", "loader")
+    if not cfg.model and not cfg.adapter_file:
+        raise ConfigError("pass model=<run dir or model file> and/or adapter=<adapter file>")
+    return export_settings(cfg), load_recipe(cfg.data)
+
+
+def _load_inputs(cfg: DictConfig, settings: ExportSettings, recipe: Recipe, record: RunRecord,
+                 out: Path) -> _Inputs:
+    model, meta, lineage = _load(cfg, record)
+    check_fit(recipe, meta)
+    mode = settings.quantize
+    if mode is Quantize.AUTO:
+        mode = Quantize(family_of(meta["backbone"]["name"]).int8)
+    dm = RecipeDataModule(recipe, batch_size=cfg.loader.batch_size, num_workers=cfg.loader.num_workers,
+                          preprocess=Preprocess.from_dict(meta["preprocess"]), classes=meta["classes"], output_dir=out)
+    table = dm.prepare()
+    record.set_data(recipe.name, recipe.to_dict(), table.fingerprint)
+    rows = _calibration_rows(settings, int(cfg.seed), dm) if mode is Quantize.STATIC else None
+    return _Inputs(model, meta, lineage, mode, recipe, dm, rows)
 
 
 def _load(cfg: DictConfig, record: RunRecord) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
     """The model to export (adapter merged in) and its header; lineage hashes for the metadata."""
-    if not cfg.get("model") and not cfg.get("adapter_file"):
-        raise ConfigError("pass model=<run dir or model file> and/or adapter=<adapter file>")
-    if cfg.get("adapter_file"):
+    if cfg.adapter_file:
         from fmtransfer.tasks.merge import load_adapted
 
-        host, _, base_path, header = load_adapted(cfg.adapter_file, cfg.get("model"))
+        host, _, base_path, header = load_adapted(cfg.adapter_file, cfg.model)
         model, meta = host.merge()
         record_sources(record, base_path, host.base_meta, header)
         lineage = {"base_sha256": header["base"]["sha256"], "adapter_sha256": header["weights_sha256"],
@@ -75,12 +169,12 @@ def _collect(dm: RecipeDataModule, split: str, limit: int | None = None) -> np.n
     return np.concatenate(parts)[:limit]
 
 
-def _calibration_rows(cfg: DictConfig, dm: RecipeDataModule, gate_split: str) -> np.ndarray:
+def _calibration_rows(settings: ExportSettings, seed: int, dm: RecipeDataModule) -> np.ndarray:
     """Rows for static calibration: the ids of ``export.calibration.manifest`` (a CSV with an ``id`` column,
     e.g. an adapter's calibration.csv or a curated manifest), else a seeded sample of the calibration split."""
     table = dm.prepare()
-    cal = cfg.export.calibration
-    if cal.get("manifest"):
+    cal = settings.calibration
+    if cal.manifest:
         path = Path(cal.manifest).expanduser()
         ids = [r["id"] for r in read_manifest(path, "export.calibration.manifest")]
         index = {str(i): k for k, i in enumerate(table.ids)}
@@ -88,15 +182,59 @@ def _calibration_rows(cfg: DictConfig, dm: RecipeDataModule, gate_split: str) ->
         if missing:
             raise DataError(f"{path}: {len(missing)} ids are not in recipe {dm.recipe.name!r}, e.g. {missing[:3]}")
         rows = np.array([index[i] for i in ids], dtype=np.int64)
-        leaked = rows[table.splits[rows] == gate_split]
+        leaked = rows[table.splits[rows] == settings.split]
         if len(leaked):
-            raise DataError(f"{path}: {len(leaked)} ids are in the {gate_split!r} split used by the gates; "
+            raise DataError(f"{path}: {len(leaked)} ids are in the {settings.split!r} split used by the gates; "
                             f"calibrating on them would hide quantization errors")
         return rows
     pool = table.indices(cal.split)
-    size = min(int(cal.size), len(pool))
-    rng = np.random.default_rng(int(cfg.seed))
+    size = min(cal.size, len(pool))
+    rng = np.random.default_rng(seed)
     return np.sort(rng.choice(pool, size=size, replace=False))
+
+
+def _convert(inputs: _Inputs, settings: ExportSettings, staging: Path) -> _Converted:
+    """ONNX fp32, checked against PyTorch on real inputs, and its INT8 version, written into ``staging``."""
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    model, dm, mode = inputs.model, inputs.dm, inputs.mode
+    parity_x = _collect(dm, settings.split, settings.parity_samples)
+    files = {"fp32": export_onnx(model, torch.from_numpy(parity_x[:2]), staging / FP32_FILE, task=inputs.meta["task"],
+                                 opset=settings.opset, exporter=settings.exporter)}
+    sessions = {"onnx_fp32": _session(files["fp32"])}
+    with torch.inference_mode():
+        reference = model(torch.from_numpy(parity_x)).float().numpy()
+    parity = parity_gate(reference, sessions["onnx_fp32"].run(parity_x), settings.gates)
+    kept: list[str] = []
+    bias_corrected = mode is Quantize.STATIC and settings.calibration.bias_correction
+    if mode is not Quantize.NONE:
+        calibration = None
+        kept = fp32_nodes(files["fp32"], settings.keep_fp32.nodes(mode))
+        if inputs.calibration_rows is not None:
+            dm.use_rows(settings.calibration.split, inputs.calibration_rows)
+            calibration = _collect(dm, settings.calibration.split)
+        files["int8"] = quantize_model(files["fp32"], staging / INT8_FILE, mode, input_name=INPUT_NAME,
+                                       calibration=calibration, per_channel=settings.per_channel,
+                                       method=settings.calibration.method, keep_fp32=kept,
+                                       bias_correction=bias_corrected)
+        sessions["onnx_int8"] = _session(files["int8"])
+    return _Converted(staging, files, sessions, parity_x, parity, kept, bias_corrected)
+
+
+def _score(inputs: _Inputs, converted: _Converted, settings: ExportSettings, cfg: DictConfig) -> _Scored:
+    """Every variant over the gate split: accuracy (R^2 for regression), the gates, latency."""
+    task, classes = inputs.meta["task"], inputs.meta["classes"]
+    outputs, targets = _outputs(inputs.model, converted.sessions, inputs.dm, settings.split)
+    accuracy = {k: _metric(task, v, targets, len(classes) if classes else None) for k, v in outputs.items()}
+    gates = [converted.parity]
+    if "onnx_int8" in outputs:
+        if task == "classification":
+            gates.append(agreement_gate(outputs["onnx_fp32"], outputs["onnx_int8"], settings.gates))
+        gates.append(accuracy_gate(accuracy["pytorch"], accuracy["onnx_int8"],
+                                   "accuracy" if task == "classification" else "R^2", settings.gates))
+    latency = _latencies(inputs.model, converted.sessions, converted.parity_x, cfg)
+    return _Scored(outputs, targets, accuracy, gates, latency)
 
 
 def _outputs(model: torch.nn.Module, sessions: dict[str, OnnxModel], dm: RecipeDataModule, split: str):
@@ -152,152 +290,93 @@ def _metric(task: str, outputs: np.ndarray, targets: np.ndarray, num_classes: in
     return float(m["accuracy"] if task == "classification" else m["r2"])
 
 
-def validate_export(settings: DictConfig) -> tuple[Quantize, GateSettings]:
-    """Check the ``export`` group before any work; returns the INT8 mode and the gate thresholds."""
-    mode = Quantize.parse(settings.quantize)
-    gates = build_dataclass(GateSettings, settings.gates, "export.gates")
-    if settings.exporter not in ("torchscript", "dynamo"):
-        raise ConfigError(f"export.exporter={settings.exporter!r}: choose torchscript or dynamo")
-    if settings.calibration.split == settings.split:
-        raise ConfigError(f"export.calibration.split={settings.calibration.split!r} is the split the gates score "
-                          f"on (export.split); calibrate on train")
-    keep = settings.get("keep_fp32") or {}
-    if not isinstance(keep, Mapping) or set(keep) - {"static", "dynamic"} or any(
-            isinstance(v, str) or not all(isinstance(k, str) for k in v or []) for v in keep.values()):
-        raise ConfigError(f"export.keep_fp32={keep!r}: expected lists of node names or first/last per INT8 mode, "
-                          f"e.g. export.keep_fp32.static=[first,last] export.keep_fp32.dynamic=[]")
-    if not isinstance(settings.calibration.get("bias_correction", False), bool):
-        raise ConfigError(f"export.calibration.bias_correction={settings.calibration.bias_correction!r}: "
-                          f"expected true or false")
-    if int(settings.parity_samples) < 1 or int(settings.latency.repeats) < 1:
-        raise ConfigError("export.parity_samples and export.latency.repeats must be >= 1")
-    return mode, gates
+def _record(out: Path, inputs: _Inputs, converted: _Converted, scored: _Scored, settings: ExportSettings,
+            record: RunRecord) -> StageResult:
+    """Metadata into every ONNX file and its sidecar; the files released into the run dir (or ``rejected/``), a
+    Triton repository when released; ``metrics.json``, ``export.md`` and the run record's outputs."""
+    recipe, meta, mode = inputs.recipe, inputs.meta, inputs.mode
+    passed = scored.passed
+    lineage = {**inputs.lineage, "recipe_fingerprint": inputs.dm.prepare().fingerprint, "gate_recipe": recipe.name,
+               "run_id": record.data["run_id"], "run_dir": str(out.resolve())}
+    base_meta = {"format": ONNX_FORMAT, "format_version": 1, "task": meta["task"], "classes": meta["classes"],
+                 "num_outputs": int(meta["num_outputs"]), "preprocess": meta["preprocess"],
+                 "input_name": INPUT_NAME, "output_name": output_name(meta["task"]), "input_layout": "NCHW",
+                 "backbone": meta["backbone"]["name"], "exporter": settings.exporter, "opset": settings.opset,
+                 "lineage": lineage, "gates": scored.gates, "gates_passed": passed}
+    released = _release(converted, base_meta, mode, out if passed else out / "rejected")
+    metrics = _metrics(inputs, converted, scored, settings, lineage, released)
+    outputs: dict[str, Path] = {"model": released.get("int8", released["fp32"])}
+    if passed and settings.triton:
+        name = settings.name or _default_name(recipe.name, lineage)
+        outputs["triton"] = write_repository(out / "triton", name, outputs["model"],
+                                             {**base_meta, "precision": "final"}, settings.triton_max_batch_size)
+        metrics["triton"] = str(outputs["triton"])
+        for f in sorted(outputs["triton"].rglob("*")):
+            if f.is_file():
+                record.add_output(f, "triton")
+    if not passed:
+        outputs["rejection"] = write_json_atomic(out / "rejected" / "reason.json", {
+            "failed": [g for g in scored.gates if not g["passed"]], "gates": scored.gates})
+        record.add_output(outputs["rejection"], "rejection")
+    outputs["metrics"] = write_json_atomic(out / "metrics.json", metrics)
+    summary = _summary(metrics)
+    title = f"# fmtransfer export: {'released' if passed else 'REJECTED'}"
+    outputs["report"] = write_text_atomic(out / "export.md", f"{title}\n\n{summary}\n")
+    for role, path in {"metrics": outputs["metrics"], "report": outputs["report"], **inputs.dm.files}.items():
+        record.add_output(path, role)
+    for precision, path in released.items():
+        outputs[f"onnx_{precision}"] = path
+        record.add_output(path, f"onnx_{precision}" + ("" if passed else "_rejected"))
+        record.add_output(sidecar_path(path), f"sidecar_{precision}")
+    return StageResult("export", out, metrics, outputs, [("Edge export", summary)])
 
 
-def export(cfg: DictConfig) -> dict[str, Any]:
-    """Export, quantize, gate and release (or reject) a model; see the module docstring."""
-    out = run_dir(cfg)
-    mode, settings = validate_export(cfg.export)
-    recipe = load_recipe(cfg.data)
-    gate_split = cfg.export.split
-    staging = out / ".staging"
-    with RunRecord("export", out, cfg) as record:
-        model, meta, lineage = _load(cfg, record)
-        check_fit(recipe, meta)
-        if mode is Quantize.AUTO:
-            from fmtransfer.models.families import family_of
+def _release(converted: _Converted, base_meta: dict[str, Any], mode: Quantize, folder: Path) -> dict[str, Path]:
+    """Embed the metadata into each staged file, write its sidecar and move both into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    released = {}
+    for precision, path in converted.files.items():
+        onnx_meta = {**base_meta, "precision": precision, "quantize": mode.value if precision == "int8" else "none"}
+        if precision == "int8":
+            onnx_meta["fp32_nodes"] = converted.kept
+            onnx_meta["bias_correction"] = converted.bias_corrected
+        embed_metadata(path, onnx_meta)
+        write_json_atomic(sidecar_path(path), {**onnx_meta, "file": path.name, "bytes": path.stat().st_size,
+                                               "onnx_sha256": sha256_file(path)})
+        for src in (path, sidecar_path(path)):
+            src.replace(folder / src.name)
+        released[precision] = folder / path.name
+    shutil.rmtree(converted.staging, ignore_errors=True)
+    return released
 
-            mode = Quantize(family_of(meta["backbone"]["name"]).int8)
-        task, classes = meta["task"], meta.get("classes")
-        dm = RecipeDataModule(recipe, batch_size=cfg.loader.batch_size, num_workers=cfg.loader.num_workers,
-                              preprocess=Preprocess.from_dict(meta["preprocess"]), classes=classes, output_dir=out)
-        table = dm.prepare()
-        record.set_data(recipe.name, recipe.to_dict(), table.fingerprint)
-        cal_rows = _calibration_rows(cfg, dm, gate_split) if mode is Quantize.STATIC else None
 
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True)
-        parity_x = _collect(dm, gate_split, int(cfg.export.parity_samples))
-        files = {"fp32": export_onnx(model, torch.from_numpy(parity_x[:2]), staging / FP32_FILE, task=task,
-                                     opset=int(cfg.export.opset), exporter=cfg.export.exporter)}
-        sessions = {"onnx_fp32": _session(files["fp32"])}
-        with torch.inference_mode():
-            reference = model(torch.from_numpy(parity_x)).float().numpy()
-        gates = [parity_gate(reference, sessions["onnx_fp32"].run(parity_x), settings)]
-        kept: list[str] = []
-        bias_corrected = mode is Quantize.STATIC and bool(cfg.export.calibration.get("bias_correction", False))
-        if mode is not Quantize.NONE:
-            calibration = None
-            kept = fp32_nodes(files["fp32"], list((cfg.export.get("keep_fp32") or {}).get(mode.value) or []))
-            if cal_rows is not None:
-                dm.use_rows(cfg.export.calibration.split, cal_rows)
-                calibration = _collect(dm, cfg.export.calibration.split)
-            files["int8"] = quantize_model(files["fp32"], staging / INT8_FILE, mode, input_name=INPUT_NAME,
-                                           calibration=calibration, per_channel=bool(cfg.export.per_channel),
-                                           method=cfg.export.calibration.get("method", "minmax"),
-                                           keep_fp32=kept, bias_correction=bias_corrected)
-            sessions["onnx_int8"] = _session(files["int8"])
+def _metrics(inputs: _Inputs, converted: _Converted, scored: _Scored, settings: ExportSettings,
+             lineage: dict[str, Any], released: dict[str, Path]) -> dict[str, Any]:
+    task, mode, outputs = inputs.meta["task"], inputs.mode, scored.outputs
+    sizes = {k: path.stat().st_size for k, path in released.items()}
+    variants = [("pytorch", "PyTorch eager fp32", None), ("onnx_fp32", "ONNX fp32", FP32_FILE),
+                ("onnx_int8", f"ONNX INT8 ({mode.value})", INT8_FILE)]
+    rows = [{"variant": label, "file": f, "mb": sizes.get("fp32" if k == "onnx_fp32" else "int8", 0) / 1e6 if f
+             else None, "accuracy": scored.accuracy[k], **scored.latency[k]}
+            for k, label, f in variants if k in scored.accuracy]
+    int8 = "onnx_int8" in outputs
+    return {"stage": "export", "task": task, "recipe": inputs.recipe.name, "split": settings.split,
+            "n_test": int(len(scored.targets)), "quantize": mode.value, "exporter": settings.exporter,
+            "fp32_nodes": converted.kept, "bias_correction": converted.bias_corrected,
+            "calibration_method": settings.calibration.method if mode is Quantize.STATIC else None,
+            "passed": scored.passed, "gates": scored.gates, "variants": rows, "sizes_bytes": sizes,
+            "int8_to_fp32_size": sizes["int8"] / sizes["fp32"] if int8 else None,
+            "int8_fp32_agreement": agreement(outputs["onnx_fp32"], outputs["onnx_int8"])
+            if int8 and task == "classification" else None,
+            # RMS difference of the INT8 outputs (logits) from ONNX fp32's: finer than top-1 agreement
+            "int8_fp32_rmse": float(np.sqrt(np.mean((outputs["onnx_int8"] - outputs["onnx_fp32"]) ** 2)))
+            if int8 else None,
+            "lineage": lineage, "files": {k: str(v) for k, v in released.items()}}
 
-        outputs, targets = _outputs(model, sessions, dm, gate_split)
-        n_classes = len(classes) if classes else None
-        accuracy = {k: _metric(task, v, targets, n_classes) for k, v in outputs.items()}
-        if "onnx_int8" in outputs:
-            if task == "classification":
-                gates.append(agreement_gate(outputs["onnx_fp32"], outputs["onnx_int8"], settings))
-            gates.append(accuracy_gate(accuracy["pytorch"], accuracy["onnx_int8"],
-                                       "accuracy" if task == "classification" else "R^2", settings))
-        latency = _latencies(model, sessions, parity_x, cfg)
-        passed = all(g["passed"] for g in gates)
 
-        lineage.update({"recipe_fingerprint": table.fingerprint, "gate_recipe": recipe.name,
-                        "run_id": record.data["run_id"], "run_dir": str(out.resolve())})
-        base_meta = {"format": ONNX_FORMAT, "format_version": 1, "task": task, "classes": classes,
-                     "num_outputs": int(meta["num_outputs"]), "preprocess": meta["preprocess"],
-                     "input_name": INPUT_NAME, "output_name": output_name(task), "input_layout": "NCHW",
-                     "backbone": meta["backbone"]["name"], "exporter": cfg.export.exporter,
-                     "opset": int(cfg.export.opset), "lineage": lineage, "gates": gates, "gates_passed": passed}
-        for precision, path in files.items():
-            onnx_meta = {**base_meta, "precision": precision,
-                         "quantize": mode.value if precision == "int8" else "none"}
-            if precision == "int8":
-                onnx_meta["fp32_nodes"] = kept
-                onnx_meta["bias_correction"] = bias_corrected
-            embed_metadata(path, onnx_meta)
-            write_json_atomic(sidecar_path(path), {**onnx_meta, "file": path.name, "bytes": path.stat().st_size,
-                                                   "onnx_sha256": sha256_file(path)})
-
-        sizes = {k: files[k].stat().st_size for k in files}
-        variants = [("pytorch", "PyTorch eager fp32", None), ("onnx_fp32", "ONNX fp32", FP32_FILE),
-                    ("onnx_int8", f"ONNX INT8 ({mode.value})", INT8_FILE)]
-        rows = [{"variant": label, "file": f, "mb": sizes.get("fp32" if k == "onnx_fp32" else "int8", 0) / 1e6 if f
-                 else None, "accuracy": accuracy[k], **latency[k]} for k, label, f in variants if k in accuracy]
-        final_dir = out if passed else out / "rejected"
-        final_dir.mkdir(exist_ok=True)
-        released = {}
-        for precision, path in files.items():
-            for src in (path, sidecar_path(path)):
-                src.replace(final_dir / src.name)
-            released[precision] = final_dir / path.name
-        shutil.rmtree(staging, ignore_errors=True)
-        final = released.get("int8", released["fp32"])
-        metrics = {"stage": "export", "task": task, "recipe": recipe.name, "split": gate_split,
-                   "n_test": int(len(targets)), "quantize": mode.value, "exporter": cfg.export.exporter,
-                   "fp32_nodes": kept, "bias_correction": bias_corrected,
-                   "calibration_method": cfg.export.calibration.get("method", "minmax")
-                   if mode is Quantize.STATIC else None,
-                   "passed": passed, "gates": gates, "variants": rows, "sizes_bytes": sizes,
-                   "int8_to_fp32_size": sizes["int8"] / sizes["fp32"] if "int8" in sizes else None,
-                   "int8_fp32_agreement": agreement(outputs["onnx_fp32"], outputs["onnx_int8"])
-                   if "onnx_int8" in outputs and task == "classification" else None,
-                   # RMS difference of the INT8 outputs (logits) from ONNX fp32's: finer than top-1 agreement
-                   "int8_fp32_rmse": float(np.sqrt(np.mean((outputs["onnx_int8"] - outputs["onnx_fp32"]) ** 2)))
-                   if "onnx_int8" in outputs else None,
-                   "lineage": lineage, "files": {k: str(v) for k, v in released.items()}}
-        if passed and cfg.export.triton:
-            name = cfg.export.name or _default_name(recipe.name, lineage)
-            repo = write_repository(out / "triton", name, final, {**base_meta, "precision": "final"},
-                                    int(cfg.export.triton_max_batch_size))
-            metrics["triton"] = str(repo)
-            for f in sorted(repo.rglob("*")):
-                if f.is_file():
-                    record.add_output(f, "triton")
-        if not passed:
-            write_json_atomic(final_dir / "reason.json", {"failed": [g for g in gates if not g["passed"]],
-                                                          "gates": gates})
-            record.add_output(final_dir / "reason.json", "rejection")
-        write_json_atomic(out / "metrics.json", metrics)
-        report = write_text_atomic(out / "export.md", _report(metrics, settings))
-        for role, path in {"metrics": out / "metrics.json", "report": report, **dm.files}.items():
-            record.add_output(path, role)
-        for precision, path in released.items():
-            record.add_output(path, f"onnx_{precision}" + ("" if passed else "_rejected"))
-            record.add_output(sidecar_path(path), f"sidecar_{precision}")
-        if not passed:
-            failed = "; ".join(f"{g['name']} {g['value']:.4g} (limit {g['threshold']:g})" for g in gates
-                               if not g["passed"])
-            raise GateFailed(f"export rejected: {failed}. The files are in {final_dir} with reason.json")
-    return {"run_dir": str(out), "model": str(final), "metrics": metrics, "report": str(report)}
+def _rejection(gates: list[dict[str, Any]], folder: Path) -> str:
+    failed = "; ".join(f"{g['name']} {g['value']:.4g} (limit {g['threshold']:g})" for g in gates if not g["passed"])
+    return f"export rejected: {failed}. The files are in {folder} with reason.json"
 
 
 def _session(path: Path) -> OnnxModel:
@@ -310,10 +389,10 @@ def _default_name(recipe: str, lineage: dict[str, Any]) -> str:
     return "".join(c if c.isalnum() or c in "_.-" else "_" for c in f"{recipe}_{method}")
 
 
-def _report(m: dict[str, Any], settings: GateSettings) -> str:
+def _summary(m: dict[str, Any]) -> str:
+    """The variants and gates as markdown: the body of ``export.md`` and the pipeline report's section."""
     metric = "accuracy" if m["task"] == "classification" else "R^2"
-    lines = [f"# fmtransfer export: {'released' if m['passed'] else 'REJECTED'}", "",
-             f"Scored on `{m['recipe']}` / {m['split']} ({m['n_test']} images); INT8 mode `{m['quantize']}`, "
+    lines = [f"Scored on `{m['recipe']}` / {m['split']} ({m['n_test']} images); INT8 mode `{m['quantize']}`, "
              f"exporter `{m['exporter']}`" + (f"; kept in fp32: {', '.join(f'`{n}`' for n in m['fp32_nodes'])}"
                                               if m.get("fp32_nodes") else "")
              + (f"; calibration `{m['calibration_method']}`" if m.get("calibration_method") else "")
@@ -330,4 +409,4 @@ def _report(m: dict[str, Any], settings: GateSettings) -> str:
     for g in m["gates"]:
         lines.append(f"| {g['name']} ({g['detail']}) | {g['value']:.4g} | {g['threshold']:g} | "
                      f"{'yes' if g['passed'] else '**no**'} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)

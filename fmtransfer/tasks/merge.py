@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig
 
@@ -12,6 +11,7 @@ from fmtransfer.lineage import RunRecord
 from fmtransfer.models.classifier import load_model, resolve_model_path, save_model
 from fmtransfer.tasks.common import run_dir
 from fmtransfer.tasks.evaluate import record_sources
+from fmtransfer.tasks.result import StageResult
 
 
 def load_adapted(adapter: str | Path, model: str | Path | None = None):
@@ -24,10 +24,11 @@ def load_adapted(adapter: str | Path, model: str | Path | None = None):
     return host, meta, base_path, header
 
 
-def merge(cfg: DictConfig) -> dict[str, Any]:
+def merge(cfg: DictConfig) -> StageResult:
+    """Fold ``adapter_file`` into its base; the result's outputs are ``model`` (model.json) and ``weights``."""
     out = run_dir(cfg)
     with RunRecord("merge", out, cfg) as record:
-        host, _, base_path, header = load_adapted(cfg.adapter_file, cfg.get("model"))
+        host, _, base_path, header = load_adapted(cfg.adapter_file, cfg.model)
         record_sources(record, base_path, host.base_meta, header)
         model, meta = host.merge()
         meta["lineage"] = {"run_id": record.data["run_id"], "run_dir": str(out.resolve()),
@@ -37,4 +38,4 @@ def merge(cfg: DictConfig) -> dict[str, Any]:
         weights, model_json = save_model(model, meta, out)
         record.add_output(weights, "weights")
         record.add_output(model_json, "model")
-    return {"run_dir": str(out), "model": str(model_json)}
+    return StageResult("merge", out, outputs={"model": model_json, "weights": weights})

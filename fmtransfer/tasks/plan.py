@@ -14,6 +14,7 @@ from fmtransfer.errors import DataError
 from fmtransfer.lineage import RunRecord, write_json_atomic, write_text_atomic
 from fmtransfer.plots import learning_curve_png
 from fmtransfer.tasks.common import run_dir
+from fmtransfer.tasks.result import StageResult
 
 REFERENCE_METHODS = ("scratch",)  # drawn as reference lines, not counted as adaptation methods
 
@@ -79,8 +80,9 @@ def plan_markdown(summary: dict[str, Any], best: float, needed: dict, targets: l
     return "\n".join(lines)
 
 
-def plan(cfg: DictConfig) -> dict[str, Any]:
-    """Writes ``plan.md``, ``plan.json`` and ``learning_curve.png`` into the run dir."""
+def plan(cfg: DictConfig) -> StageResult:
+    """Writes ``plan.md``, ``plan.json`` and ``learning_curve.png`` into the run dir; the result's metrics are
+    plan.json's content and its section the plan's tables."""
     out = run_dir(cfg)
     sweep = cfg.sweep
     folders = [Path(p) for p in (sweep if isinstance(sweep, (list, ListConfig)) else [sweep])]
@@ -101,6 +103,7 @@ def plan(cfg: DictConfig) -> dict[str, Any]:
                   "labels_needed": {m: {str(t): n for t, n in row.items()} for m, row in needed.items()},
                   **summary}
         write_json_atomic(out / "plan.json", result)
-        for role, path in (("plan", out / "plan.md"), ("plan_json", out / "plan.json"), ("learning_curve", png)):
-            record.add_output(path, role)
-    return {"run_dir": str(out), "report": str(out / "plan.md"), "plan": result, "markdown": text}
+        outputs = {"report": out / "plan.md", "plan_json": out / "plan.json", "learning_curve": png}
+        for role, path in outputs.items():
+            record.add_output(path, "plan" if role == "report" else role)
+    return StageResult("plan", out, result, outputs, [("Calibration-size plan", text)])

@@ -3,16 +3,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
 
 from omegaconf import DictConfig
 
 from fmtransfer.config import run_dir
 from fmtransfer.export.predict import predict_files
 from fmtransfer.lineage import RunRecord
+from fmtransfer.tasks.result import StageResult
 
 
-def predict(cfg: DictConfig) -> dict[str, Any]:
+def predict(cfg: DictConfig) -> StageResult:
     """Write ``cfg.output`` (CSV) with a prediction per readable image of ``cfg.input``."""
     out = run_dir(cfg)
     with RunRecord("predict", out, cfg) as record:
@@ -21,4 +22,6 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         record.add_output(result["output"], "predictions")
         if result["skipped_file"]:
             record.add_output(result["skipped_file"], "skipped")
-    return {"run_dir": str(out), **result}
+    outputs = {"model": result["model"], "output": result["output"], "skipped": result["skipped_file"]}
+    return StageResult("predict", out, {"n": result["n"], "skipped": result["skipped"]},
+                       {role: Path(path) for role, path in outputs.items() if path})

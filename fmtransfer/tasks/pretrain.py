@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any
+from pathlib import Path
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig
@@ -28,6 +28,7 @@ from fmtransfer.tasks.common import (
     run_dir,
 )
 from fmtransfer.tasks.evaluate import score_model
+from fmtransfer.tasks.result import StageResult
 
 
 def epochs_for_steps(steps: int, n_train: int, batch_size: int) -> int:
@@ -51,10 +52,11 @@ def validate(cfg: DictConfig):
     return recipe, spec
 
 
-def pretrain(cfg: DictConfig) -> dict[str, Any]:
+def pretrain(cfg: DictConfig) -> StageResult:
     """Train, checkpoint every epoch, save ``model.safetensors`` + ``model.json``, score the test split.
 
-    Returns ``{"run_dir", "model", "metrics"}``. Raises FmtError on bad config or data before training.
+    The result's outputs include ``model`` (model.json), ``confusion`` and ``training_curves``. Raises FmtError on
+    bad config or data before training.
     """
     out = run_dir(cfg)
     recipe, spec = validate(cfg)
@@ -117,4 +119,4 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
             outputs["last_checkpoint"] = ckpt.last_model_path
         for role, path in outputs.items():
             record.add_output(path, role)
-    return {"run_dir": str(out), "model": str(files["model"]), "metrics": metrics}
+    return StageResult("pretrain", out, metrics, {role: Path(path) for role, path in outputs.items()})

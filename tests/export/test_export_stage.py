@@ -32,9 +32,9 @@ FAST = ["export.latency.repeats=2", "export.latency.warmup=1", "export.calibrati
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
     folder = tmp_path_factory.mktemp("export")
-    base = pretrain(make_cfg("pretrain", ["experiment=smoke"], folder / "base"))["run_dir"]
+    base = pretrain(make_cfg("pretrain", ["experiment=smoke"], folder / "base")).run_dir
     return adapt(make_cfg("adapt", [f"base={base}", *REGION, "adapter.steps=6", "calibration.size=30",
-                                    "logger=none"], folder / "adapt"))["adapter"]
+                                    "logger=none"], folder / "adapt")).outputs["adapter"]
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +44,13 @@ def exported(adapter, tmp_path_factory):
 
 
 def test_export_writes_gated_onnx_with_metadata(exported, adapter):
-    out = exported["run_dir"]
-    m = exported["metrics"]
+    out = exported.run_dir
+    m = exported.metrics
     assert m["passed"] and {g["name"] for g in m["gates"]} == {"fp32_parity", "int8_agreement", "int8_accuracy_drop"}
     assert m["gates"][0]["value"] <= 1e-4
     assert [v["variant"] for v in m["variants"]] == ["PyTorch eager fp32", "ONNX fp32", "ONNX INT8 (static)"]
     assert all(v["batch_1_ms"] > 0 and v["batch_32_ms"] > 0 and 0 <= v["accuracy"] <= 1 for v in m["variants"])
-    assert exported["model"].endswith("model.int8.onnx")
+    assert exported.outputs["model"] == out / "model.int8.onnx"
     # export.keep_fp32.static=[first,last]: the ResNet stem and the classifier stay fp32, and say so
     assert len(m["fp32_nodes"]) == 2 and m["fp32_nodes"][0].startswith("/backbone/conv1") and m["fp32_nodes"][1] == "/head/Gemm"
     assert OnnxModel.load(f"{out}/model.int8.onnx").meta["fp32_nodes"] == m["fp32_nodes"]
@@ -88,19 +88,19 @@ def test_both_exporters_and_quantizers_on_a_plain_model(adapter, tmp_path, expor
     result = export(make_cfg("export", [f"model={header['base']['path']}", "data=mnist_global", "data.limit=300",
                                         f"export.exporter={exporter}", f"export.quantize={quantize}", *FAST],
                              tmp_path / "run"))
-    m = result["metrics"]
+    m = result.metrics
     assert m["passed"] and m["exporter"] == exporter and m["quantize"] == quantize
     assert (tmp_path / "run" / "model.int8.onnx").is_file() == (quantize != "none")
-    assert OnnxModel.load(result["model"]).meta["lineage"]["adapter_sha256"] is None
+    assert OnnxModel.load(result.outputs["model"]).meta["lineage"]["adapter_sha256"] is None
 
 
 def test_vit_with_prompts_exports(tmp_path):
-    base = pretrain(make_cfg("pretrain", ["experiment=smoke", "backbone=tiny_vit"], tmp_path / "vit"))["run_dir"]
+    base = pretrain(make_cfg("pretrain", ["experiment=smoke", "backbone=tiny_vit"], tmp_path / "vit")).run_dir
     vpt = adapt(make_cfg("adapt", [f"base={base}", *REGION, "adapter=vpt", "adapter.method.num_tokens=4",
                                    "adapter.steps=4", "calibration.size=30", "logger=none"], tmp_path / "vpt"))
-    m = export(make_cfg("export", [f"adapter_file={vpt['adapter']}", *REGION,
+    m = export(make_cfg("export", [f"adapter_file={vpt.outputs['adapter']}", *REGION,
                                    "export.exporter=dynamo", "export.gates.min_int8_agreement=0.5",
-                                   "export.gates.max_accuracy_drop=0.5", *FAST], tmp_path / "run"))["metrics"]
+                                   "export.gates.max_accuracy_drop=0.5", *FAST], tmp_path / "run")).metrics
     # an untrained tiny ViT has near-tied logits, so INT8 flips some; the gates on real models are in the benchmark
     assert m["passed"] and m["gates"][0]["value"] <= 1e-4
     assert m["quantize"] == "dynamic"  # export.quantize=auto: the ViT family's choice
@@ -120,9 +120,9 @@ def test_failed_gate_rejects_the_export(adapter, tmp_path):
 
 
 def test_calibration_manifest(adapter, tmp_path):
-    cal = adapter.replace("adapter.safetensors", "calibration.csv")
+    cal = adapter.with_name("calibration.csv")
     m = export(make_cfg("export", [f"adapter_file={adapter}", *REGION, *FAST, f"export.calibration.manifest={cal}",
-                                   "export.calibration.method=percentile"], tmp_path / "ok"))["metrics"]
+                                   "export.calibration.method=percentile"], tmp_path / "ok")).metrics
     assert m["passed"]
     splits = tmp_path / "ok" / "data" / "uci_digits_region.splits.csv"
     with open(splits) as f:
@@ -152,7 +152,7 @@ def test_predict_matches_pytorch_and_imports_no_torch(exported, adapter, tmp_pat
     paths = _digit_images(tmp_path / "imgs")
     out = tmp_path / "preds.csv"
     code = (f"import sys, json; from fmtransfer.export.predict import predict_files; "
-            f"r = predict_files({exported['run_dir'] + '/model.onnx'!r}, {str(tmp_path / 'imgs')!r}, {str(out)!r}); "
+            f"r = predict_files({str(exported.run_dir / 'model.onnx')!r}, {str(tmp_path / 'imgs')!r}, {str(out)!r}); "
             f"heavy = sorted({{m.split('.')[0] for m in sys.modules}} & "
             f"{{'torch', 'torchvision', 'pytorch_lightning', 'lightning', 'timm', 'peft', 'onnx', 'omegaconf'}}); "
             f"print(json.dumps([r['n'], heavy]))")
@@ -175,7 +175,7 @@ def test_predict_matches_pytorch_and_imports_no_torch(exported, adapter, tmp_pat
 
 
 def test_predict_bad_input(exported, tmp_path):
-    model = exported["run_dir"] + "/model.int8.onnx"
+    model = exported.run_dir / "model.int8.onnx"
     imgs = tmp_path / "imgs"
     _digit_images(imgs, n=3)
     corrupt(save_image(np.zeros((8, 8, 1), np.uint8), imgs / "broken.png"))
@@ -200,8 +200,8 @@ def test_predict_bad_input(exported, tmp_path):
     # a model replaced behind its sidecar's back is refused
     tampered = tmp_path / "t" / "model.onnx"
     tampered.parent.mkdir()
-    tampered.write_bytes(open(exported["run_dir"] + "/model.onnx", "rb").read() + b"\0")
-    (tmp_path / "t" / "model.onnx.json").write_text(open(exported["run_dir"] + "/model.onnx.json").read())
+    tampered.write_bytes((exported.run_dir / "model.onnx").read_bytes() + b"\0")
+    (tmp_path / "t" / "model.onnx.json").write_text((exported.run_dir / "model.onnx.json").read_text())
     with pytest.raises(ArtifactError, match="differs from .* recorded in"):
         OnnxModel.load(tampered)
     with pytest.raises(DataError, match="neither a folder nor a .csv"):
@@ -216,7 +216,7 @@ def test_cli_export_rejection_exits_non_zero_and_predict_reads_a_csv(adapter, ex
     paths = _digit_images(tmp_path / "imgs", n=4)
     manifest = tmp_path / "in.csv"
     manifest.write_text("path\n" + "".join(f"imgs/{p.name}\n" for p in paths))
-    proc = subprocess.run([sys.executable, "-m", "fmtransfer.predict", f"model={exported['run_dir']}",
+    proc = subprocess.run([sys.executable, "-m", "fmtransfer.predict", f"model={exported.run_dir}",
                            f"input={manifest}", f"output={tmp_path / 'p.csv'}", f"hydra.run.dir={tmp_path / 'pr'}"],
                           capture_output=True, text=True, env=cli_env(), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
@@ -231,19 +231,19 @@ def test_regression_model_exports_and_predicts(tmp_path):
     data = ["data=npz", f"data.source.path={npz}", "data.channels=4", "data.image_size=[16,16]",
             "data.task=regression", "data.classes=null", "data.limit=null"]
     base = pretrain(make_cfg("pretrain", ["experiment=smoke", *data, "method=regression"], tmp_path / "base"))
-    result = export(make_cfg("export", [f"model={base['run_dir']}", *data, *FAST, "export.quantize=dynamic",
+    result = export(make_cfg("export", [f"model={base.run_dir}", *data, *FAST, "export.quantize=dynamic",
                                         "export.gates.max_accuracy_drop=10"], tmp_path / "run"))
-    m = result["metrics"]
+    m = result.metrics
     assert m["passed"] and m["task"] == "regression"
     assert {g["name"] for g in m["gates"]} == {"fp32_parity", "int8_accuracy_drop"}  # no top-1 for regression
-    meta = OnnxModel.load(result["model"]).meta
+    meta = OnnxModel.load(result.outputs["model"]).meta
     assert meta["output_name"] == "prediction" and meta["classes"] is None and meta["preprocess"]["channels"] == 4
     import tifffile
 
     tile = np.random.default_rng(0).integers(0, 255, (16, 16, 4), dtype=np.uint8)  # a 4-band tile
     (tmp_path / "in").mkdir()
     tifffile.imwrite(tmp_path / "in" / "tile.tif", np.moveaxis(tile, -1, 0), photometric="minisblack")
-    r = predict_files(result["model"], tmp_path / "in", tmp_path / "p.csv")
+    r = predict_files(result.outputs["model"], tmp_path / "in", tmp_path / "p.csv")
     with open(r["output"]) as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["path", "prediction"] and np.isfinite(float(rows[0]["prediction"]))

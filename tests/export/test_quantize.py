@@ -97,13 +97,13 @@ def test_bias_correction_leaves_fp32_nodes_alone(cnn, tmp_path):
 
 
 def test_keep_fp32_must_be_lists_per_mode(tmp_path):
-    from fmtransfer.tasks.export import validate_export
+    from fmtransfer.tasks.export import export_settings
     from tests.conftest import make_cfg
 
-    assert validate_export(make_cfg("export", [], tmp_path).export)[0] is Quantize.AUTO
-    with pytest.raises(ConfigError, match="export.keep_fp32=.*per INT8 mode"):
-        validate_export(make_cfg("export", ["export.keep_fp32.static=first"], tmp_path).export)
-    with pytest.raises(ConfigError, match="export.keep_fp32=.*per INT8 mode"):
-        validate_export(make_cfg("export", ["+export.keep_fp32.qat=[first]"], tmp_path).export)
-    with pytest.raises(ConfigError, match="export.calibration.bias_correction='yes'"):
-        validate_export(make_cfg("export", ["export.calibration.bias_correction=yes"], tmp_path).export)
+    assert export_settings(make_cfg("export", [], tmp_path)).quantize is Quantize.AUTO
+    with pytest.raises(ConfigError, match="export.keep_fp32.static='first': expected a list of node names"):
+        export_settings(make_cfg("export", ["export.keep_fp32.static=first"], tmp_path))
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) export.keep_fp32.qat; allowed: dynamic, static"):
+        export_settings(make_cfg("export", ["+export.keep_fp32.qat=[first]"], tmp_path))
+    with pytest.raises(ConfigError, match="export.calibration.bias_correction='yes': expected true or false"):
+        export_settings(make_cfg("export", ["export.calibration.bias_correction=yes"], tmp_path))

@@ -26,13 +26,13 @@ QUICK = ["adapter.steps=6", "calibration.size=30", "logger=none"]
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     folder = tmp_path_factory.mktemp("base")
-    return pretrain(make_cfg("pretrain", ["experiment=smoke"], folder / "run"))["run_dir"]
+    return pretrain(make_cfg("pretrain", ["experiment=smoke"], folder / "run")).run_dir
 
 
 @pytest.fixture(scope="module")
 def vit_base(tmp_path_factory):
     folder = tmp_path_factory.mktemp("vitbase")
-    return pretrain(make_cfg("pretrain", ["experiment=smoke", "backbone=tiny_vit"], folder / "run"))["run_dir"]
+    return pretrain(make_cfg("pretrain", ["experiment=smoke", "backbone=tiny_vit"], folder / "run")).run_dir
 
 
 def test_lora_adapter_end_to_end(base, cfg_factory, tmp_path):
@@ -52,17 +52,17 @@ def test_lora_adapter_end_to_end(base, cfg_factory, tmp_path):
     assert record["parents"][0]["stage"] == "pretrain" and verify_record(out) == []
 
     # the adapter alone, applied by evaluate, reproduces the stage's numbers; so does the merged model
-    ev = evaluate(cfg_factory("evaluate", f"adapter_file={result['adapter']}", *REGION, run_dir=tmp_path / "ev"))
-    assert ev["metrics"]["overall"]["accuracy"] == m["test"]["overall"]["accuracy"]
-    merged = merge(cfg_factory("merge", f"adapter_file={result['adapter']}", run_dir=tmp_path / "merged"))
-    ev2 = evaluate(cfg_factory("evaluate", f"model={merged['run_dir']}", *REGION, run_dir=tmp_path / "ev2"))
-    assert ev2["metrics"]["overall"]["accuracy"] == pytest.approx(m["test"]["overall"]["accuracy"], abs=1e-9)
+    ev = evaluate(cfg_factory("evaluate", f"adapter_file={result.outputs['adapter']}", *REGION, run_dir=tmp_path / "ev"))
+    assert ev.metrics["overall"]["accuracy"] == m["test"]["overall"]["accuracy"]
+    merged = merge(cfg_factory("merge", f"adapter_file={result.outputs['adapter']}", run_dir=tmp_path / "merged"))
+    ev2 = evaluate(cfg_factory("evaluate", f"model={merged.run_dir}", *REGION, run_dir=tmp_path / "ev2"))
+    assert ev2.metrics["overall"]["accuracy"] == pytest.approx(m["test"]["overall"]["accuracy"], abs=1e-9)
     assert {p["stage"] for p in load_record(tmp_path / "merged")["parents"]} == {"pretrain", "adapt"}
 
 
 @pytest.mark.parametrize("adapter", ["linear_probe", "bitfit", "full", "scratch"])
 def test_every_method_runs(base, cfg_factory, adapter):
-    m = adapt(cfg_factory("adapt", f"base={base}", f"adapter={adapter}", *REGION, *QUICK))["metrics"]
+    m = adapt(cfg_factory("adapt", f"base={base}", f"adapter={adapter}", *REGION, *QUICK)).metrics
     assert m["method"] == adapter and m["test"]["overall"]["n"] == 90
     if adapter == "linear_probe":
         assert m["trainable_parameters"] == 96 * 10 + 10  # the head alone
@@ -72,12 +72,12 @@ def test_every_method_runs(base, cfg_factory, adapter):
 
 def test_vpt_on_a_vit_base(vit_base, cfg_factory):
     m = adapt(cfg_factory("adapt", f"base={vit_base}", "adapter=vpt", "adapter.method.num_tokens=4", *REGION,
-                          *QUICK))["metrics"]
+                          *QUICK)).metrics
     assert m["method"] == "vpt" and m["trainable_fraction"] < 0.2
 
 
 def test_diverse_strategy(base, cfg_factory, tmp_path):
-    m = adapt(cfg_factory("adapt", f"base={base}", "calibration.strategy=diverse", *REGION, *QUICK))["metrics"]
+    m = adapt(cfg_factory("adapt", f"base={base}", "calibration.strategy=diverse", *REGION, *QUICK)).metrics
     assert m["calibration"]["strategy"] == "diverse"
     with open(tmp_path / "adapt" / "calibration.csv") as f:
         assert len(list(csv.DictReader(f))) == 30
@@ -86,7 +86,7 @@ def test_diverse_strategy(base, cfg_factory, tmp_path):
 def test_new_classes_get_a_new_head(base, cfg_factory, tmp_path):
     root = make_image_folder(tmp_path / "weeds", classes=("0", "1", "weed"), per_class=20, size=28)
     m = adapt(cfg_factory("adapt", f"base={base}", "data=image_folder", f"data.source.root={root}",
-                          "data.channels=1", "data.image_size=[28,28]", *QUICK, "calibration.size=20"))["metrics"]
+                          "data.channels=1", "data.image_size=[28,28]", *QUICK, "calibration.size=20")).metrics
     assert m["head"] == "new head: 2 of 3 classes initialised from the global head"
     assert m["zero_shot"] is None  # the global head cannot score a class it never had
 
@@ -109,11 +109,11 @@ def test_tampered_adapter_is_refused(base, cfg_factory, tmp_path):
     data[-3] ^= 0x10
     path.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="do not match the sha256"):
-        evaluate(cfg_factory("evaluate", f"adapter_file={result['adapter']}", *REGION, run_dir=tmp_path / "ev"))
+        evaluate(cfg_factory("evaluate", f"adapter_file={result.outputs['adapter']}", *REGION, run_dir=tmp_path / "ev"))
     other = pretrain(make_cfg("pretrain", ["experiment=smoke", "seed=7"], tmp_path / "other"))
     good = adapt(cfg_factory("adapt", f"base={base}", *REGION, *QUICK, run_dir=tmp_path / "good"))
     with pytest.raises(ArtifactError, match="was trained on base"):
-        evaluate(cfg_factory("evaluate", f"adapter_file={good['adapter']}", f"model={other['run_dir']}", *REGION,
+        evaluate(cfg_factory("evaluate", f"adapter_file={good.outputs['adapter']}", f"model={other.run_dir}", *REGION,
                              run_dir=tmp_path / "ev3"))
 
 
@@ -160,11 +160,11 @@ def test_plan_arithmetic(tmp_path):
 def test_val_split_is_scored_and_resume_continues(base, cfg_factory, tmp_path):
     first = adapt(cfg_factory("adapt", f"base={base}", *REGION, *QUICK, "checkpoints=2", "keep_checkpoints=true",
                               run_dir=tmp_path / "a"))
-    m = first["metrics"]
+    m = first.metrics
     assert m["val"]["overall"]["n"] == 30 and m["test"]["overall"]["n"] == 90
     assert (tmp_path / "a" / "checkpoints" / "last.ckpt").is_file()
     again = adapt(cfg_factory("adapt", f"base={base}", *REGION, *QUICK, f"resume={tmp_path / 'a'}",
                               run_dir=tmp_path / "b"))
-    assert again["metrics"]["test"]["overall"] == m["test"]["overall"]  # a finished run resumes to the same end
+    assert again.metrics["test"]["overall"] == m["test"]["overall"]  # a finished run resumes to the same end
     assert load_record(tmp_path / "b")["inputs"][0]["role"] == "base"
     assert not (tmp_path / "b" / "checkpoints").exists()  # by default only the adapter stays

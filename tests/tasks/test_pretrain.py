@@ -34,7 +34,7 @@ def test_pretrain_writes_artifacts_and_lineage(cfg_factory, tmp_path):
     assert outputs["weights"]["sha256"] == sha256_file(out / "model.safetensors")
     assert verify_record(out) == []
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["test"]["overall"]["n"] == result["metrics"]["test"]["overall"]["n"] > 0
+    assert metrics["test"]["overall"]["n"] == result.metrics["test"]["overall"]["n"] > 0
     assert 0.0 <= metrics["test"]["overall"]["accuracy"] <= 1.0
     assert np.array(metrics["test"]["overall"]["confusion_matrix"]).sum() == metrics["test"]["overall"]["n"]
     model, meta = load_model(out)
@@ -46,8 +46,8 @@ def test_pretrain_on_image_folder(cfg_factory, tmp_path):
     root = make_image_folder(tmp_path / "imgs", per_class=20, channels=3, suffix=".jpg")
     result = pretrain(cfg_factory("pretrain", *SMOKE, "data=image_folder", f"data.source.root={root}",
                                   "data.image_size=[16,16]", "data.limit=null"))
-    assert result["metrics"]["test"]["overall"]["n"] == 9
-    assert load_model(result["run_dir"])[1]["classes"] == ["a", "b", "c"]
+    assert result.metrics["test"]["overall"]["n"] == 9
+    assert load_model(result.run_dir)[1]["classes"] == ["a", "b", "c"]
 
 
 def test_regression_task(cfg_factory, tmp_path):
@@ -55,7 +55,7 @@ def test_regression_task(cfg_factory, tmp_path):
     result = pretrain(cfg_factory("pretrain", *SMOKE, "data=npz", f"data.source.path={path}", "data.channels=4",
                                   "data.image_size=[16,16]", "data.task=regression", "data.classes=null",
                                   "method=regression", "data.limit=null"))
-    test = result["metrics"]["test"]["overall"]
+    test = result.metrics["test"]["overall"]
     assert set(test) >= {"r2", "mae", "rmse"} and test["mae"] >= 0
 
 
@@ -86,9 +86,9 @@ def test_killed_run_resumes_to_the_same_result(cfg_factory, tmp_path):
     assert load_record(killed)["status"] == "running"  # the record tells the truth about a killed run
 
     resumed = pretrain(cfg_factory("pretrain", *args, f"resume={killed}", run_dir=tmp_path / "resumed"))
-    assert resumed["metrics"]["epochs"] == full["metrics"]["epochs"] == 3
-    assert resumed["metrics"]["global_step"] == full["metrics"]["global_step"]
-    assert resumed["metrics"]["test"]["overall"] == full["metrics"]["test"]["overall"]
+    assert resumed.metrics["epochs"] == full.metrics["epochs"] == 3
+    assert resumed.metrics["global_step"] == full.metrics["global_step"]
+    assert resumed.metrics["test"]["overall"] == full.metrics["test"]["overall"]
     a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
     for key in a:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
