@@ -2,7 +2,17 @@
 
 from fmtransfer.adapters.artifact import AdapterHost, read_adapter, save_adapter
 from fmtransfer.adapters.calibration import Strategy
-from fmtransfer.adapters.methods import METHODS, VPT, AdapterMethod, BitFit, Full, LinearProbe, LoRA, Scratch
+from fmtransfer.adapters.methods import (
+    METHODS,
+    VPT,
+    AdapterMethod,
+    BitFit,
+    Full,
+    LinearProbe,
+    LoRA,
+    Scratch,
+    check_method_fits,
+)
 
 __all__ = ["METHODS", "VPT", "AdapterHost", "AdapterMethod", "BitFit", "Full", "LinearProbe", "LoRA", "Scratch",
-           "Strategy", "read_adapter", "save_adapter"]
+           "Strategy", "check_method_fits", "read_adapter", "save_adapter"]

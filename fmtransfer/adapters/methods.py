@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from fmtransfer.errors import ConfigError
+from fmtransfer.errors import ArtifactError, ConfigError
 from fmtransfer.models.classifier import Classifier
 from fmtransfer.models.families import family_of
 from fmtransfer.models.vpt import PromptedViT
@@ -157,34 +157,31 @@ class LoRA(AdapterMethod):
         return chosen
 
     def attach(self, model, backbone_name):
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import LoraConfig, LoraModel
 
         config = LoraConfig(r=int(self.rank), lora_alpha=self.alpha, lora_dropout=self.dropout,
                             target_modules=self.targets(model.backbone, backbone_name))
-        inject_adapter_in_model(config, model.backbone)
+        # LoraModel injects the layers into the backbone in place (all that inject_adapter_in_model does), and
+        # its handle, kept here, takes them out again; it is not registered in the model, so the backbone's
+        # parameter names (those of adapter files) stay as they are
+        self._tuner = LoraModel(model.backbone, config, "default")
         for name, p in model.backbone.named_parameters():
             p.requires_grad = "lora_" in name
         if self.train_norms:
             _train_norm_affine(model.backbone)
 
-    def _replace_lora_layers(self, model: Classifier, merge: bool) -> None:
-        from peft.tuners.lora import LoraLayer
-
-        for name, module in list(model.backbone.named_modules()):
-            if isinstance(module, LoraLayer):
-                if merge:
-                    module.merge()
-                parent_name, _, child = name.rpartition(".")
-                parent = model.backbone.get_submodule(parent_name) if parent_name else model.backbone
-                setattr(parent, child, module.get_base_layer())
-        if hasattr(model.backbone, "peft_config"):  # left by inject_adapter_in_model
-            del model.backbone.peft_config
+    def _attached_tuner(self, model: Classifier):
+        tuner = getattr(self, "_tuner", None)
+        if tuner is None or tuner.model is not model.backbone:
+            raise ArtifactError("LoRA: this model's LoRA layers were not attached by this method object")
+        self._tuner = None
+        return tuner
 
     def detach(self, model):
-        self._replace_lora_layers(model, merge=False)
+        model.backbone = self._attached_tuner(model).unload()
 
     def merge(self, model):
-        self._replace_lora_layers(model, merge=True)
+        model.backbone = self._attached_tuner(model).merge_and_unload()
 
 
 @dataclass
@@ -210,10 +207,7 @@ class VPT(AdapterMethod):
             raise ConfigError(f"adapter.method.num_tokens={self.num_tokens} must be >= 1")
 
     def attach(self, model, backbone_name):
-        family = family_of(backbone_name)
-        if not family.prompts:
-            raise ConfigError(f"adapter=vpt needs a Vision Transformer, but backbone {backbone_name!r} is of the "
-                              f"{family.name!r} family; use adapter=lora for it")
+        check_method_fits(self.name, backbone_name)
         for p in model.backbone.parameters():
             p.requires_grad = False
         model.backbone = PromptedViT(model.backbone, self.num_tokens, self.deep, self.dropout)
@@ -230,6 +224,17 @@ class VPT(AdapterMethod):
 METHODS: dict[str, type[AdapterMethod]] = {
     cls.name: cls for cls in (Full, Scratch, LinearProbe, BitFit, LoRA, VPT)
 }
+
+
+def check_method_fits(method_name: str, backbone_name: str) -> None:
+    """Raise ConfigError unless adapter method ``method_name`` (a ``METHODS`` key) can adapt a backbone of timm
+    name ``backbone_name``: an unknown method, or visual prompts on a backbone that is not a Vision Transformer."""
+    if method_name not in METHODS:
+        raise ConfigError(f"adapter={method_name!r} is not an adapter method; choose from {', '.join(METHODS)}")
+    family = family_of(backbone_name)
+    if method_name == VPT.name and not family.prompts:
+        raise ConfigError(f"adapter=vpt needs a Vision Transformer, but backbone {backbone_name!r} is of the "
+                          f"{family.name!r} family; use adapter=lora for it")
 
 
 def method_from_description(description: dict[str, Any]) -> AdapterMethod:

@@ -9,8 +9,13 @@ import torch
 from torch import nn
 
 from fmtransfer.adapters import VPT, BitFit, Full, LinearProbe, LoRA, Scratch
-from fmtransfer.adapters.methods import adapter_state, method_from_description, trainable_count
-from fmtransfer.errors import ConfigError
+from fmtransfer.adapters.methods import (
+    adapter_state,
+    check_method_fits,
+    method_from_description,
+    trainable_count,
+)
+from fmtransfer.errors import ArtifactError, ConfigError
 from fmtransfer.models.classifier import build_classifier
 
 X = torch.randn(3, 1, 16, 16)
@@ -79,9 +84,14 @@ def test_lora_detach_and_merge(cnn):
             if "lora_B" in n:
                 p.normal_(0, 0.1)
     adapted_out = model(X)
-    merged = copy.deepcopy(model)
-    method.merge(merged)
+    merged, merging = copy.deepcopy(base), LoRA(rank=2)  # what AdapterHost does: attach, load, then merge
+    merging.attach(merged, "test_resnet")
+    merged.load_state_dict(model.state_dict())
+    with pytest.raises(ArtifactError, match="not attached by this method"):
+        method.merge(merged)
+    merging.merge(merged)
     assert not any("lora" in n for n, _ in merged.named_modules())
+    assert {n for n, _ in merged.named_parameters()} == {n for n, _ in base.named_parameters()}
     assert torch.allclose(merged(X), adapted_out, atol=1e-5)
     method.detach(model)
     assert {n for n, _ in model.named_modules()} == {n for n, _ in base.named_modules()}
@@ -120,6 +130,15 @@ def test_vpt_on_cnn_is_refused(cnn):
     model, _ = cnn
     with pytest.raises(ConfigError, match="adapter=vpt needs a Vision Transformer.*'resnet' family"):
         VPT().attach(model, "test_resnet")
+
+
+def test_check_method_fits():
+    check_method_fits("vpt", "vit_tiny_patch16_224")
+    check_method_fits("lora", "resnet18")
+    with pytest.raises(ConfigError, match="adapter=vpt needs a Vision Transformer.*'resnet18'.*'resnet' family"):
+        check_method_fits("vpt", "resnet18")
+    with pytest.raises(ConfigError, match="adapter='prefix' is not an adapter method; choose from full, scratch"):
+        check_method_fits("prefix", "vit_tiny_patch16_224")
 
 
 def test_adapter_state_holds_only_what_was_adapted(cnn):
