@@ -225,19 +225,28 @@ def check_literal(hint: Any, value: Any, key: str) -> None:
                           f"{', '.join(repr(o) for o in options)}")
 
 
-_ABSENT = object()
-
-
 def require(cfg: DictConfig, *keys: str) -> None:
     """Refuse ``cfg`` when it lacks any of the dotted ``keys``, naming them.
 
     A stage's entry config (``configs/<stage>.yaml``) sets every key the stage reads, and is the only place their
     defaults live; this turns a hand-built config's gap into one clear line instead of an attribute error mid-run.
+    A key set to ``???`` is there: reading it later tells the user to pass it.
     """
-    missing = [k for k in keys if OmegaConf.select(cfg, k, default=_ABSENT, throw_on_missing=True) is _ABSENT]
+    missing = [k for k in keys if not _has_key(cfg, k)]
     if missing:
         raise ConfigError(f"missing config key(s): {', '.join(missing)} (compose the stage's config with "
                           f"fmtransfer.config.compose_stage, or set them)")
+
+
+def _has_key(cfg: DictConfig, key: str) -> bool:
+    node: Any = cfg
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, DictConfig) or part not in node.keys():  # keys(): ??? values too, unresolved
+            return False
+        if i < len(parts) - 1:
+            node = None if OmegaConf.is_missing(node, part) else node[part]
+    return True
 
 
 def run_dir(cfg: DictConfig) -> Path:

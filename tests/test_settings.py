@@ -150,3 +150,11 @@ def test_adapt_refuses_a_wrong_value_naming_the_key(override, message, tmp_path)
 def test_adapt_refuses_a_missing_key(key, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         adapt(_without(make_cfg("adapt", ["base=/nowhere"], tmp_path / "run"), key))
+
+
+def test_require_takes_a_mandatory_placeholder_as_present():
+    """``base: ???`` is a key the user must pass: reading it says so (the CLI's "pass base=..."), not require."""
+    cfg = OmegaConf.create({"base": "???", "run_dir": "${hydra:runtime.output_dir}", "data": {"name": "x"}})
+    require(cfg, "base", "run_dir", "data.name")  # nothing resolved
+    with pytest.raises(ConfigError, match=r"missing config key\(s\): base.path, data.size"):
+        require(cfg, "base.path", "data.size")
