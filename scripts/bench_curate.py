@@ -45,7 +45,7 @@ def _stage(name: str, overrides: list[str]):
     return getattr(module, name)(compose_stage(name, overrides))
 
 
-CURATION_CODE = ("fmtransfer/curation", "fmtransfer/tasks/curate.py", "configs/curation")
+CURATION_CODE = ("fmtransfer/curation", "fmtransfer/tasks/curate.py", "fmtransfer/configs/curation")
 
 
 def _digest(path: Path) -> str:
