@@ -76,3 +76,13 @@ def test_multirun_and_module_entry(tmp_path, entry):
     runs = sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/model.json"))
     assert len(runs) == 2  # sub-dirs are named by job number and overrides
     assert runs[0].startswith("0_backbone=tiny_cnn,") and runs[1].startswith("1_backbone=tiny_vit,")
+
+
+def test_summary_prints_a_stage_result(tmp_path):
+    from fmtransfer.cli import _summary
+    from fmtransfer.tasks.result import StageResult
+
+    result = StageResult("adapt", tmp_path, {"test": {"overall": {"accuracy": 0.91234, "n": 90}}},
+                         {"adapter": tmp_path / "adapter.safetensors", "report": tmp_path / "r.md"})
+    assert _summary(result).splitlines() == [f"run dir: {tmp_path}", f"report:  {tmp_path / 'r.md'}",
+                                             'metrics: {"accuracy": 0.9123}']

@@ -1,184 +1,296 @@
 """``pipeline``: the main job. Global pretraining -> evaluation on the global test split and zero-shot on a
-region -> curation of the global set (and pretraining on the curated subset) -> a sweep of regional adapters -> a calibration-size plan -> the region's model exported to ONNX (fp32
-+ INT8, gated) -> ``report.md``.
-Each step is a stage run of its own (a sub-folder with its run.json)."""
+region -> curation of the global set (and pretraining on the curated subset) -> a sweep of regional adapters -> a
+calibration-size plan -> the region's model exported to ONNX (fp32 + INT8, gated) -> ``report.md``.
+
+Each step is a stage run of its own in a sub-folder (with its run.json): its config is composed from the stage's
+own entry config (``configs/<stage>.yaml``) plus what the pipeline passes on, every step's config is composed and
+checked before anything trains, and the report is assembled from the steps' results.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from fmtransfer.adapters.methods import METHODS
-from fmtransfer.config import compose_stage
+from fmtransfer.adapters import check_method_fits
+from fmtransfer.config import build_dataclass, compose_stage, require, to_plain
 from fmtransfer.data import RecipeDataModule, load_recipe
 from fmtransfer.errors import ConfigError
-from fmtransfer.lineage import RunRecord, write_text_atomic
-from fmtransfer.models.families import family_of
+from fmtransfer.lineage import RunRecord
 from fmtransfer.tasks.adapt import adapt, validate_adapt
 from fmtransfer.tasks.common import run_dir
 from fmtransfer.tasks.curate import curate, curation_settings
 from fmtransfer.tasks.evaluate import evaluate
-from fmtransfer.tasks.export import GateFailed, export, validate_export
+from fmtransfer.tasks.export import GateFailed, export, export_settings
 from fmtransfer.tasks.plan import plan
 from fmtransfer.tasks.pretrain import epochs_for_steps, pretrain, validate
 from fmtransfer.tasks.report import metric_rows, results_table, write_report
+from fmtransfer.tasks.result import StageResult
+
+STAGE_FUNCTIONS: dict[str, Callable[[DictConfig], StageResult]] = {
+    "pretrain": pretrain, "evaluate": evaluate, "curate": curate, "adapt": adapt, "plan": plan, "export": export}
+# what the global pretraining takes from the pipeline's config (the pipeline's groups are its groups)
+TRAINING_KEYS = ("seed", "data", "backbone", "method", "augment", "trainer", "logger", "loader", "resume",
+                 "checkpoint", "callbacks")
 
 
-def _sub_config(cfg: DictConfig, folder: Path, **values: Any) -> DictConfig:
-    """A copy of ``cfg`` (interpolations kept, so ``${run_dir}`` follows) writing into ``folder``."""
-    sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    sub.run_dir = str(folder)
-    for key, value in values.items():
-        OmegaConf.update(sub, key, value, force_add=True)
-    return sub
+@dataclass(frozen=True)
+class Sweep:
+    """``sweep``: the adapt runs (every adapter at every size) that feed the plan."""
+
+    sizes: list[int]
+    adapters: list[str]
 
 
-def _adapt_configs(cfg: DictConfig, folder: Path) -> list[tuple[str, int, DictConfig]]:
-    """One composed and validated ``adapt`` config per (adapter, size) of the sweep, plus the region's own if
-    not in it. ``base`` is filled in once the global model exists."""
-    grid = [(a, int(n)) for a in cfg.sweep.adapters for n in cfg.sweep.sizes]
-    if (cfg.adapter, int(cfg.calibration.size)) not in grid:
-        grid.append((cfg.adapter, int(cfg.calibration.size)))
-    configs = []
-    for i, (adapter, size) in enumerate(grid):
-        if adapter not in METHODS:
-            raise ConfigError(f"sweep.adapters: {adapter!r} is not an adapter; choose from {', '.join(METHODS)}")
-        if adapter == "vpt" and not family_of(cfg.backbone.name).prompts:
-            raise ConfigError(f"sweep.adapters: vpt needs a Vision Transformer, but backbone {cfg.backbone.name!r} "
-                              f"is of the {family_of(cfg.backbone.name).name!r} family")
-        sub = compose_stage("adapt", [f"adapter={adapter}", f"calibration.size={size}",
-                                      f"calibration.strategy={cfg.calibration.strategy}", f"seed={cfg.seed}",
-                                      *cfg.adapt_overrides, f"run_dir={folder / f'{i}_{adapter}_n{size}'}"])
-        sub.data = OmegaConf.to_container(cfg.region, resolve=True)
-        sub.logger = OmegaConf.to_container(cfg.logger, resolve=False)
-        validate_adapt(sub)
-        configs.append((adapter, size, sub))
-    return configs
+@dataclass(frozen=True)
+class RegionCalibration:
+    """``calibration``: the region's adapter is the run of ``adapter`` at ``size``."""
+
+    size: int
+    strategy: str
 
 
-def pipeline(cfg: DictConfig) -> dict[str, Any]:
-    """Run the stages in order; returns ``{"run_dir", "report", "steps": {...}}``."""
+@dataclass(frozen=True)
+class PipelineSettings:
+    """The pipeline's own keys (configs/pipeline.yaml, which holds their defaults); the groups it passes on
+    are checked as its steps' settings.
+
+    Attributes:
+        adapter: the region's adapter method.
+        calibration: the region's calibration size and strategy (for every adapt run).
+        sweep: the adapt runs that feed the plan.
+        adapt_overrides: extra ``adapt`` overrides for every adapt run.
+        export_region_model: export the region's model (ONNX fp32 + INT8, gated).
+        curate_global: curate the global set with the global model's embeddings.
+        pretrain_curated: pretrain a second model on the curated subset.
+        pretrain_curated_steps: equal (as many optimisation steps as the full pretraining) or epochs (as many
+            epochs).
+    """
+
+    adapter: str
+    calibration: RegionCalibration
+    sweep: Sweep
+    adapt_overrides: list[str]
+    export_region_model: bool
+    curate_global: bool
+    pretrain_curated: bool
+    pretrain_curated_steps: Literal["equal", "epochs"]
+
+    def adapt_runs(self) -> list[tuple[str, int]]:
+        """(adapter, size) of every adapt run: the sweep, plus the region's own if not in it."""
+        runs = [(a, int(n)) for a in self.sweep.adapters for n in self.sweep.sizes]
+        if (self.adapter, self.calibration.size) not in runs:
+            runs.append((self.adapter, self.calibration.size))
+        return runs
+
+
+def pipeline_settings(cfg: DictConfig) -> PipelineSettings:
+    names = [f.name for f in PipelineSettings.__dataclass_fields__.values()]
+    require(cfg, *names)
+    return build_dataclass(PipelineSettings, {k: to_plain(cfg[k]) for k in names}, "")
+
+
+class Steps:
+    """The pipeline's steps. ``compose`` builds a step's config from its stage's entry config plus overrides and
+    the nodes the pipeline passes on, writing into ``<pipeline run dir>/<name>``; ``run`` runs it with what
+    earlier steps produced and records it as a parent of the pipeline's run."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.configs: dict[str, DictConfig] = {}
+        self.results: dict[str, StageResult] = {}
+        self.record: RunRecord | None = None
+
+    def compose(self, name: str, stage: str, overrides: Sequence[str] = (),
+                nodes: Mapping[str, Any] | None = None) -> DictConfig:
+        sub = compose_stage(stage, list(overrides))
+        for key, value in {**(nodes or {}), "run_dir": str(self.out / name)}.items():
+            sub[key] = value
+        self.configs[name] = sub
+        return sub
+
+    def run(self, name: str, produced: Mapping[str, Any] | None = None) -> StageResult:
+        sub = self.configs[name]
+        for key, value in (produced or {}).items():
+            OmegaConf.update(sub, key, value, merge=False, force_add=True)
+        try:
+            result = STAGE_FUNCTIONS[sub.stage](sub)
+        except GateFailed as e:  # a rejected export is a step that ran: its result is kept, then it fails on
+            self._keep(name, e.result)
+            raise
+        return self._keep(name, result)
+
+    def _keep(self, name: str, result: StageResult) -> StageResult:
+        self.record.add_parent(result.run_dir)
+        self.results[name] = result
+        return result
+
+
+def pipeline(cfg: DictConfig) -> StageResult:
+    """Run the stages in order; see the module docstring. Everything that can fail is checked before pretraining;
+    a rejected export is reported, then fails the run."""
     out = run_dir(cfg)
-    validate(cfg)  # fail on config errors before anything runs
-    region = load_recipe(cfg.region)
-    if cfg.adapter not in METHODS:
-        raise ConfigError(f"adapter={cfg.adapter!r} is not an adapter; choose from {', '.join(METHODS)}")
+    settings = pipeline_settings(cfg)
+    steps = compose_steps(cfg, settings, out)
+    _check(steps, settings)
+    with RunRecord("pipeline", out, cfg) as record:
+        steps.record = record
+        rejected = _run(steps, settings)
+        result = _report(steps, settings, record, rejected)
+        if rejected is not None:
+            raise rejected
+    return result
+
+
+def _nodes(cfg: DictConfig, *keys: str, resolve: bool = True) -> dict[str, Any]:
+    """The pipeline's values of ``keys``; unresolved ones keep interpolations such as ``${run_dir}`` for the step."""
+    node = {k: cfg[k] for k in keys}
+    return {k: OmegaConf.to_container(v, resolve=resolve) if isinstance(v, (DictConfig, ListConfig)) else v
+            for k, v in node.items()}
+
+
+def _adapt_step(settings: PipelineSettings, adapter: str, size: int) -> str:
+    return f"adapt/{settings.adapt_runs().index((adapter, size))}_{adapter}_n{size}"
+
+
+def compose_steps(cfg: DictConfig, settings: PipelineSettings, out: Path) -> Steps:
+    """Every step's config, composed before anything runs."""
+    require(cfg, "region", "split", "accelerator", "export", "curation", *TRAINING_KEYS)
+    for adapter in {a for a, _ in settings.adapt_runs()}:  # first: an unknown adapter has no config to compose
+        try:
+            check_method_fits(adapter, cfg.backbone.name)
+        except ConfigError as e:
+            raise ConfigError(f"sweep.adapters / adapter: {e}") from None
+    steps = Steps(out)
+    region = {"data": to_plain(cfg.region)}
+    steps.compose("pretrain", "pretrain", nodes=_nodes(cfg, *TRAINING_KEYS, resolve=False))
+    steps.compose("zero_shot", "evaluate", nodes={**_nodes(cfg, "seed", "split", "accelerator", "loader"), **region})
+    if settings.curate_global:
+        steps.compose("curate", "curate", nodes=_nodes(cfg, "seed", "accelerator", "data", "loader", "curation"))
+        if settings.pretrain_curated:
+            steps.compose("pretrain_curated", "pretrain", nodes=_nodes(cfg, *TRAINING_KEYS, resolve=False))
+    for adapter, size in settings.adapt_runs():
+        steps.compose(_adapt_step(settings, adapter, size), "adapt",
+                      [f"adapter={adapter}", f"calibration.size={size}",
+                       f"calibration.strategy={settings.calibration.strategy}", f"seed={cfg.seed}",
+                       *settings.adapt_overrides],
+                      nodes={**region, **_nodes(cfg, "logger", resolve=False)})
+    steps.compose("plan", "plan", nodes={"sweep": str(out / "adapt")})
+    if settings.export_region_model:
+        steps.compose("export", "export", nodes={**_nodes(cfg, "seed", "loader", "export"), **region})
+    return steps
+
+
+def _check(steps: Steps, settings: PipelineSettings) -> None:
+    """Every step's own checks, and the sizes against the data: all that can fail, before anything trains."""
+    configs = steps.configs
+    validate(configs["pretrain"])
+    for name in configs:
+        if name.startswith("adapt/"):
+            validate_adapt(configs[name])
+    region = load_recipe(configs["zero_shot"].data)
     pool = RecipeDataModule(region).split_size("train")
-    too_big = sorted({int(n) for n in [*cfg.sweep.sizes, cfg.calibration.size] if int(n) > pool})
+    too_big = sorted({n for _, n in settings.adapt_runs() if n > pool})
     if too_big:
         raise ConfigError(f"sweep.sizes / calibration.size {too_big} exceed the train split of region "
                           f"{region.name!r} ({pool} samples)")
-    if cfg.get("pretrain_curated_steps", "equal") not in ("equal", "epochs"):
-        raise ConfigError(f"pretrain_curated_steps={cfg.pretrain_curated_steps!r}: choose equal (as many "
-                          f"optimisation steps as the full pretraining) or epochs (as many epochs)")
-    adapt_configs = _adapt_configs(cfg, out / "adapt")
-    if cfg.export_region_model:
-        validate_export(cfg.export)
-    if cfg.curate_global:
-        settings = curation_settings(cfg)
-        global_pool = RecipeDataModule(load_recipe(cfg.data)).split_size(cfg.curation.split)
-        settings.target(global_pool)
-        if settings.levels[0] > global_pool:
-            raise ConfigError(f"curation.levels={settings.levels}: k={settings.levels[0]} is larger than the "
-                              f"{global_pool} samples of the global {cfg.curation.split} split")
-    with RunRecord("pipeline", out, cfg) as record:
-        pre = pretrain(_sub_config(cfg, out / "pretrain", stage="pretrain"))
-        record.add_parent(pre["run_dir"])
-        region_cfg = OmegaConf.create({
-            "stage": "evaluate", "seed": cfg.seed, "run_dir": str(out / "zero_shot"), "model": pre["run_dir"],
-            "split": cfg.split, "accelerator": cfg.accelerator,
-            "data": OmegaConf.to_container(cfg.region, resolve=True),
-            "loader": OmegaConf.to_container(cfg.loader, resolve=True)})
-        zero = evaluate(region_cfg)
-        record.add_parent(zero["run_dir"])
-        curated = curated_pre = None
-        if cfg.curate_global:
-            curated = curate(OmegaConf.create({
-                "stage": "curate", "seed": cfg.seed, "run_dir": str(out / "curate"), "base": pre["run_dir"],
-                "resume": None, "accelerator": cfg.accelerator, "data": OmegaConf.to_container(cfg.data, resolve=True),
-                "loader": OmegaConf.to_container(cfg.loader, resolve=True),
-                "curation": OmegaConf.to_container(cfg.curation, resolve=True)}))
-            record.add_parent(curated["run_dir"])
-            if cfg.pretrain_curated:
-                extra = {"data.subset": curated["manifest"]}
-                if cfg.get("pretrain_curated_steps", "equal") == "equal":  # as many optimisation steps as `pre`
-                    extra["trainer.max_epochs"] = epochs_for_steps(pre["metrics"]["global_step"],
-                                                                   curated["metrics"]["selected"], cfg.loader.batch_size)
-                curated_pre = pretrain(_sub_config(cfg, out / "pretrain_curated", stage="pretrain", **extra))
-                record.add_parent(curated_pre["run_dir"])
+    if "export" in configs:
+        export_settings(configs["export"])
+    if "curate" in configs:
+        curation = configs["curate"].curation
+        curated = curation_settings(configs["curate"])
+        global_pool = RecipeDataModule(load_recipe(configs["curate"].data)).split_size(curation.split)
+        curated.target(global_pool)
+        if curated.levels[0] > global_pool:
+            raise ConfigError(f"curation.levels={curated.levels}: k={curated.levels[0]} is larger than the "
+                              f"{global_pool} samples of the global {curation.split} split")
 
-        adapted = {}
-        for adapter, size, sub in adapt_configs:
-            sub.base = pre["run_dir"]
-            adapted[(adapter, size)] = adapt(sub)
-            record.add_parent(adapted[(adapter, size)]["run_dir"])
-        planned = plan(OmegaConf.create({"stage": "plan", "run_dir": str(out / "plan"), "sweep": str(out / "adapt"),
-                                         "targets": [0.9, 0.95, 0.99], "metric": "accuracy"}))
-        record.add_parent(planned["run_dir"])
-        region_run = adapted[(cfg.adapter, int(cfg.calibration.size))]
-        exported = rejected = None
-        if cfg.export_region_model:
-            try:
-                exported = export(OmegaConf.create({
-                    "stage": "export", "seed": cfg.seed, "run_dir": str(out / "export"), "model": None,
-                    "adapter_file": region_run["adapter"], "data": OmegaConf.to_container(cfg.region, resolve=True),
-                    "loader": OmegaConf.to_container(cfg.loader, resolve=True),
-                    "export": OmegaConf.to_container(cfg.export, resolve=True)}))
-                record.add_parent(exported["run_dir"])
-            except GateFailed as e:  # report everything first, then fail
-                rejected = e
 
-        pm, zm = pre["metrics"], zero["metrics"]
-        task = pm["task"]
-        am = region_run["metrics"]
-        rows = (metric_rows(f"global {pm['backbone']}", pm["recipe"], "test", pm["test"])
-                + (metric_rows(f"global {pm['backbone']}, curated {curated['metrics']['fraction']:.0%} of the train "
-                               f"split ({curated_pre['metrics']['global_step']} steps vs {pm['global_step']})",
-                               pm["recipe"], "test", curated_pre["metrics"]["test"]) if curated_pre else [])
-                + metric_rows(f"global {pm['backbone']}, zero-shot", zm["recipe"], zm["split"], zm)
-                + metric_rows(f"+ {am['method']} adapter, {am['calibration']['size']} labels", am["recipe"], "test",
-                              am["test"]))
-        data = pm["data"]
-        setup = (f"Backbone `{pm['backbone']}` trained on `{pm['recipe']}` ({data['splits']['train']} train / "
-                 f"{data['splits']['val']} val / {data['splits']['test']} test images) for {pm['epochs']} epochs in "
-                 f"{pm['fit_seconds']:.0f} s ({pm['train_images_per_s']['median'] or 0:.0f} images/s), then scored "
-                 f"without any adaptation on `{zm['recipe']}` ({zm['overall']['n']} {zm['split']} images). "
-                 f"The region's adapter (`{am['method']}`, {am['calibration']['size']} {am['calibration']['strategy']} "
-                 f"labels from the region's train split) trains {am['trainable_fraction']:.2%} of the parameters "
-                 f"and is one {am['adapter_bytes'] / 1e6:.2f} MB file ({am['adapter_to_base']:.1%} of the base).")
-        sections = [("Setup", setup), ("Results", results_table(rows, task)),
-                    ("Calibration-size plan", planned["markdown"])]
-        if curated is not None:
-            sections.insert(2, ("Data curation", Path(curated["report"]).read_text().split("\n", 2)[2]
-                                .split("![")[0].strip()))
-        if exported is not None or rejected is not None:
-            text = (out / "export" / "export.md").read_text().split("\n", 2)[2].strip()
-            sections.append(("Edge export", text if rejected is None else f"**Rejected**: {rejected}\n\n{text}"))
-        images = [("Global test split", Path(pre["run_dir"]) / "confusion_test.png"),
-                  (f"Zero-shot on {zm['recipe']}", Path(zero["run_dir"]) / f"confusion_{zm['split']}.png"),
-                  ("Training curves", Path(pre["run_dir"]) / "training_curves.png"),
-                  (f"{am['method']} adapter on {am['recipe']}", Path(region_run["run_dir"]) / "confusion_test.png"),
-                  ("Accuracy against local labels", Path(planned["run_dir"]) / "learning_curve.png")]
-        if curated is not None:
-            images += [("Curation: cluster sizes", Path(curated["run_dir"]) / "cluster_sizes.png"),
-                       ("Curation: PCA map", Path(curated["run_dir"]) / "pca.png")]
-        report_path = out / "report.md"
-        text = write_report(report_path, title="fmtransfer pipeline report", run=record.data,
-                            sections=[*sections, ("Stages", "\n".join(
-                                          [f"- pretrain: `{pre['run_dir']}`", f"- zero-shot: `{zero['run_dir']}`",
-                                           *([f"- curation: `{curated['manifest']}`"] if curated else []),
-                                           f"- region adapter: `{region_run['adapter']}`",
-                                           f"- adaptation sweep: `{out / 'adapt'}`", f"- plan: `{planned['run_dir']}`",
-                                           *([f"- edge export: `{exported['model']}`"] if exported else []),
-                                           *([f"- edge export: rejected, `{out / 'export' / 'rejected'}`"]
-                                             if rejected else [])]))],
-                            images=[(c, p) for c, p in images if p.is_file()])
-        write_text_atomic(report_path, text)
-        record.add_output(report_path, "report")
-        if rejected is not None:
-            raise rejected
-    return {"run_dir": str(out), "report": str(report_path),
-            "steps": {"pretrain": pre, "zero_shot": zero, "adapt": region_run, "sweep": list(adapted.values()),
-                      "plan": planned, "export": exported, "curate": curated, "pretrain_curated": curated_pre}}
+def _run(steps: Steps, settings: PipelineSettings) -> GateFailed | None:
+    """The stages in order, each with what the earlier ones produced; a rejected export is returned."""
+    pre = steps.run("pretrain")
+    steps.run("zero_shot", {"model": str(pre.run_dir)})
+    if "curate" in steps.configs:
+        curated = steps.run("curate", {"base": str(pre.run_dir)})
+        if "pretrain_curated" in steps.configs:
+            produced: dict[str, Any] = {"data.subset": str(curated.outputs["manifest"])}
+            if settings.pretrain_curated_steps == "equal":  # as many optimisation steps as `pre`
+                batch_size = steps.configs["pretrain_curated"].loader.batch_size
+                produced["trainer.max_epochs"] = epochs_for_steps(pre.metrics["global_step"],
+                                                                  curated.metrics["selected"], batch_size)
+            steps.run("pretrain_curated", produced)
+    for name in [n for n in steps.configs if n.startswith("adapt/")]:
+        steps.run(name, {"base": str(pre.run_dir)})
+    steps.run("plan")
+    if "export" in steps.configs:
+        region = steps.results[_adapt_step(settings, settings.adapter, settings.calibration.size)]
+        try:
+            steps.run("export", {"adapter_file": str(region.outputs["adapter"])})
+        except GateFailed as e:  # report everything first, then fail
+            return e
+    return None
+
+
+def _report(steps: Steps, settings: PipelineSettings, record: RunRecord, rejected: GateFailed | None) -> StageResult:
+    """``report.md`` from the steps' results: tables, their sections, pictures and the stages' folders."""
+    results = steps.results
+    pre, zero, planned = results["pretrain"], results["zero_shot"], results["plan"]
+    region = results[_adapt_step(settings, settings.adapter, settings.calibration.size)]
+    curated, curated_pre, exported = results.get("curate"), results.get("pretrain_curated"), results.get("export")
+    sections = [("Setup", _setup(pre, zero, region)),
+                ("Results", _results(pre, curated, curated_pre, zero, region)),
+                *(curated.sections if curated else []), *planned.sections]
+    if exported is not None:
+        sections += [(heading, body if rejected is None else f"**Rejected**: {rejected}\n\n{body}")
+                     for heading, body in exported.sections]
+    sections.append(("Stages", "\n".join(
+        [f"- pretrain: `{pre.run_dir}`", f"- zero-shot: `{zero.run_dir}`",
+         *([f"- curation: `{curated.outputs['manifest']}`"] if curated else []),
+         f"- region adapter: `{region.outputs['adapter']}`", f"- adaptation sweep: `{steps.out / 'adapt'}`",
+         f"- plan: `{planned.run_dir}`",
+         *([f"- edge export: rejected, `{exported.run_dir / 'rejected'}`" if rejected is not None
+            else f"- edge export: `{exported.outputs['model']}`"] if exported else [])])))
+    zm, am = zero.metrics, region.metrics
+    images = [("Global test split", pre.outputs.get("confusion")),
+              (f"Zero-shot on {zm['recipe']}", zero.outputs.get("confusion")),
+              ("Training curves", pre.outputs.get("training_curves")),
+              (f"{am['method']} adapter on {am['recipe']}", region.outputs.get("confusion")),
+              ("Accuracy against local labels", planned.outputs.get("learning_curve"))]
+    if curated:
+        images += [("Curation: cluster sizes", curated.outputs.get("cluster_sizes")),
+                   ("Curation: PCA map", curated.outputs.get("pca"))]
+    report = write_report(steps.out / "report.md", title="fmtransfer pipeline report", run=record.data,
+                          sections=sections, images=[(c, p) for c, p in images if p is not None])
+    record.add_output(report, "report")
+    return StageResult("pipeline", steps.out, outputs={"report": report}, sections=sections,
+                       steps={**results, "adapt": region})
+
+
+def _setup(pre: StageResult, zero: StageResult, region: StageResult) -> str:
+    pm, zm, am = pre.metrics, zero.metrics, region.metrics
+    data = pm["data"]
+    return (f"Backbone `{pm['backbone']}` trained on `{pm['recipe']}` ({data['splits']['train']} train / "
+            f"{data['splits']['val']} val / {data['splits']['test']} test images) for {pm['epochs']} epochs in "
+            f"{pm['fit_seconds']:.0f} s ({pm['train_images_per_s']['median'] or 0:.0f} images/s), then scored "
+            f"without any adaptation on `{zm['recipe']}` ({zm['overall']['n']} {zm['split']} images). "
+            f"The region's adapter (`{am['method']}`, {am['calibration']['size']} {am['calibration']['strategy']} "
+            f"labels from the region's train split) trains {am['trainable_fraction']:.2%} of the parameters "
+            f"and is one {am['adapter_bytes'] / 1e6:.2f} MB file ({am['adapter_to_base']:.1%} of the base).")
+
+
+def _results(pre: StageResult, curated: StageResult | None, curated_pre: StageResult | None, zero: StageResult,
+             region: StageResult) -> str:
+    pm, zm, am = pre.metrics, zero.metrics, region.metrics
+    rows = metric_rows(f"global {pm['backbone']}", pm["recipe"], "test", pm["test"])
+    if curated and curated_pre:
+        cm = curated_pre.metrics
+        rows += metric_rows(f"global {pm['backbone']}, curated {curated.metrics['fraction']:.0%} of the train split "
+                            f"({cm['global_step']} steps vs {pm['global_step']})", pm["recipe"], "test", cm["test"])
+    rows += metric_rows(f"global {pm['backbone']}, zero-shot", zm["recipe"], zm["split"], zm)
+    rows += metric_rows(f"+ {am['method']} adapter, {am['calibration']['size']} labels", am["recipe"], "test",
+                        am["test"])
+    return results_table(rows, pm["task"])

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fmtransfer.lineage import write_text_atomic
 from fmtransfer.lineage.record import git_state
 
 
@@ -37,8 +38,14 @@ def metric_rows(model: str, data: str, split: str, scored: dict[str, Any]) -> li
 
 
 def write_report(path: Path, *, title: str, run: dict[str, Any], sections: list[tuple[str, str]],
-                 images: list[tuple[str, Path]]) -> str:
-    """Assemble the markdown; image paths are written relative to the report."""
+                 images: list[tuple[str, Path]]) -> Path:
+    """Write the markdown report to ``path`` (atomically) and return it; image paths are written relative to it.
+
+    Args:
+        run: the run record's data (``run_dir``, ``run_id``, ``config_hash``).
+        sections: ``(heading, markdown)`` in order.
+        images: ``(caption, file)`` pictures, shown after the sections.
+    """
     git = git_state()
     lines = [f"# {title}", "",
              f"- run dir: `{run['run_dir']}`", f"- run id: `{run['run_id']}`",
@@ -52,4 +59,4 @@ def write_report(path: Path, *, title: str, run: dict[str, Any], sections: list[
         for caption, image in images:
             rel = os.path.relpath(image, path.parent)
             lines += [f"**{caption}**", "", f"![{caption}]({rel})", ""]
-    return "\n".join(lines)
+    return write_text_atomic(path, "\n".join(lines))

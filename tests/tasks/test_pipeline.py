@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 
 import pytest
+from omegaconf import OmegaConf
 
+from fmtransfer.config import config_dir
 from fmtransfer.errors import ConfigError
 from fmtransfer.lineage import load_record
 from fmtransfer.tasks.export import GateFailed
-from fmtransfer.tasks.pipeline import pipeline
+from fmtransfer.tasks.pipeline import compose_steps, pipeline, pipeline_settings
 
 
 def test_pipeline_report(cfg_factory, tmp_path):
@@ -32,14 +34,14 @@ def test_pipeline_report(cfg_factory, tmp_path):
     assert stages[:2] == ["pretrain", "evaluate"] and stages.count("adapt") == 5 and stages[-2:] == ["plan", "export"]
     assert "## Edge export" in report and "ONNX INT8 (static)" in report
     assert "## Data curation" in report and "curated 20% of the train split" in report
-    assert stages[2:4] == ["curate", "pretrain"] and result["steps"]["pretrain_curated"]["metrics"]["data"]["splits"][
-        "train"] == result["steps"]["curate"]["metrics"]["selected"]
+    assert stages[2:4] == ["curate", "pretrain"] and result.steps["pretrain_curated"].metrics["data"]["splits"][
+        "train"] == result.steps["curate"].metrics["selected"]
     # pretrain_curated_steps=equal: the curated subset trains for as many optimisation steps as the full data
-    full_steps = result["steps"]["pretrain"]["metrics"]["global_step"]
-    assert result["steps"]["pretrain_curated"]["metrics"]["global_step"] == full_steps > 1
-    assert result["steps"]["export"]["model"] == str(out / "export" / "model.int8.onnx")
+    full_steps = result.steps["pretrain"].metrics["global_step"]
+    assert result.steps["pretrain_curated"].metrics["global_step"] == full_steps > 1
+    assert result.steps["export"].outputs["model"] == out / "export" / "model.int8.onnx"
     assert load_record(out / "zero_shot")["parents"][0]["stage"] == "pretrain"
-    assert result["steps"]["zero_shot"]["metrics"]["overall"]["n"] == 60
+    assert result.steps["zero_shot"].metrics["overall"]["n"] == 60
 
 
 def test_pipeline_reports_a_rejected_export_then_fails(cfg_factory, tmp_path):
@@ -80,3 +82,26 @@ def test_pipeline_checks_adapt_settings_first(cfg_factory, tmp_path):
 def test_pipeline_refuses_an_unknown_curated_pretraining_mode(cfg_factory):
     with pytest.raises(ConfigError, match="pretrain_curated_steps='steps'.*equal"):
         pipeline(cfg_factory("pipeline", "experiment=smoke", "pretrain_curated_steps=steps"))
+
+
+def test_every_step_is_composed_from_its_stage_config(cfg_factory, tmp_path):
+    """Each step's config is its stage's entry config (configs/<stage>.yaml) plus what the pipeline passes on."""
+    cfg = cfg_factory("pipeline", "experiment=smoke", "sweep.sizes=[20]", "region.limit=200", "seed=7",
+                      "export.gates.max_accuracy_drop=0.5")
+    out = tmp_path / "pipeline"
+    steps = compose_steps(cfg, pipeline_settings(cfg), out)
+    assert list(steps.configs) == ["pretrain", "zero_shot", "curate", "pretrain_curated", "adapt/0_lora_n20",
+                                   "adapt/1_linear_probe_n20", "adapt/2_lora_n100", "plan", "export"]
+    plan_yaml = OmegaConf.load(config_dir() / "plan.yaml")
+    assert list(steps.configs["plan"].targets) == list(plan_yaml.targets)  # not a copy in the pipeline
+    assert steps.configs["plan"].sweep == str(out / "adapt")
+    for name, sub in steps.configs.items():
+        assert sub.run_dir == str(out / name)
+        assert sub.get("seed", 7) == 7
+        stage_yaml = OmegaConf.load(config_dir() / f"{sub.stage}.yaml")
+        assert set(stage_yaml) - {"defaults"} <= set(sub), name  # every key of the stage's own config
+    assert steps.configs["zero_shot"].adapter_file is None and steps.configs["zero_shot"].data.limit == 200
+    assert steps.configs["export"].export.gates.max_accuracy_drop == 0.5
+    assert steps.configs["adapt/2_lora_n100"].calibration.size == 100
+    assert steps.configs["pretrain"].trainer.limit_train_batches == 3  # the smoke trainer
+    assert steps.configs["adapt/0_lora_n20"].trainer.limit_train_batches is None  # adapt's own trainer
