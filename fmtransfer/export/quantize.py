@@ -3,6 +3,7 @@ activations, calibrated on real inputs), per-channel where asked."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from enum import Enum
@@ -36,6 +37,34 @@ class _Reader:
     def get_next(self):
         batch = next(self.batches, None)
         return None if batch is None else {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
+
+
+class _QuantizerChatter(logging.Filter):
+    """Drops what onnxruntime.quantization itself logs below ERROR (its "consider pre-processing" advert on every
+    call, per-tensor notes). It logs through module-level ``logging.warning``, i.e. straight on the root logger,
+    so the filter sits there and tells those records apart by their source file, not by logger name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import onnxruntime.quantization
+
+        self.package_dir = str(Path(onnxruntime.quantization.__file__).resolve().parent)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from_quantizer = str(Path(record.pathname).resolve()).startswith(self.package_dir)
+        return record.levelno >= logging.ERROR or not from_quantizer
+
+
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """Silences onnxruntime.quantization's own messages for the block; every other record, on any logger, passes
+    (a logger-level filter on the root sees only records logged on the root itself, so it cannot drop others')."""
+    root, chatter = logging.getLogger(), _QuantizerChatter()
+    root.addFilter(chatter)
+    try:
+        yield
+    finally:
+        root.removeFilter(chatter)
 
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -209,10 +238,7 @@ def quantize_model(src: str | Path, dst: str | Path, mode: Quantize, *, input_na
     if mode in (Quantize.NONE, Quantize.AUTO):
         raise ConfigError("quantize_model needs export.quantize=dynamic or static (resolve auto first)")
     excluded = fp32_nodes(src, keep_fp32)
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # the quantizer logs a "consider pre-processing" advert on every call
-    try:
+    with _quiet_quantizer():
         if mode is Quantize.DYNAMIC:
             quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
                              nodes_to_exclude=excluded)
@@ -231,6 +257,4 @@ def quantize_model(src: str | Path, dst: str | Path, mode: Quantize, *, input_na
                             nodes_to_exclude=excluded)
             if bias_correction:
                 correct_bias(src, dst, calibration, input_name=input_name, batch_size=batch_size)
-    finally:
-        root.setLevel(level)
     return Path(dst)

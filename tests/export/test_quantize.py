@@ -107,3 +107,25 @@ def test_keep_fp32_must_be_lists_per_mode(tmp_path):
         export_settings(make_cfg("export", ["+export.keep_fp32.qat=[first]"], tmp_path))
     with pytest.raises(ConfigError, match="export.calibration.bias_correction='yes': expected true or false"):
         export_settings(make_cfg("export", ["export.calibration.bias_correction=yes"], tmp_path))
+
+
+def test_quantizing_silences_only_the_quantizer(cnn, tmp_path, caplog, monkeypatch):
+    import logging
+
+    import onnxruntime.quantization as ortq
+
+    real = ortq.quantize_dynamic
+
+    def logs_meanwhile(*args, **kwargs):  # another part of the program logs while the quantizer runs
+        logging.getLogger().warning("root message during quantization")
+        logging.getLogger("fmtransfer.somewhere").info("named message during quantization")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ortq, "quantize_dynamic", logs_meanwhile)
+    caplog.set_level(logging.INFO)
+    quantize_model(cnn, tmp_path / "int8.onnx", Quantize.DYNAMIC, input_name=INPUT_NAME)
+    messages = [r.getMessage() for r in caplog.records]
+    assert "root message during quantization" in messages
+    assert "named message during quantization" in messages
+    assert not any("pre-processing" in m for m in messages), messages  # the quantizer's advert is still dropped
+    assert logging.getLogger().level == logging.INFO and not logging.getLogger().filters
