@@ -9,7 +9,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from fmtransfer.config import build
+from fmtransfer.config import build, require
 from fmtransfer.data import Preprocess, RecipeDataModule, load_recipe
 from fmtransfer.errors import ConfigError
 from fmtransfer.lineage import RunRecord, write_json_atomic
@@ -38,14 +38,16 @@ def epochs_for_steps(steps: int, n_train: int, batch_size: int) -> int:
 
 
 def validate(cfg: DictConfig):
-    """Every check that needs no data: recipe, backbone, method and their fit. Returns (recipe, spec)."""
+    """Every check that needs no data: the keys, recipe, backbone, method and their fit. Returns (recipe, spec)."""
+    require(cfg, "seed", "data", "backbone", "method.task", "method.loss", "method.optimizer", "method.scheduler",
+            "trainer", "loader", "resume")
     recipe = load_recipe(cfg.data)
     spec = backbone_spec(cfg.backbone)
     if int(spec.in_chans) != recipe.channels:
         raise ConfigError(f"backbone.in_chans={spec.in_chans} does not fit data recipe {recipe.name!r}, whose images "
                           f"have data.channels={recipe.channels}; set backbone.in_chans={recipe.channels} (or "
                           f"data.channels={spec.in_chans} to convert the images)")
-    task = cfg.method.get("task", "classification")
+    task = cfg.method.task
     if task != recipe.task:
         fix = "method=regression" if recipe.task == "regression" else "method=supervised"
         raise ConfigError(f"method is for {task} but data recipe {recipe.name!r} is a {recipe.task} task; use {fix}")
@@ -60,7 +62,7 @@ def pretrain(cfg: DictConfig) -> StageResult:
     """
     out = run_dir(cfg)
     recipe, spec = validate(cfg)
-    resume = resolve_resume(cfg.get("resume"))
+    resume = resolve_resume(cfg.resume)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = RecipeDataModule(recipe, batch_size=cfg.loader.batch_size, num_workers=cfg.loader.num_workers,
                           seed=cfg.seed, output_dir=out)
@@ -82,7 +84,7 @@ def pretrain(cfg: DictConfig) -> StageResult:
         meta = model_meta(model, spec, task=recipe.task, classes=table.classes, preprocess=preprocess,
                           run_id=record.data["run_id"], run_dir=str(out.resolve()), recipe=recipe.name,
                           data_fingerprint=table.fingerprint)
-        scheduler = build(cfg.method.scheduler, "method.scheduler") if cfg.method.get("scheduler") else None
+        scheduler = build(cfg.method.scheduler, "method.scheduler") if cfg.method.scheduler else None
         augment = build_augment(cfg)
         module = SupervisedModule(model, recipe.task, build(cfg.method.loss, "method.loss"),
                                   build(cfg.method.optimizer, "method.optimizer"), scheduler, meta, augment,
