@@ -10,6 +10,8 @@ from fmtransfer._lazy import lazy_getattr
 
 _EXPORTS = {
     "RecipeDataModule": "fmtransfer.data.datamodule",
+    "build_datamodule": "fmtransfer.data.datamodule",
+    "check_fit": "fmtransfer.data.datamodule",
     "Preprocess": "fmtransfer.data.preprocess",
     "Recipe": "fmtransfer.data.recipe",
     "load_recipe": "fmtransfer.data.recipe",

@@ -5,13 +5,16 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
 from fmtransfer.data.dataset import EpochSampler, TableDataset
+from fmtransfer.data.images import ChannelMismatch, convert_channels
 from fmtransfer.data.preprocess import Preprocess
 from fmtransfer.data.recipe import SPLITS, Recipe
 from fmtransfer.data.table import SampleTable, build_table
@@ -153,6 +156,43 @@ class RecipeDataModule(pl.LightningDataModule):
                 "skipped": len(table.skipped), "splits": self.split_sizes(),
                 "classes": table.classes, "regions": sorted(set(table.regions.tolist())),
                 "fingerprint": table.fingerprint}
+
+
+def check_fit(recipe: Recipe, meta: Mapping[str, Any]) -> None:
+    """A recipe can feed a model when the tasks agree and the images convert to the model's channels.
+
+    Args:
+        meta: the model's header (``task``, ``preprocess.channels``).
+    """
+    if recipe.task != meta["task"]:
+        raise ConfigError(f"data recipe {recipe.name!r} is a {recipe.task} task but the model is {meta['task']}")
+    want = int(meta["preprocess"]["channels"])
+    try:
+        convert_channels(np.zeros((1, 1, recipe.channels), dtype=np.float32), want)
+    except ChannelMismatch:
+        raise ConfigError(f"data recipe {recipe.name!r} has data.channels={recipe.channels}, but the model takes "
+                          f"{want}-channel images and they cannot be converted") from None
+
+
+def build_datamodule(recipe: Recipe, loader: Mapping[str, Any], *, model_meta: Mapping[str, Any] | None = None,
+                     model_classes: bool = False, seed: int = 0,
+                     output_dir: str | Path | None = None) -> RecipeDataModule:
+    """The datamodule a stage reads ``recipe`` through.
+
+    Args:
+        loader: the ``loader`` config group: ``batch_size`` and ``num_workers``.
+        model_meta: the header of the model that will read the data: the recipe is checked against it
+            (:func:`check_fit`) and its preprocessing is used (default: the recipe's own).
+        model_classes: map labels onto the model's class order (to score its head) instead of the recipe's.
+        seed, output_dir: as for :class:`RecipeDataModule`.
+    """
+    preprocess = classes = None
+    if model_meta is not None:
+        check_fit(recipe, model_meta)
+        preprocess = Preprocess.from_dict(model_meta["preprocess"])
+        classes = model_meta["classes"] if model_classes else None
+    return RecipeDataModule(recipe, batch_size=loader["batch_size"], num_workers=loader["num_workers"],
+                            preprocess=preprocess, classes=classes, seed=seed, output_dir=output_dir)
 
 
 def _csv(header: list[str], rows) -> str:

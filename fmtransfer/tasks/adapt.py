@@ -20,14 +20,14 @@ from omegaconf import DictConfig, OmegaConf
 from fmtransfer.adapters.artifact import ADAPTER_FILE, adapted_meta, save_adapter
 from fmtransfer.adapters.calibration import Strategy, select_diverse, select_random, select_stratified
 from fmtransfer.adapters.head import region_head
-from fmtransfer.adapters.methods import AdapterMethod, adapter_state, trainable_count
+from fmtransfer.adapters.loading import load_model_or_adapted
+from fmtransfer.adapters.methods import AdapterMethod, adapter_state, check_method_fits, trainable_count
 from fmtransfer.adapters.settings import AdaptSettings
 from fmtransfer.config import build, build_dataclass, require, to_plain
-from fmtransfer.data import Preprocess, Recipe, RecipeDataModule, load_recipe
+from fmtransfer.data import Recipe, RecipeDataModule, build_datamodule, load_recipe
 from fmtransfer.errors import ConfigError
 from fmtransfer.lineage import RunRecord, write_json_atomic, write_text_atomic
-from fmtransfer.models.classifier import Classifier, load_model, resolve_model_path
-from fmtransfer.models.families import family_of
+from fmtransfer.models.classifier import Classifier
 from fmtransfer.models.inference import embed
 from fmtransfer.models.module import EpochSeed, SupervisedModule
 from fmtransfer.tasks.common import (
@@ -36,10 +36,11 @@ from fmtransfer.tasks.common import (
     build_trainer,
     checkpoint_callback,
     extra_callbacks,
+    model_run_dir,
     resolve_resume,
     run_dir,
 )
-from fmtransfer.tasks.evaluate import _model_run_dir, check_fit, score_model
+from fmtransfer.tasks.evaluate import score_model
 from fmtransfer.tasks.result import StageResult
 
 log = logging.getLogger(__name__)
@@ -130,15 +131,10 @@ def adapt(cfg: DictConfig) -> StageResult:
 def _load_inputs(cfg: DictConfig, settings: AdaptSettings, recipe: Recipe, method: AdapterMethod) -> _Inputs:
     """The base and the region's data, with the checks that need them (method vs backbone, the recipe's fit, the
     calibration size against the train split)."""
-    base_path = resolve_model_path(cfg.base)
-    model, base_meta = load_model(base_path)
-    backbone_name = base_meta["backbone"]["name"]
-    if method.name == "vpt" and not family_of(backbone_name).prompts:
-        raise ConfigError(f"adapter=vpt needs a Vision Transformer, but the base backbone {backbone_name!r} is of "
-                          f"the {family_of(backbone_name).name!r} family; use adapter=lora for it")
-    check_fit(recipe, base_meta)
-    dm = RecipeDataModule(recipe, batch_size=cfg.loader.batch_size, num_workers=cfg.loader.num_workers,
-                          preprocess=Preprocess.from_dict(base_meta["preprocess"]), seed=cfg.seed)
+    base = load_model_or_adapted(cfg.base)
+    base_path, model, base_meta = base.path, base.model, base.meta
+    check_method_fits(method.name, base_meta["backbone"]["name"])
+    dm = build_datamodule(recipe, cfg.loader, model_meta=base_meta, seed=cfg.seed)
     pool = len(dm.prepare().indices("train"))
     size = pool if settings.calibration.size is None else settings.calibration.size
     if size > pool:
@@ -149,7 +145,7 @@ def _load_inputs(cfg: DictConfig, settings: AdaptSettings, recipe: Recipe, metho
 
 def _record_inputs(record: RunRecord, inputs: _Inputs) -> None:
     record.add_input(inputs.base_path, "base")
-    if (parent := _model_run_dir(inputs.base_path, inputs.meta)) is not None:
+    if (parent := model_run_dir(inputs.base_path, inputs.meta)) is not None:
         record.add_parent(parent)
     recipe = inputs.recipe
     record.set_data(recipe.name, recipe.to_dict(), inputs.dm.prepare().fingerprint)

@@ -7,7 +7,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -17,7 +17,12 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from fmtransfer.config import build, run_dir  # noqa: F401 - run_dir: re-exported for the stages
 from fmtransfer.errors import ArtifactError
+from fmtransfer.lineage import RunRecord
+from fmtransfer.lineage.record import RUN_FILE
 from fmtransfer.metrics import classification_metrics, regression_metrics
+
+if TYPE_CHECKING:
+    from fmtransfer.adapters.loading import Loaded
 
 # Lightning's chatter that says nothing to a user of this framework
 for pattern in (r".*does not have many workers.*", r".*LeafSpec.*", r".*treespec.*",
@@ -156,3 +161,26 @@ def score_by_region(task: str, outputs: np.ndarray, targets: np.ndarray, regions
         mask = regions == region
         result["regions"][region] = score(task, outputs[mask], targets[mask], num_classes)
     return result
+
+
+def model_run_dir(model_path: Path, meta: dict[str, Any]) -> Path | None:
+    """The run that produced a model: recorded in its header, else the folder holding it if it is a run dir."""
+    recorded = meta.get("lineage", {}).get("run_dir")
+    for candidate in ([Path(recorded)] if recorded else []) + [model_path.parent, model_path.parent.parent]:
+        if (candidate / RUN_FILE).is_file():
+            return candidate
+    return None
+
+
+def record_sources(record: RunRecord, loaded: Loaded, role: str | None = None) -> None:
+    """Record the model file read (role ``role``, by default ``model``, or ``base`` under an adapter) and the
+    adapter file, and the runs that produced them as parents."""
+    header = loaded.adapter
+    record.add_input(loaded.path, role or ("base" if header else "model"))
+    parents = [model_run_dir(loaded.path, loaded.base_meta)]
+    if header is not None:
+        record.add_input(header["path"], "adapter")
+        parents.append(Path(header["lineage"]["run_dir"]))
+    for parent in parents:
+        if parent is not None and (parent / RUN_FILE).is_file():
+            record.add_parent(parent)

@@ -17,13 +17,15 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from fmtransfer.adapters.loading import load_model_or_adapted
 from fmtransfer.config import build_dataclass, require, run_dir
 from fmtransfer.curation.curate import Curation, CurationSettings, curate_embeddings, largest_share
 from fmtransfer.curation.embed import embed_split, load_embeddings, rank_and_world
-from fmtransfer.data import Preprocess, RecipeDataModule, load_recipe
+from fmtransfer.data import RecipeDataModule, build_datamodule, load_recipe
 from fmtransfer.errors import ConfigError, DataError
 from fmtransfer.lineage import RunRecord, write_json_atomic, write_text_atomic
 from fmtransfer.plots import cluster_sizes_png, pca_map_png
+from fmtransfer.tasks.common import record_sources
 from fmtransfer.tasks.result import StageResult
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ def _pool_embeddings(cfg: DictConfig, record: RunRecord, out: Path, recipe,
     """The split's embeddings (computed, resumed or precomputed), the table rows they belong to, and the table."""
     split = cfg.curation.split
     if cfg.curation.embeddings:
-        table = _datamodule(cfg, recipe, out).prepare()
+        table = build_datamodule(recipe, cfg.loader, output_dir=out).prepare()
         x, ids = load_embeddings(cfg.curation.embeddings)
         record.add_input(cfg.curation.embeddings, "embeddings")
         index = {str(i): r for r, i in enumerate(table.ids)}
@@ -54,11 +56,6 @@ def _pool_embeddings(cfg: DictConfig, record: RunRecord, out: Path, recipe,
     return np.load(npy, mmap_mode="r"), dm.rows(split), dm.prepare()  # the table embed_split already read
 
 
-def _datamodule(cfg: DictConfig, recipe, out: Path, preprocess: dict | None = None) -> RecipeDataModule:
-    return RecipeDataModule(recipe, batch_size=cfg.loader.batch_size, num_workers=cfg.loader.num_workers,
-                            preprocess=Preprocess.from_dict(preprocess) if preprocess else None, output_dir=out)
-
-
 def _embed(cfg: DictConfig, out: Path, recipe, record: RunRecord | None, rank: int = 0,
            world: int = 1) -> tuple[Path | None, RecipeDataModule]:
     """Embed the split with ``base`` (this rank's shards; rank 0 assembles); ``record`` is None off rank 0.
@@ -66,23 +63,18 @@ def _embed(cfg: DictConfig, out: Path, recipe, record: RunRecord | None, rank: i
     if not cfg.base:
         raise ConfigError("pass base=<model run dir or checkpoint> (its backbone embeds the data) "
                           "or curation.embeddings=<file.npy>")
-    from fmtransfer.models.classifier import load_model, resolve_model_path
-    from fmtransfer.tasks.evaluate import check_fit, record_sources
-
-    path = resolve_model_path(cfg.base)
-    model, meta = load_model(path)
-    check_fit(recipe, meta)
-    dm = _datamodule(cfg, recipe, out, meta["preprocess"])
+    loaded = load_model_or_adapted(cfg.base)
+    dm = build_datamodule(recipe, cfg.loader, model_meta=loaded.meta, output_dir=out)
     folder = out / "embeddings"
     if cfg.resume:
         folder = Path(cfg.resume).expanduser() / "embeddings"
         if not folder.is_dir():
             raise ConfigError(f"resume={cfg.resume}: no embeddings/ folder there to continue")
     if record is not None:
-        record_sources(record, path, meta)
+        record_sources(record, loaded)
         if cfg.resume:
             record.add_parent(Path(cfg.resume))
-    npy, _ = embed_split(model, dm, cfg.curation.split, folder, dtype=cfg.curation.embed.dtype,
+    npy, _ = embed_split(loaded.model, dm, cfg.curation.split, folder, dtype=cfg.curation.embed.dtype,
                          shard_size=int(cfg.curation.embed.shard_size), accelerator=cfg.accelerator, rank=rank,
                          world_size=world, wait_s=float(cfg.curation.embed.wait_s))
     if record is not None:

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from fmtransfer.adapters.loading import load_model_or_adapted, require_model_or_adapter
 from fmtransfer.config import build_dataclass, require, run_dir
-from fmtransfer.data import Preprocess, Recipe, RecipeDataModule, load_recipe
+from fmtransfer.data import Recipe, RecipeDataModule, build_datamodule, load_recipe
 from fmtransfer.data.table import read_manifest
-from fmtransfer.errors import ConfigError, DataError, FmtError
+from fmtransfer.errors import DataError, FmtError
 from fmtransfer.export.gates import accuracy_gate, agreement, agreement_gate, parity_gate
 from fmtransfer.export.onnx_export import INPUT_NAME, embed_metadata, export_onnx, output_name
 from fmtransfer.export.quantize import Quantize, fp32_nodes, quantize_model
@@ -32,10 +33,8 @@ from fmtransfer.export.runtime import ONNX_FORMAT, OnnxModel, create_session, si
 from fmtransfer.export.settings import ExportSettings
 from fmtransfer.export.triton import write_repository
 from fmtransfer.lineage import RunRecord, sha256_file, write_json_atomic, write_text_atomic
-from fmtransfer.models.classifier import load_model, resolve_model_path
 from fmtransfer.models.families import family_of
-from fmtransfer.tasks.common import score
-from fmtransfer.tasks.evaluate import check_fit, record_sources
+from fmtransfer.tasks.common import record_sources, score
 from fmtransfer.tasks.result import StageResult
 
 FP32_FILE, INT8_FILE = "model.onnx", "model.int8.onnx"
@@ -118,20 +117,17 @@ def export(cfg: DictConfig) -> StageResult:
 def _check(cfg: DictConfig) -> tuple[ExportSettings, Recipe]:
     """Everything that needs no model or data: the keys, the ``export`` settings and the recipe."""
     require(cfg, "seed", "model", "adapter_file", "data", "loader")
-    if not cfg.model and not cfg.adapter_file:
-        raise ConfigError("pass model=<run dir or model file> and/or adapter=<adapter file>")
+    require_model_or_adapter(cfg.model, cfg.adapter_file)
     return export_settings(cfg), load_recipe(cfg.data)
 
 
 def _load_inputs(cfg: DictConfig, settings: ExportSettings, recipe: Recipe, record: RunRecord,
                  out: Path) -> _Inputs:
     model, meta, lineage = _load(cfg, record)
-    check_fit(recipe, meta)
     mode = settings.quantize
     if mode is Quantize.AUTO:
         mode = Quantize(family_of(meta["backbone"]["name"]).int8)
-    dm = RecipeDataModule(recipe, batch_size=cfg.loader.batch_size, num_workers=cfg.loader.num_workers,
-                          preprocess=Preprocess.from_dict(meta["preprocess"]), classes=meta["classes"], output_dir=out)
+    dm = build_datamodule(recipe, cfg.loader, model_meta=meta, model_classes=True, output_dir=out)
     table = dm.prepare()
     record.set_data(recipe.name, recipe.to_dict(), table.fingerprint)
     rows = _calibration_rows(settings, int(cfg.seed), dm) if mode is Quantize.STATIC else None
@@ -140,18 +136,13 @@ def _load_inputs(cfg: DictConfig, settings: ExportSettings, recipe: Recipe, reco
 
 def _load(cfg: DictConfig, record: RunRecord) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
     """The model to export (adapter merged in) and its header; lineage hashes for the metadata."""
-    if cfg.adapter_file:
-        from fmtransfer.tasks.merge import load_adapted
-
-        host, _, base_path, header = load_adapted(cfg.adapter_file, cfg.model)
-        model, meta = host.merge()
-        record_sources(record, base_path, host.base_meta, header)
+    loaded = load_model_or_adapted(cfg.model, cfg.adapter_file, merge=True)
+    record_sources(record, loaded)
+    model, meta, header = loaded.model, loaded.meta, loaded.adapter
+    if header is not None:
         lineage = {"base_sha256": header["base"]["sha256"], "adapter_sha256": header["weights_sha256"],
                    "adapter_method": header["method"]["name"], "recipe": header["lineage"].get("recipe")}
     else:
-        path = resolve_model_path(cfg.model)
-        model, meta = load_model(path)
-        record_sources(record, path, meta)
         lineage = {"base_sha256": meta.get("lineage", {}).get("base_sha256", meta["weights_sha256"]),
                    "adapter_sha256": meta.get("lineage", {}).get("adapter_sha256"),
                    "model_sha256": meta["weights_sha256"], "recipe": meta.get("lineage", {}).get("recipe")}

@@ -2,35 +2,22 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from omegaconf import DictConfig
 
-from fmtransfer.adapters.artifact import AdapterHost, read_adapter
+from fmtransfer.adapters.loading import load_model_or_adapted
 from fmtransfer.lineage import RunRecord
-from fmtransfer.models.classifier import load_model, resolve_model_path, save_model
-from fmtransfer.tasks.common import run_dir
-from fmtransfer.tasks.evaluate import record_sources
+from fmtransfer.models.classifier import save_model
+from fmtransfer.tasks.common import record_sources, run_dir
 from fmtransfer.tasks.result import StageResult
-
-
-def load_adapted(adapter: str | Path, model: str | Path | None = None):
-    """Base + adapter, ready to predict. Returns (host, adapted meta, base path, adapter header)."""
-    header, state = read_adapter(adapter)
-    base_path = resolve_model_path(model or header["base"]["path"])
-    base, base_meta = load_model(base_path)
-    host = AdapterHost(base, base_meta)
-    meta = host.apply(header, state)
-    return host, meta, base_path, header
 
 
 def merge(cfg: DictConfig) -> StageResult:
     """Fold ``adapter_file`` into its base; the result's outputs are ``model`` (model.json) and ``weights``."""
     out = run_dir(cfg)
     with RunRecord("merge", out, cfg) as record:
-        host, _, base_path, header = load_adapted(cfg.adapter_file, cfg.model)
-        record_sources(record, base_path, host.base_meta, header)
-        model, meta = host.merge()
+        loaded = load_model_or_adapted(cfg.model, cfg.adapter_file, merge=True)
+        record_sources(record, loaded)
+        model, meta, header = loaded.model, loaded.meta, loaded.adapter
         meta["lineage"] = {"run_id": record.data["run_id"], "run_dir": str(out.resolve()),
                            "base_sha256": header["base"]["sha256"], "adapter_sha256": header["weights_sha256"],
                            "recipe": header["lineage"].get("recipe")}

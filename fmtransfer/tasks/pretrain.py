@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from fmtransfer.config import build, require
-from fmtransfer.data import Preprocess, RecipeDataModule, load_recipe
+from fmtransfer.data import Preprocess, build_datamodule, load_recipe
 from fmtransfer.errors import ConfigError
 from fmtransfer.lineage import RunRecord, write_json_atomic
 from fmtransfer.models.backbone import backbone_spec, check_input_size, create_backbone
@@ -64,8 +64,7 @@ def pretrain(cfg: DictConfig) -> StageResult:
     recipe, spec = validate(cfg)
     resume = resolve_resume(cfg.resume)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    dm = RecipeDataModule(recipe, batch_size=cfg.loader.batch_size, num_workers=cfg.loader.num_workers,
-                          seed=cfg.seed, output_dir=out)
+    dm = build_datamodule(recipe, cfg.loader, seed=cfg.seed, output_dir=out)
     with RunRecord("pretrain", out, cfg) as record:
         table = dm.prepare()
         record.set_data(recipe.name, recipe.to_dict(), table.fingerprint)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fmtransfer.adapters.artifact import read_adapter
+from fmtransfer.adapters.loading import load_adapted
 from fmtransfer.data.images import read_image
 from fmtransfer.data.preprocess import Preprocess
 from fmtransfer.errors import ArtifactError, DataError
@@ -20,7 +21,6 @@ from fmtransfer.export.runtime import OnnxModel
 from fmtransfer.lineage import load_record, verify_record
 from fmtransfer.tasks.adapt import adapt
 from fmtransfer.tasks.export import GateFailed, export
-from fmtransfer.tasks.merge import load_adapted
 from fmtransfer.tasks.pretrain import pretrain
 from tests.conftest import ROOT, cli_env, make_cfg
 from tests.fixtures import corrupt, save_image
