@@ -5,12 +5,14 @@ The stage functions live in ``fmtransfer.tasks``; this module only parses, calls
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 
 from fmtransfer import __version__
 from fmtransfer.tasks.result import StageResult
@@ -51,6 +53,41 @@ Your own config groups (data/<name>.yaml, experiment/<name>.yaml, ...) without c
 """
 
 
+# Lightning's chatter that says nothing to a user of this framework
+QUIET_WARNINGS = (r".*does not have many workers.*", r".*LeafSpec.*", r".*treespec.*",
+                  r".*The number of training batches.*smaller than the logging interval.*",
+                  r".*overridden `on_after_batch_transfer`.*",
+                  r".*You defined a `validation_step` but have no `val_dataloader`.*",  # adapt: no validation
+                  r".*module\(s\) in eval mode at the start of training.*")  # frozen normalisation statistics
+
+
+class _DropAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_third_party() -> Iterator[None]:
+    """While a stage runs from the command line, hide what says nothing to its user: Lightning's warnings in
+    ``QUIET_WARNINGS`` and its litlogger advert, and faiss's INFO line naming the SIMD build it loaded.
+
+    Installed here, for the run only, and restored after it: importing fmtransfer changes no global state.
+    """
+    lightning_log = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    faiss_log = logging.getLogger("faiss.loader")
+    adverts, faiss_level = _DropAdverts(), faiss_log.level
+    with warnings.catch_warnings():
+        for pattern in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        lightning_log.addFilter(adverts)
+        faiss_log.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            lightning_log.removeFilter(adverts)
+            faiss_log.setLevel(faiss_level)
+
+
 def _load(stage: str) -> Callable:
     module, func = STAGES[stage][0].split(":")
     return getattr(importlib.import_module(module), func)
@@ -88,7 +125,8 @@ def run_stage(stage: str, args: list[str]) -> None:
     def app(cfg) -> None:
         logging.captureWarnings(True)  # warnings (skipped images, ...) also reach the run's log file
         try:
-            result = task(cfg)
+            with quiet_third_party():
+                result = task(cfg)
         except FmtError as e:
             print(f"fmtransfer {stage}: error: {e}", file=sys.stderr)
             raise SystemExit(2) from None

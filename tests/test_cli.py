@@ -78,6 +78,46 @@ def test_multirun_and_module_entry(tmp_path, entry):
     assert runs[0].startswith("0_backbone=tiny_cnn,") and runs[1].startswith("1_backbone=tiny_vit,")
 
 
+def test_importing_fmtransfer_changes_no_global_state():
+    """No module installs warning filters or logging settings when imported; the CLI does, for a run."""
+    code = """
+import importlib, logging, pkgutil, warnings
+import fmtransfer
+for m in pkgutil.walk_packages(fmtransfer.__path__, "fmtransfer."):
+    if not m.name.endswith("__main__"):
+        importlib.import_module(m.name)
+from fmtransfer.cli import QUIET_WARNINGS
+ours = [f for f in warnings.filters if f[1] is not None and f[1].pattern in QUIET_WARNINGS]
+assert not ours, ours
+assert not logging.getLogger("pytorch_lightning.utilities.rank_zero").filters
+assert logging.getLogger("faiss.loader").level == logging.NOTSET
+print("clean")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=cli_env(), capture_output=True, text=True,
+                          timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0 and "clean" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_quiet_third_party_hides_lightning_noise_only_while_a_stage_runs():
+    import logging
+    import warnings
+
+    from fmtransfer.cli import quiet_third_party
+
+    noise = "The 'train_dataloader' does not have many workers which may be a bottleneck."
+    log = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    before = list(log.filters)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with quiet_third_party():
+            warnings.warn(noise, UserWarning, stacklevel=1)
+            warnings.warn("a skipped image", UserWarning, stacklevel=1)
+            assert len(log.filters) == len(before) + 1
+        warnings.warn(noise, UserWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == ["a skipped image", noise]
+    assert log.filters == before
+
+
 def test_summary_prints_a_stage_result(tmp_path):
     from fmtransfer.cli import _summary
     from fmtransfer.tasks.result import StageResult

@@ -4,8 +4,3 @@ Pure array-in / array-out functions over embeddings ``(n, d) float32`` (memory-m
 read in bounded batches). Following Vo et al. 2024, "Automatic Data Curation for Self-Supervised Learning: A
 Clustering-Based Approach", written from the paper.
 """
-
-import logging
-
-# faiss announces at INFO which SIMD build it loaded (and that an AVX2 one is missing): noise in a run's log
-logging.getLogger("faiss.loader").setLevel(logging.WARNING)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,23 +21,6 @@ from fmtransfer.metrics import classification_metrics, regression_metrics
 
 if TYPE_CHECKING:
     from fmtransfer.adapters.loading import Loaded
-
-# Lightning's chatter that says nothing to a user of this framework
-for pattern in (r".*does not have many workers.*", r".*LeafSpec.*", r".*treespec.*",
-                r".*The number of training batches.*smaller than the logging interval.*",
-                r".*overridden `on_after_batch_transfer`.*",
-                r".*You defined a `validation_step` but have no `val_dataloader`.*",  # adapt: no validation
-                r".*module\(s\) in eval mode at the start of training.*"):  # frozen normalisation statistics
-    warnings.filterwarnings("ignore", message=pattern)
-
-
-class _DropAdverts(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
-
-
-_LIGHTNING_LOG = logging.getLogger("pytorch_lightning.utilities.rank_zero")
-_LIGHTNING_LOG.addFilter(_DropAdverts())
 
 
 def resolve_precision(precision: Any) -> Any:
