@@ -22,8 +22,10 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -m "" $(ARGS)
 
+# ruff, then the import contracts in .importlinter (which layer may import which)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fmtransfer tests scripts
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
 	$(PY) scripts/bench_train.py $(ARGS)
