@@ -18,7 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fmtransfer.adapters import check_method_fits
 from fmtransfer.config import build_dataclass, compose_stage, require, to_plain
-from fmtransfer.data import RecipeDataModule, load_recipe
+from fmtransfer.data import build_datamodule, load_recipe
 from fmtransfer.errors import ConfigError
 from fmtransfer.lineage import RunRecord
 from fmtransfer.tasks.adapt import adapt, validate_adapt
@@ -34,8 +34,8 @@ from fmtransfer.tasks.result import StageResult
 STAGE_FUNCTIONS: dict[str, Callable[[DictConfig], StageResult]] = {
     "pretrain": pretrain, "evaluate": evaluate, "curate": curate, "adapt": adapt, "plan": plan, "export": export}
 # what the global pretraining takes from the pipeline's config (the pipeline's groups are its groups)
-TRAINING_KEYS = ("seed", "data", "backbone", "method", "augment", "trainer", "logger", "loader", "resume",
-                 "checkpoint", "callbacks")
+TRAINING_KEYS = ("seed", "deterministic", "data", "backbone", "method", "augment", "trainer", "logger", "loader",
+                 "resume", "checkpoint", "callbacks")
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ class Steps:
             OmegaConf.update(sub, key, value, merge=False, force_add=True)
         try:
             result = STAGE_FUNCTIONS[sub.stage](sub)
-        except GateFailed as e:  # a rejected export is a step that ran: its result is kept, then it fails on
+        except GateFailed as e:  # a rejected export is a step that ran: kept and recorded, then the failure goes on
             self._keep(name, e.result)
             raise
         return self._keep(name, result)
@@ -160,7 +160,7 @@ def _adapt_step(settings: PipelineSettings, adapter: str, size: int) -> str:
 def compose_steps(cfg: DictConfig, settings: PipelineSettings, out: Path) -> Steps:
     """Every step's config, composed before anything runs."""
     require(cfg, "region", "split", "accelerator", "export", "curation", *TRAINING_KEYS)
-    for adapter in {a for a, _ in settings.adapt_runs()}:  # first: an unknown adapter has no config to compose
+    for adapter in dict.fromkeys(a for a, _ in settings.adapt_runs()):  # first: an unknown one has no config
         try:
             check_method_fits(adapter, cfg.backbone.name)
         except ConfigError as e:
@@ -178,7 +178,7 @@ def compose_steps(cfg: DictConfig, settings: PipelineSettings, out: Path) -> Ste
                       [f"adapter={adapter}", f"calibration.size={size}",
                        f"calibration.strategy={settings.calibration.strategy}", f"seed={cfg.seed}",
                        *settings.adapt_overrides],
-                      nodes={**region, **_nodes(cfg, "logger", resolve=False)})
+                      nodes={**region, **_nodes(cfg, "logger", "deterministic", resolve=False)})
     steps.compose("plan", "plan", nodes={"sweep": str(out / "adapt")})
     if settings.export_region_model:
         steps.compose("export", "export", nodes={**_nodes(cfg, "seed", "loader", "export"), **region})
@@ -193,7 +193,7 @@ def _check(steps: Steps, settings: PipelineSettings) -> None:
         if name.startswith("adapt/"):
             validate_adapt(configs[name])
     region = load_recipe(configs["zero_shot"].data)
-    pool = RecipeDataModule(region).split_size("train")
+    pool = build_datamodule(region, configs["zero_shot"].loader).split_size("train")
     too_big = sorted({n for _, n in settings.adapt_runs() if n > pool})
     if too_big:
         raise ConfigError(f"sweep.sizes / calibration.size {too_big} exceed the train split of region "
@@ -203,7 +203,8 @@ def _check(steps: Steps, settings: PipelineSettings) -> None:
     if "curate" in configs:
         curation = configs["curate"].curation
         curated = curation_settings(configs["curate"])
-        global_pool = RecipeDataModule(load_recipe(configs["curate"].data)).split_size(curation.split)
+        global_pool = build_datamodule(load_recipe(configs["curate"].data), configs["curate"].loader).split_size(
+            curation.split)
         curated.target(global_pool)
         if curated.levels[0] > global_pool:
             raise ConfigError(f"curation.levels={curated.levels}: k={curated.levels[0]} is larger than the "
