@@ -17,6 +17,7 @@ from fmtransfer.export.quantize import Quantize
 from fmtransfer.export.settings import ExportCalibration, ExportSettings, KeepFp32, LatencySettings
 from fmtransfer.tasks.adapt import adapt, validate_adapt
 from fmtransfer.tasks.export import export, export_settings
+from fmtransfer.tasks.pipeline import PipelineSettings, RegionCalibration, Sweep
 from tests.conftest import make_cfg
 
 
@@ -76,7 +77,7 @@ def _without(cfg, key: str):
 
 
 SETTINGS = [ExportSettings, ExportCalibration, KeepFp32, LatencySettings, GateSettings,
-            AdaptSettings, AdapterSettings, CalibrationSettings]
+            AdaptSettings, AdapterSettings, CalibrationSettings, PipelineSettings, RegionCalibration, Sweep]
 
 
 @pytest.mark.parametrize("cls", SETTINGS, ids=lambda c: c.__name__)
