@@ -13,11 +13,19 @@ from fmtransfer.lineage import RunRecord
 from fmtransfer.tasks.result import StageResult
 
 
+def output_path(output: str | Path, run: Path) -> Path:
+    """Where the predictions go: a relative ``output`` is inside the run dir, an absolute one is honoured."""
+    path = Path(output).expanduser()
+    return path if path.is_absolute() else run / path
+
+
 def predict(cfg: DictConfig) -> StageResult:
-    """Write ``cfg.output`` (CSV) with a prediction per readable image of ``cfg.input``."""
+    """Write ``cfg.output`` (CSV; relative: in the run dir) with a prediction per readable image of
+    ``cfg.input``."""
     out = run_dir(cfg)
     with RunRecord("predict", out, cfg) as record:
-        result = predict_files(cfg.model, cfg.input, cfg.output, batch_size=int(cfg.batch_size))
+        result = predict_files(cfg.model, cfg.input, output_path(cfg.output, out),
+                               batch_size=int(cfg.batch_size))
         record.add_input(result["model"], "model")
         record.add_output(result["output"], "predictions")
         if result["skipped_file"]:

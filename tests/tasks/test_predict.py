@@ -1,0 +1,62 @@
+"""The ``predict`` stage: where its CSV goes."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from fmtransfer.lineage import load_record
+from fmtransfer.tasks.export import export
+from fmtransfer.tasks.predict import predict
+from fmtransfer.tasks.pretrain import pretrain
+from tests.conftest import make_cfg
+from tests.fixtures import pattern, save_image
+
+DATA = ["data=mnist_global", "data.limit=300"]
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("predict")
+    base = pretrain(make_cfg("pretrain", ["experiment=smoke", "logger=none"], folder / "base")).run_dir
+    exported = export(make_cfg("export", [f"model={base}", *DATA, "export.quantize=none", "export.latency.repeats=1",
+                                          "export.latency.warmup=0"], folder / "export"))
+    return exported.outputs["model"]
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        save_image(pattern(i, 28, rng), tmp_path / "images" / f"{i}.png")
+    return tmp_path / "images"
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_relative_output_goes_into_the_run_dir(onnx_model, images, tmp_path, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    run = tmp_path / "run"
+    result = predict(make_cfg("predict", [f"model={onnx_model}", f"input={images}"], run))  # output: predictions.csv
+    assert result.outputs["output"] == run / "predictions.csv" and len(_rows(run / "predictions.csv")) == 3
+    nested = predict(make_cfg("predict", [f"model={onnx_model}", f"input={images}", "output=preds/region.csv"],
+                              tmp_path / "run2"))
+    assert nested.outputs["output"] == tmp_path / "run2" / "preds" / "region.csv"
+    assert list(cwd.iterdir()) == []  # nothing in the working directory
+    outputs = {o["role"]: o["path"] for o in load_record(run)["outputs"]}
+    assert outputs["predictions"] == "predictions.csv"  # recorded inside the run dir
+
+
+def test_absolute_output_is_honoured(onnx_model, images, tmp_path):
+    target = tmp_path / "elsewhere" / "p.csv"
+    result = predict(make_cfg("predict", [f"model={onnx_model}", f"input={images}", f"output={target}"],
+                              tmp_path / "run"))
+    assert result.outputs["output"] == target and len(_rows(target)) == 3
+    assert not (tmp_path / "run" / "p.csv").exists() and not (tmp_path / "run" / "predictions.csv").exists()
