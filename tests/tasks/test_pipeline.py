@@ -105,3 +105,10 @@ def test_every_step_is_composed_from_its_stage_config(cfg_factory, tmp_path):
     assert steps.configs["adapt/2_lora_n100"].calibration.size == 100
     assert steps.configs["pretrain"].trainer.limit_train_batches == 3  # the smoke trainer
     assert steps.configs["adapt/0_lora_n20"].trainer.limit_train_batches is None  # adapt's own trainer
+
+
+def test_the_deterministic_switch_reaches_every_training_step(cfg_factory, tmp_path):
+    cfg = cfg_factory("pipeline", "experiment=smoke", "sweep.sizes=[20]", "deterministic=warn")
+    steps = compose_steps(cfg, pipeline_settings(cfg), tmp_path / "pipeline")
+    trained = [n for n, sub in steps.configs.items() if sub.stage in ("pretrain", "adapt")]
+    assert len(trained) == 5 and all(steps.configs[n].deterministic == "warn" for n in trained)
