@@ -175,6 +175,9 @@ def _fit(cfg: DictConfig, settings: AdaptSettings, inputs: _Inputs, record: RunR
     recipe, method = inputs.recipe, inputs.method
     table = dm.prepare()
     backbone_name = base_meta["backbone"]["name"]
+    # before the new head and the method's structure draw their initial values: seeded here, they cannot
+    # depend on what ran earlier in this process (the pipeline's previous stages)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model.head, head_note = region_head(model.head, base_meta["classes"], table.classes, method.reuse_head)
     method.attach(model, backbone_name)
     for p in model.head.parameters():
@@ -197,7 +200,6 @@ def _fit(cfg: DictConfig, settings: AdaptSettings, inputs: _Inputs, record: RunR
     steps = settings.adapter.steps
     batches = max(1, size // dm.batch_size) if size > dm.batch_size else 1
     epochs = math.ceil(steps / batches)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = SupervisedModule(model, recipe.task, build(settings.loss, "loss"),
                               build(settings.adapter.optimizer, "adapter.optimizer"),
                               build(settings.scheduler, "scheduler") if settings.scheduler else None, meta,

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from fmtransfer.config import build, run_dir  # noqa: F401 - run_dir: re-exported for the stages
-from fmtransfer.errors import ArtifactError
+from fmtransfer.errors import ArtifactError, ConfigError
 from fmtransfer.lineage import RunRecord
 from fmtransfer.lineage.record import RUN_FILE
 from fmtransfer.metrics import classification_metrics, regression_metrics
@@ -102,9 +102,29 @@ def extra_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     return [build(v, f"callbacks.{k}") for k, v in node.items() if v is not None]
 
 
+def deterministic_mode(value: Any) -> bool | str:
+    """The ``deterministic`` switch as Lightning's Trainer takes it.
+
+    Args:
+        value: true (torch's deterministic algorithms: an op that has none raises), "warn" (it warns instead),
+            false or null.
+
+    Raises:
+        ConfigError: any other value.
+    """
+    if value == "warn":
+        return value
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise ConfigError(f"deterministic={value!r}; expected true, false or warn")
+
+
 def build_trainer(cfg: DictConfig, *, callbacks: list, logger, default_root_dir: Path) -> pl.Trainer:
     node = OmegaConf.to_container(cfg.trainer, resolve=True)
     node["precision"] = resolve_precision(node.get("precision", "auto"))
+    if node.get("deterministic") is None:  # a trainer.deterministic of the user's own wins
+        # never None: Lightning then leaves torch's process-wide flag as an earlier stage of this process set it
+        node["deterministic"] = deterministic_mode(cfg.get("deterministic"))
     for key in ("limit_train_batches", "limit_val_batches"):
         if node.get(key) is None:
             node.pop(key, None)
