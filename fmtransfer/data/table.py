@@ -37,7 +37,7 @@ class SampleTable:
         images: (n, H, W, C) float32 in [0, 1] for array sources, else None.
         paths: (n,) image files for file sources, else None.
         fingerprint: sha256 over ids, content, labels, regions and splits.
-        skipped: unreadable samples that were left out.
+        skipped: samples left out: unreadable or refused images, symlink loops.
         total: samples the source listed (before skipping).
     """
 
@@ -173,11 +173,11 @@ def build_table(recipe: Recipe, *, classes: list[str] | None = None, scan_worker
     if recipe.limit is not None and recipe.limit < len(keep):
         keep = stratified_choice(strata, src.ids, recipe.limit, recipe.split.seed)
 
-    skipped: list[Skipped] = []
+    skipped = [Skipped(*entry) for entry in src.skipped]  # symlink loops met while listing
     shas: list[str] | None = None
     if src.paths is not None:
         paths = [src.paths[i] for i in keep]
-        scan = scan_images(paths, recipe.channels, workers=scan_workers,
+        scan = scan_images(paths, recipe.channels, max_pixels=recipe.max_pixels, workers=scan_workers,
                            cache_dir=default_cache_dir() if cache_dir == "default" else cache_dir,
                            desc=f"checking {recipe.name} images")
         if scan.mismatched:
@@ -186,14 +186,16 @@ def build_table(recipe: Recipe, *, classes: list[str] | None = None, scan_worker
             raise DataError(f"recipe {recipe.name!r} asks for data.channels={recipe.channels}, but "
                             f"{len(rows)} image(s) cannot be converted (e.g. {examples}); set data.channels "
                             f"to the images' band count")
-        skipped = [Skipped(src.ids[keep[i]], str(paths[i]), reason) for i, reason in sorted(scan.unreadable.items())]
-        fraction = len(skipped) / len(keep)
+        skipped += [Skipped(src.ids[keep[i]], str(paths[i]), reason) for i, reason in sorted(scan.unreadable.items())]
+        listed = len(keep) + len(src.skipped)
+        fraction = len(skipped) / listed
         if skipped:
             names = ", ".join(s.where for s in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
-            warnings.warn(f"recipe {recipe.name!r}: skipped {len(skipped)} unreadable image(s) of {len(keep)} "
-                          f"({fraction:.2%}): {names}", stacklevel=2)
+            warnings.warn(f"recipe {recipe.name!r}: skipped {len(skipped)} unreadable image(s) of {listed} "
+                          f"({fraction:.2%}): {names} (first: {skipped[0].where}: {skipped[0].reason})",
+                          stacklevel=2)
         if fraction > recipe.max_skipped_fraction:
-            raise DataError(f"recipe {recipe.name!r}: {len(skipped)} of {len(keep)} images ({fraction:.2%}) are "
+            raise DataError(f"recipe {recipe.name!r}: {len(skipped)} of {listed} images ({fraction:.2%}) are "
                             f"unreadable, more than data.max_skipped_fraction={recipe.max_skipped_fraction:g} "
                             f"(first: {skipped[0].where}: {skipped[0].reason})")
         shas = [scan.sha256[i] for i in range(len(keep)) if scan.ok[i]]

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from fmtransfer.data.images import ChannelMismatch, UnreadableImage, convert_channels, read_raw, to_unit_float
+from fmtransfer.data.images import ChannelMismatch, UnreadableImage, read_image
 from fmtransfer.errors import DataError
 from fmtransfer.export.runtime import OnnxModel, softmax
 from fmtransfer.lineage.io import write_text_atomic
@@ -72,7 +72,7 @@ def preprocess_image(path: str | Path, pre: dict[str, Any]) -> np.ndarray:
     Raises:
         UnreadableImage, ChannelMismatch.
     """
-    arr = to_unit_float(convert_channels(read_raw(path), int(pre["channels"])))
+    arr = read_image(path, int(pre["channels"]))  # decoded exactly as training decodes
     arr = resize_bilinear(np.ascontiguousarray(arr, dtype=np.float32), tuple(pre["image_size"]))
     mean = np.asarray(pre["mean"], dtype=np.float32)
     std = np.asarray(pre["std"], dtype=np.float32)
