@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -10,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fmtransfer.errors import ConfigError, DataError
+from fmtransfer.errors import DataError
 from fmtransfer.lineage.io import atomic_path, sha256_bytes, write_json_atomic, write_text_atomic
 from fmtransfer.models import inference
+from fmtransfer.ranks import environment_layout
 
+log = logging.getLogger(__name__)
 EMBEDDINGS, IDS, PROGRESS = "embeddings.npy", "embeddings.ids.txt", "embeddings.shards.json"
 
 
@@ -45,25 +48,44 @@ def load_embeddings(path: str | Path) -> tuple[np.ndarray, list[str]]:
     return x, ids
 
 
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the number of processes, as torchrun and Lightning's DDP launchers set them
-    (``RANK``, ``WORLD_SIZE``); (0, 1) for a single process."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
-    except ValueError as e:
-        raise ConfigError(f"RANK / WORLD_SIZE must be integers ({e})") from None
-    if world < 1 or not 0 <= rank < world:
-        raise ConfigError(f"RANK={rank} with WORLD_SIZE={world}: expected 0 <= RANK < WORLD_SIZE")
-    return rank, world
-
-
 def _shard_name(s: int) -> str:
     return f"shard_{s:05d}.npy"
 
 
+def _wait_for_shards(shard_dir: Path, n_shards: int, world_size: int, wait_s: float, poll_s: float,
+                     report_s: float = 60.0) -> None:
+    """Rank 0: wait until every shard file exists, logging which are present when that changes (and every
+    ``report_s``); give up after ``wait_s`` seconds in which no new shard appeared.
+
+    Raises:
+        DataError: the timeout, naming the missing shards, the ranks that own them and the environment's layout.
+    """
+    last_new = last_report = time.monotonic()
+    seen = -1
+    while missing := [s for s in range(n_shards) if not (shard_dir / _shard_name(s)).is_file()]:
+        now = time.monotonic()
+        owners = sorted({s % world_size for s in missing})
+        if n_shards - len(missing) != seen or now - last_report >= report_s:
+            if n_shards - len(missing) != seen:
+                last_new = now
+            seen, last_report = n_shards - len(missing), now
+            log.info(f"rank 0 of {world_size}: {seen} of {n_shards} shards present; waiting for "
+                     f"{_shard_list(missing)} from rank(s) {owners} ({shard_dir})")
+        if now - last_new > wait_s:
+            raise DataError(f"{shard_dir}: {len(missing)} of {n_shards} shards {_shard_list(missing)} were not "
+                            f"written by rank(s) {owners} within {wait_s:g} s (curation.embed.wait_s) of the last "
+                            f"new shard; {environment_layout()} from the environment: start those ranks "
+                            f"(resume= keeps the finished shards) or unset RANK / WORLD_SIZE for one process")
+        time.sleep(poll_s)
+
+
+def _shard_list(shards: list[int], shown: int = 8) -> str:
+    more = f" and {len(shards) - shown} more" if len(shards) > shown else ""
+    return f"{shards[:shown]}{more}"
+
+
 def embed_split(model, dm, split: str, folder: str | Path, *, dtype: str = "float32", shard_size: int = 65536,
-                accelerator: str = "auto", rank: int = 0, world_size: int = 1, wait_s: float = 86400.0,
+                accelerator: str = "auto", rank: int = 0, world_size: int = 1, wait_s: float = 3600.0,
                 poll_s: float = 2.0) -> tuple[Path | None, list[str]]:
     """Embed every sample of ``split`` with ``model.features`` into ``folder/embeddings.npy`` (rows in split
     order) and ``embeddings.ids.txt``.
@@ -71,8 +93,8 @@ def embed_split(model, dm, split: str, folder: str | Path, *, dtype: str = "floa
     The rows are cut into shards of ``shard_size``; shard s belongs to rank ``s % world_size``, which writes it to
     its own file ``shards-<key>/shard_<s>.npy`` (atomically; the key changes with the ids, width, dtype and shard
     size, so stale shards never mix in). A shard file that exists is never recomputed, so an interrupted run
-    resumes where it stopped. Rank 0 then waits (up to ``wait_s``) for every shard, assembles the memory-mapped
-    ``embeddings.npy`` (atomically), records it in ``embeddings.shards.json`` and removes the shard files.
+    resumes where it stopped. Rank 0 then waits for every shard (giving up after ``wait_s`` without a new one),
+    assembles the memory-mapped ``embeddings.npy`` (atomically), records it in ``embeddings.shards.json`` and removes the shard files.
 
     Returns:
         (the .npy path, the ids) on rank 0; (None, the ids) on the other ranks once their shards are written.
@@ -109,14 +131,7 @@ def embed_split(model, dm, split: str, folder: str | Path, *, dtype: str = "floa
         dm.use_rows(split, rows)
     if rank != 0:
         return None, ids
-    deadline = time.monotonic() + wait_s
-    while missing := [s for s in range(n_shards) if not (shard_dir / _shard_name(s)).is_file()]:
-        if time.monotonic() > deadline:
-            owners = sorted({s % world_size for s in missing})
-            raise DataError(f"{shard_dir}: {len(missing)} of {n_shards} shards (e.g. {missing[:3]}) were not written "
-                            f"by rank(s) {owners} within {wait_s:g} s; start those ranks (resume= keeps the "
-                            f"finished shards)")
-        time.sleep(poll_s)
+    _wait_for_shards(shard_dir, n_shards, world_size, wait_s, poll_s)
     with atomic_path(npy) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(len(ids), dim))
         for s in range(n_shards):

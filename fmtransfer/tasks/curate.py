@@ -20,11 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 from fmtransfer.adapters.loading import load_model_or_adapted
 from fmtransfer.config import build_dataclass, require, run_dir
 from fmtransfer.curation.curate import Curation, CurationSettings, curate_embeddings, largest_share
-from fmtransfer.curation.embed import embed_split, load_embeddings, rank_and_world
+from fmtransfer.curation.embed import embed_split, load_embeddings
 from fmtransfer.data import RecipeDataModule, build_datamodule, load_recipe
 from fmtransfer.errors import ConfigError, DataError
 from fmtransfer.lineage import RunRecord, write_json_atomic, write_text_atomic
 from fmtransfer.plots import cluster_sizes_png, pca_map_png
+from fmtransfer.ranks import environment_layout, rank_and_world
 from fmtransfer.tasks.common import record_sources
 from fmtransfer.tasks.result import StageResult
 
@@ -95,6 +96,10 @@ def curate(cfg: DictConfig) -> StageResult:
         raise ConfigError(f"curation.embed.dtype={cfg.curation.embed.dtype!r}: choose float32 or float16")
     recipe = load_recipe(cfg.data)
     rank, world = rank_and_world()
+    if world > 1:  # said out loud: the environment, not the command line, switched this on
+        role = "then assembles every shard and curates" if rank == 0 else "then stops; rank 0 curates"
+        log.warning(f"{environment_layout()} from the environment: this process embeds shard {rank} of every "
+                    f"{world} ({rank}, {rank + world}, ...) of {cfg.curation.split!r}, {role}")
     if rank != 0:  # one of several processes (torchrun / DDP launcher): embed this rank's shards, then stop
         if cfg.curation.embeddings:
             return StageResult("curate", out, {"rank": rank, "embedded": False})

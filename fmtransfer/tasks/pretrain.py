@@ -17,6 +17,7 @@ from fmtransfer.models.backbone import backbone_spec, check_input_size, create_b
 from fmtransfer.models.classifier import Classifier, model_meta, save_model
 from fmtransfer.models.module import EpochSeed, SupervisedModule
 from fmtransfer.plots import training_curves_png
+from fmtransfer.ranks import rank_and_world
 from fmtransfer.tasks.common import (
     TrainThroughput,
     build_augment,
@@ -62,6 +63,7 @@ def pretrain(cfg: DictConfig) -> StageResult:
     """
     out = run_dir(cfg)
     recipe, spec = validate(cfg)
+    rank_and_world()  # a stray RANK=1 would make Lightning train silently and write no metrics or model
     resume = resolve_resume(cfg.resume)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = build_datamodule(recipe, cfg.loader, seed=cfg.seed, output_dir=out)

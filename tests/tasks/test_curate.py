@@ -78,6 +78,7 @@ def test_ranks_embed_their_own_shards_and_rank_0_assembles(base, tmp_path, monke
     single = curate(make_cfg("curate", args, tmp_path / "one"))
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "localhost")  # as a launcher sets it; without one the layout is refused
     assert curate(make_cfg("curate", args, tmp_path / "two")) == StageResult("curate", tmp_path / "two",
                                                                              {"rank": 1, "embedded": True})
     (shard_dir,) = (tmp_path / "two" / "embeddings").glob("shards-*")
@@ -94,6 +95,7 @@ def test_ranks_embed_their_own_shards_and_rank_0_assembles(base, tmp_path, monke
 def test_rank_0_names_the_shards_it_waited_for(base, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "localhost")  # as a launcher sets it; without one the layout is refused
     with pytest.raises(DataError, match=r"2 of 4 shards .* by rank\(s\) \[1, 2\] within 0.2 s"):
         curate(make_cfg("curate", [f"base={base}", *SMALL, "curation.embed.shard_size=64",
                                    "curation.embed.wait_s=0.2"], tmp_path / "a"))
