@@ -87,6 +87,10 @@ def resolve_model_path(path: str | Path) -> Path:
         path = path.with_name(META_FILE) if path.name == WEIGHTS_FILE else path.with_suffix(".json")
     if not path.is_file():
         raise ArtifactError(f"model {path} does not exist")
+    if path.suffix.lower() == ".onnx":
+        raise ArtifactError(f"model={path} is an ONNX file; this stage reads PyTorch models and adapters (a run dir, "
+                            f"{META_FILE}, {WEIGHTS_FILE} or a .ckpt); use `fmtransfer predict model={path}` to run "
+                            f"an exported model")
     return path
 
 
@@ -104,10 +108,12 @@ def load_model(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
     else:
         try:
             meta = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ArtifactError(f"{path} is not a readable model header ({e})") from e
-        if meta.get("format") != MODEL_FORMAT:
-            raise ArtifactError(f"{path} is not an fmtransfer model header (format={meta.get('format')!r})")
+        except (OSError, ValueError) as e:  # ValueError: invalid JSON, and UnicodeDecodeError of a binary file
+            raise ArtifactError(f"model={path} is not a model: expected a run dir, {META_FILE}, {WEIGHTS_FILE} or "
+                                f"a .ckpt, but it is not a readable JSON header ({type(e).__name__})") from e
+        if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise ArtifactError(f"{path} is not an fmtransfer model header (format={found!r})")
         weights = path.parent / meta["weights"]
         if not weights.is_file():
             raise ArtifactError(f"{path} names weights {weights}, which do not exist")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -139,12 +140,37 @@ def resolve_resume(resume: str | None) -> Path | None:
     if path.is_dir():
         for candidate in (path / "checkpoints" / "last.ckpt", path / "pretrain" / "checkpoints" / "last.ckpt"):
             if candidate.is_file():
-                return candidate
+                return check_checkpoint(candidate, f"resume={resume}")
         raise ArtifactError(f"resume={resume}: no checkpoints/last.ckpt in that run dir (did the run finish "
                             f"its first epoch?)")
     if not path.is_file():
         raise ArtifactError(f"resume={resume}: no such checkpoint file or run dir")
+    return check_checkpoint(path, f"resume={resume}")
+
+
+def check_checkpoint(path: Path, what: str) -> Path:
+    """``path`` if a weights-only load accepts it (nothing but tensors and plain containers), before Lightning
+    reads it; memory-mapped where the format allows, so a large checkpoint is not read twice.
+
+    Raises:
+        ArtifactError: not a checkpoint, or one holding objects a safe load refuses (e.g. a pickled payload).
+    """
+    mmap = zipfile.is_zipfile(path)  # torch's current format; the legacy one cannot be memory-mapped
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a file it will not load
+        raise ArtifactError(f"{what}: {path} is not a safe checkpoint: a weights-only load refuses it "
+                            f"({_refusal(e)}); resume only from checkpoints fmtransfer wrote") from None
     return path
+
+
+def _refusal(e: Exception) -> str:
+    """The line of torch's refusal that says what was refused (its first lines explain how to load the file
+    unsafely, which is not advice to pass on)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    why = next((line for line in lines if line.startswith("WeightsUnpickler error:")), lines[0] if lines else "")
+    why = why.removeprefix("WeightsUnpickler error: ").split(" Please use")[0]  # drop the allowlisting advice
+    return f"{type(e).__name__}: {why}"
 
 
 def score(task: str, outputs: np.ndarray, targets: np.ndarray, num_classes: int | None) -> dict[str, Any]:
