@@ -250,3 +250,157 @@ def test_large_file_is_hashed_in_chunks(tmp_path):
         tracemalloc.stop()
     assert scan.ok[0] and scan.sha256[0] == sha256_file(path)
     assert peak < 8 << 20, f"scanning held {peak / 2**20:.1f} MiB"
+
+
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def _layout(monkeypatch, **env: str) -> None:
+    """Exactly ``env`` of the variables launchers set (none of the test runner's own)."""
+    for name in _LAUNCH_VARS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
+def curate_folder(model: Path, root: Path, run_dir: Path, *overrides: str):
+    """``fmtransfer curate`` of an image folder's train split with the shared model as base."""
+    from fmtransfer.tasks.curate import curate
+
+    return curate(make_cfg("curate", [f"base={model}", "data=image_folder", f"data.source.root={root}",
+                                      "data.image_size=[16,16]", "data.split.train=1.0", "data.split.val=0.0",
+                                      "data.split.test=0.0", "curation.levels=[4,2]", "curation.target_size=0.5",
+                                      *overrides], run_dir))
+
+
+@pytest.mark.parametrize("env", [
+    {"RANK": "1", "WORLD_SIZE": "2"},   # used to embed shard 1 and stop: a silent no-op
+    {"RANK": "0", "WORLD_SIZE": "2"},   # used to wait 24 h for shards nobody writes
+    {"WORLD_SIZE": "2"},                # the same, as rank 0 by default
+    {"RANK": "2", "WORLD_SIZE": "2"},
+    {"RANK": "-1", "WORLD_SIZE": "2", "MASTER_ADDR": "localhost"},
+    {"RANK": "one", "WORLD_SIZE": "2", "MASTER_ADDR": "localhost"},
+], ids=lambda env: " ".join(f"{k}={v}" for k, v in env.items()))
+def test_stray_rank_layout_in_curate(model, tmp_path, monkeypatch, env):
+    """Fault: RANK / WORLD_SIZE left in the shell (no launcher started the process), or a layout that cannot
+    complete. User sees: curate refuses at once with a ConfigError naming the variables and how to unset them or
+    launch with torchrun, and embeds nothing (it used to stop after one rank's shards, or wait a day for shards)."""
+    from fmtransfer.errors import ConfigError
+
+    root = make_image_folder(tmp_path / "imgs", per_class=8, channels=3)
+    _layout(monkeypatch, **env)
+    with pytest.raises(ConfigError, match=r"from the environment|in the environment") as e:
+        curate_folder(model, root, tmp_path / "cur", "curation.embed.shard_size=8", "curation.embed.wait_s=1")
+    assert "unset RANK WORLD_SIZE LOCAL_RANK" in str(e.value) and "torchrun" in str(e.value)
+    assert not (tmp_path / "cur" / "embeddings").exists()
+
+
+def test_rank_0_waits_for_shards_nobody_writes(model, tmp_path, monkeypatch, caplog):
+    """Fault: a launched rank 0 (RANK=0 WORLD_SIZE=2 MASTER_ADDR=...) whose rank 1 never runs. User sees: a warning
+    that the environment split the work, progress lines naming the shards present and missing, then (after
+    curation.embed.wait_s without a new shard; 3600 s by default, it was 24 h) a DataError naming the missing
+    shards, their rank, the key and the environment's layout."""
+    import logging
+
+    from fmtransfer.errors import DataError
+
+    root = make_image_folder(tmp_path / "imgs", per_class=8, channels=3)  # 24 images: shards 0-2 of 8
+    _layout(monkeypatch, RANK="0", WORLD_SIZE="2", MASTER_ADDR="localhost")
+    caplog.set_level(logging.INFO)
+    with pytest.raises(DataError) as e:
+        curate_folder(model, root, tmp_path / "cur", "curation.embed.shard_size=8", "curation.embed.wait_s=0.5")
+    message = str(e.value)
+    assert "1 of 3 shards [1] were not written by rank(s) [1] within 0.5 s (curation.embed.wait_s)" in message
+    assert "RANK=0 WORLD_SIZE=2 MASTER_ADDR=localhost from the environment" in message
+    logged = [r.getMessage() for r in caplog.records]
+    assert any(r.levelno == logging.WARNING and "RANK=0 WORLD_SIZE=2" in r.getMessage()
+               and "embeds shard 0 of every 2" in r.getMessage() for r in caplog.records), logged
+    assert any("2 of 3 shards present; waiting for [1] from rank(s) [1]" in m for m in logged), logged
+    assert make_cfg("curate", [], tmp_path / "d").curation.embed.wait_s == 3600
+
+
+@pytest.mark.parametrize("env", [{"RANK": "1"}, {"RANK": "1", "WORLD_SIZE": "2"}, {"LOCAL_RANK": "1"}],
+                         ids=lambda env: " ".join(f"{k}={v}" for k, v in env.items()))
+def test_stray_rank_in_pretrain(tmp_path, monkeypatch, env):
+    """Fault: a stray RANK (or LOCAL_RANK) in the shell when pretraining, under which Lightning trained as a
+    non-zero rank and silently wrote no metrics, model or logs. User sees: a ConfigError before any training,
+    naming the variables (the CLI prints it as one line, exit 2)."""
+    from fmtransfer.errors import ConfigError
+
+    root = make_image_folder(tmp_path / "train", per_class=4, channels=3)
+    _layout(monkeypatch, **env)
+    with pytest.raises(ConfigError, match=next(iter(env))):
+        pretrain(make_cfg("pretrain", [*SMOKE, "data=image_folder", f"data.source.root={root}"], tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("name, content", [
+    ("model.onnx", b"\x08\x07\x12\x07pytorch\x1a\x052.5.1:\x9a\xff\x80"),  # an ONNX protobuf's first bytes
+    ("photo.png", None),
+    ("list.json", b"[1, 2]"),
+])
+def test_non_model_file_as_model(model, tmp_path, name, content):
+    """Fault: model=<an ONNX file, an image, any non-model file>, which used to end in a UnicodeDecodeError (or
+    AttributeError) traceback. User sees: an ArtifactError naming the file (the CLI prints one line, exit 2); for
+    an ONNX file it points at `fmtransfer predict`."""
+    from fmtransfer.errors import ArtifactError
+
+    path = tmp_path / name
+    if content is None:
+        save_image(np.full((8, 8, 3), 200, np.uint8), path)
+    else:
+        path.write_bytes(content)
+    root = make_image_folder(tmp_path / "imgs", per_class=2, channels=3)
+    with pytest.raises(ArtifactError, match=str(path)) as e:
+        evaluate_folder(path, root, tmp_path / "ev")
+    if name.endswith(".onnx"):
+        assert "is an ONNX file" in str(e.value) and f"fmtransfer predict model={path}" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+class _Payload:
+    """Pickles as a call to Path.touch(marker): what a weights-only load must never run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_malicious_checkpoint_as_resume(tmp_path):
+    """Fault: resume=<run dir> whose checkpoints/last.ckpt is a pickle with a __reduce__ payload. User sees: a
+    one-line ArtifactError naming the file as not a safe checkpoint (it was refused, but with a traceback), and
+    the payload never runs."""
+    import torch
+
+    from fmtransfer.errors import ArtifactError
+
+    marker = tmp_path / "payload-ran"
+    ckpt = tmp_path / "old" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"state_dict": {}, "x": _Payload(marker)}, ckpt)
+    root = make_image_folder(tmp_path / "train", per_class=4, channels=3)
+    with pytest.raises(ArtifactError, match=f"{ckpt} is not a safe checkpoint") as e:
+        pretrain(make_cfg("pretrain", [*SMOKE, "data=image_folder", f"data.source.root={root}",
+                                       f"resume={tmp_path / 'old'}"], tmp_path / "run"))
+    assert "\n" not in str(e.value) and not marker.exists()
+
+
+@pytest.mark.e2e
+def test_onnx_model_on_the_command_line(tmp_path):
+    """Fault: `fmtransfer evaluate model=<file.onnx>` typed by a user. User sees: one line on stderr naming the file
+    and `fmtransfer predict`, exit status 2, no traceback."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, cli_env
+
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"\x08\x07\x12\x07pytorch\x9a\xff\x80")
+    proc = subprocess.run([sys.executable, "-m", "fmtransfer", "evaluate", f"model={onnx}",
+                           f"hydra.run.dir={tmp_path / 'ev'}"], capture_output=True, text=True, env=cli_env(),
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert f"fmtransfer evaluate: error: model={onnx} is an ONNX file" in proc.stderr
