@@ -11,8 +11,6 @@ The run dir gets ``model.onnx`` (fp32) and, when quantizing, ``model.int8.onnx``
 from __future__ import annotations
 
 import shutil
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from fmtransfer.data import Recipe, RecipeDataModule, build_datamodule, load_rec
 from fmtransfer.data.table import read_manifest
 from fmtransfer.errors import DataError, FmtError
 from fmtransfer.export.gates import accuracy_gate, agreement, agreement_gate, parity_gate
+from fmtransfer.export.latency import measure_latency
 from fmtransfer.export.onnx_export import INPUT_NAME, embed_metadata, export_onnx, output_name
 from fmtransfer.export.quantize import Quantize, fp32_nodes, quantize_model
 from fmtransfer.export.runtime import ONNX_FORMAT, OnnxModel, create_session, sidecar_path
@@ -224,7 +223,8 @@ def _score(inputs: _Inputs, converted: _Converted, settings: ExportSettings, cfg
             gates.append(agreement_gate(outputs["onnx_fp32"], outputs["onnx_int8"], settings.gates))
         gates.append(accuracy_gate(accuracy["pytorch"], accuracy["onnx_int8"],
                                    "accuracy" if task == "classification" else "R^2", settings.gates))
-    latency = _latencies(inputs.model, converted.sessions, converted.parity_x, cfg)
+    latency = measure_latency(inputs.model, {f"onnx_{k}": f for k, f in converted.files.items()},
+                              converted.parity_x, settings.latency, input_name=INPUT_NAME)
     return _Scored(outputs, targets, accuracy, gates, latency)
 
 
@@ -239,41 +239,6 @@ def _outputs(model: torch.nn.Module, sessions: dict[str, OnnxModel], dm: RecipeD
                 outs[name].append(sess.run(x.numpy()))
             targets.append(y.numpy())
     return {k: np.concatenate(v) for k, v in outs.items()}, np.concatenate(targets)
-
-
-def _latency_ms(fns: dict[str, Any], x: np.ndarray, repeats: int, warmup: int, rounds: int) -> dict[str, float]:
-    """Median wall time (milliseconds) of each ``fns[name](x)`` over ``repeats`` timed calls. The calls are made
-    in ``rounds`` rounds in which every variant takes its turn (a block of ``warmup`` untimed calls, then its
-    share of the timed ones), so that a slow spell of a shared machine hits all variants alike, and one runtime's
-    idle threads (onnxruntime's spin after a run) do not slow the next variant's timed calls."""
-    rounds = max(1, min(rounds, repeats))
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(rounds):
-        share = repeats // rounds + (r < repeats % rounds)
-        for name, fn in fns.items():
-            for _ in range(warmup):
-                fn(x)
-            for _ in range(share):
-                t = time.perf_counter()
-                fn(x)
-                times[name].append((time.perf_counter() - t) * 1e3)
-    return {name: statistics.median(v) for name, v in times.items()}
-
-
-def _latencies(model, sessions: dict[str, OnnxModel], sample: np.ndarray, cfg: DictConfig) -> dict[str, dict]:
-    lat = cfg.export.latency
-
-    def torch_fn(x):
-        with torch.inference_mode():
-            return model(torch.from_numpy(x))
-
-    runners = {"pytorch": torch_fn, **{k: (lambda x, s=s: s.session.run(None, {INPUT_NAME: x})) for k, s in sessions.items()}}
-    result: dict[str, dict] = {name: {} for name in runners}
-    for bs in lat.batch_sizes:
-        x = np.ascontiguousarray(np.resize(sample, (int(bs), *sample.shape[1:])), dtype=np.float32)
-        for name, ms in _latency_ms(runners, x, int(lat.repeats), int(lat.warmup), int(lat.get("rounds", 5))).items():
-            result[name][f"batch_{bs}_ms"] = ms
-    return result
 
 
 def _metric(task: str, outputs: np.ndarray, targets: np.ndarray, num_classes: int | None) -> float:
