@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test test-all lint bench clean
+.PHONY: venv demo test test-slow test-all lint bench clean
 
 venv: $(STAMP)
 
@@ -16,11 +16,18 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/fmtransfer pipeline experiment=demo $(ARGS)
 
+# Two tiers, chosen by the markers in pyproject.toml: `make test` is the fast one (the default marker expression:
+# unit tests and a few in-process stage runs); `make test-slow` is the rest (tests marked e2e: a subprocess, the CLI,
+# torchrun, the wheel; or slow: real data, whole pipelines, most stage runs); `make test-all` runs both. ARGS comes
+# last, so `ARGS='-m e2e'` replaces a target's marker expression.
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
 
+test-slow: $(STAMP)
+	$(PY) -m pytest -m "(e2e or slow) and not gpu" $(ARGS)
+
 test-all: $(STAMP)
-	$(PY) -m pytest -m "" $(ARGS)
+	$(PY) -m pytest -m "not gpu" $(ARGS)
 
 # ruff, then the import contracts in .importlinter (which layer may import which)
 lint: $(STAMP)

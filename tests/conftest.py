@@ -10,18 +10,49 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from fmtransfer.config import config_dir
+from fmtransfer.lineage import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 # fast defaults for tests: tiny backbone, a few batches, no logger noise
 FAST = ["backbone=tiny_cnn", "trainer=debug", "logger=csv", "loader.batch_size=32"]
 
 
+_DESELECTED = pytest.StashKey[int]()
+
+
+def pytest_deselected(items) -> None:
+    if items:
+        stash = items[0].config.stash
+        stash[_DESELECTED] = stash.get(_DESELECTED, 0) + len(items)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Pass when the markers left none of the selected tests (``make test-slow ARGS=tests/data``).
+
+    pytest's exit code 5, "no tests collected", stays for a selection that matched no test at all.
+    """
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED and session.config.stash.get(_DESELECTED, 0):
+        session.exitstatus = pytest.ExitCode.OK
+
+
+def _isolate(monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
+    monkeypatch.setenv("FMTRANSFER_CACHE", str(cache))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_session(tmp_path_factory):
+    """The same for session and module fixtures, which are set up before a test's own _isolated_env."""
+    with pytest.MonkeyPatch.context() as mp:
+        _isolate(mp, tmp_path_factory.mktemp("session_cache"))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path_factory, monkeypatch):
     """No test writes to ~/.cache or reaches W&B; the scan cache goes to a temp folder."""
-    monkeypatch.setenv("FMTRANSFER_CACHE", str(tmp_path_factory.mktemp("cache")))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
+    _isolate(monkeypatch, tmp_path_factory.mktemp("cache"))
 
 
 def make_cfg(stage: str, overrides: list[str], run_dir: Path) -> DictConfig:
@@ -29,6 +60,48 @@ def make_cfg(stage: str, overrides: list[str], run_dir: Path) -> DictConfig:
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose(config_name=stage, overrides=[*overrides, f"run_dir={run_dir}"])
     return cfg
+
+
+# session-wide trained runs that many tests read; _shared_runs_unchanged checks after each test that it left them alone
+SHARED_RUNS = ("base", "vit_base")
+
+
+def _pretrained(tmp_path_factory, name: str, overrides: list[str]) -> Path:
+    # imported here so that collecting the suite does not import Lightning for tests that never train
+    from fmtransfer.tasks.pretrain import pretrain
+
+    return pretrain(make_cfg("pretrain", ["experiment=smoke", *overrides], tmp_path_factory.mktemp(name) / "run")).run_dir
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory) -> Path:
+    """The run dir of a tiny base (experiment=smoke: tiny_cnn, mnist_global), trained once per session.
+
+    Shared and read-only: a test that needs to change it copies it first (shutil.copytree).
+    """
+    return _pretrained(tmp_path_factory, "base", [])
+
+
+@pytest.fixture(scope="session")
+def vit_base(tmp_path_factory) -> Path:
+    """Like ``base`` with backbone=tiny_vit, for the methods that need a Vision Transformer."""
+    return _pretrained(tmp_path_factory, "vit_base", ["backbone=tiny_vit"])
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(autouse=True)
+def _shared_runs_unchanged(request):
+    """Fail the test that wrote into a shared run: every later test would read what it left."""
+    used = {name: request.getfixturevalue(name) for name in SHARED_RUNS if name in request.fixturenames}
+    before = {name: _digest(run) for name, run in used.items()}
+    yield
+    for name, run in used.items():
+        after = _digest(run)
+        changed = sorted(k for k in before[name].keys() | after.keys() if before[name].get(k) != after.get(k))
+        assert not changed, f"the test changed the shared {name} run {run}: {changed}; copy it first"
 
 
 @pytest.fixture

@@ -9,6 +9,8 @@ from fmtransfer.tasks.pipeline import pipeline
 from fmtransfer.tasks.pretrain import pretrain
 from tests.conftest import make_cfg
 
+pytestmark = pytest.mark.slow  # minutes of training on real data
+
 
 @pytest.fixture(scope="module")
 def real_base(tmp_path_factory):
@@ -29,7 +31,6 @@ def test_adaptation_recovers_a_real_region(real_base, cfg_factory):
     assert m["test"]["overall"]["accuracy"] >= m["zero_shot"]["overall"]["accuracy"] + 0.15
 
 
-@pytest.mark.slow
 def test_demo_meets_its_targets(cfg_factory):
     """The demo's claims: global test accuracy >= 0.95, a real drop zero-shot on the new region, and a LoRA
     adapter from 100 local labels that recovers most of it with few parameters and a small file."""

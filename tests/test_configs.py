@@ -161,7 +161,7 @@ def test_compose_in_a_running_app_keeps_its_search_path(user_dir, tmp_path, monk
     assert sub.data.name == "my_region"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_user_groups_on_the_command_line(user_dir, tmp_path):
     """`fmtransfer <stage>` takes a user's config dir by --config-dir, hydra.searchpath or the environment."""
     def run(*args: str, **env: str) -> subprocess.CompletedProcess:

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from fmtransfer.config import wandb_offline
 from tests.conftest import ROOT, cli_env
 
@@ -21,6 +23,7 @@ def test_wandb_offline_unless_logged_in(monkeypatch, tmp_path):
     assert wandb_offline() is True
 
 
+@pytest.mark.e2e
 def test_wandb_run_without_account(tmp_path):
     """A real run with logger=wandb, no account, no network, closed stdin: it must not prompt or fail."""
     env = cli_env()
@@ -39,6 +42,7 @@ def test_wandb_run_without_account(tmp_path):
     assert any(offline[0].rglob("*.wandb"))
 
 
+@pytest.mark.slow
 def test_tensorboard_logger(cfg_factory, tmp_path):
     from fmtransfer.tasks.pretrain import pretrain
 

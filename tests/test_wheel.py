@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from tests.conftest import ROOT
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_installed_wheel_runs_the_smoke_pipeline(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FMTRANSFER_CONFIG_DIR")}

@@ -48,6 +48,7 @@ def test_small_clusters_are_over_represented_after_sampling():
     assert curated_share > random_share + 0.2
 
 
+@pytest.mark.slow
 def test_seeding_and_resampling_spread_centroids_out_of_the_dense_region():
     """Uniform seeds (FAISS's own) follow density and leave small modes merged; k-means++ seeds give every mode a
     centroid; the resampling refinement then moves centroids out of the dense cluster (summed over four

@@ -30,9 +30,8 @@ FAST = ["export.latency.repeats=2", "export.latency.warmup=1", "export.calibrati
 
 
 @pytest.fixture(scope="module")
-def adapter(tmp_path_factory):
+def adapter(base, tmp_path_factory):
     folder = tmp_path_factory.mktemp("export")
-    base = pretrain(make_cfg("pretrain", ["experiment=smoke"], folder / "base")).run_dir
     return adapt(make_cfg("adapt", [f"base={base}", *REGION, "adapter.steps=6", "calibration.size=30",
                                     "logger=none"], folder / "adapt")).outputs["adapter"]
 
@@ -81,6 +80,7 @@ def test_export_writes_gated_onnx_with_metadata(exported, adapter):
     assert "fp32_parity" in open(f"{out}/export.md").read()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exporter,quantize", [("torchscript", "dynamic"), ("dynamo", "dynamic"),
                                                ("dynamo", "static"), ("torchscript", "none")])
 def test_both_exporters_and_quantizers_on_a_plain_model(adapter, tmp_path, exporter, quantize):
@@ -94,9 +94,9 @@ def test_both_exporters_and_quantizers_on_a_plain_model(adapter, tmp_path, expor
     assert OnnxModel.load(result.outputs["model"]).meta["lineage"]["adapter_sha256"] is None
 
 
-def test_vit_with_prompts_exports(tmp_path):
-    base = pretrain(make_cfg("pretrain", ["experiment=smoke", "backbone=tiny_vit"], tmp_path / "vit")).run_dir
-    vpt = adapt(make_cfg("adapt", [f"base={base}", *REGION, "adapter=vpt", "adapter.method.num_tokens=4",
+@pytest.mark.slow
+def test_vit_with_prompts_exports(vit_base, tmp_path):
+    vpt = adapt(make_cfg("adapt", [f"base={vit_base}", *REGION, "adapter=vpt", "adapter.method.num_tokens=4",
                                    "adapter.steps=4", "calibration.size=30", "logger=none"], tmp_path / "vpt"))
     m = export(make_cfg("export", [f"adapter_file={vpt.outputs['adapter']}", *REGION,
                                    "export.exporter=dynamo", "export.gates.min_int8_agreement=0.5",
@@ -119,6 +119,7 @@ def test_failed_gate_rejects_the_export(adapter, tmp_path):
     assert load_record(out)["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_calibration_manifest(adapter, tmp_path):
     cal = adapter.with_name("calibration.csv")
     m = export(make_cfg("export", [f"adapter_file={adapter}", *REGION, *FAST, f"export.calibration.manifest={cal}",
@@ -148,6 +149,7 @@ def _digit_images(folder, n=12):
     return paths
 
 
+@pytest.mark.e2e
 def test_predict_matches_pytorch_and_imports_no_torch(exported, adapter, tmp_path):
     paths = _digit_images(tmp_path / "imgs")
     out = tmp_path / "preds.csv"
@@ -208,6 +210,7 @@ def test_predict_bad_input(exported, tmp_path):
         predict_files(model, tmp_path / "missing", tmp_path / "p2.csv")
 
 
+@pytest.mark.e2e
 def test_cli_export_rejection_exits_non_zero_and_predict_reads_a_csv(adapter, exported, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fmtransfer", "export", f"adapter={adapter}", *REGION, *FAST,
                            "export.quantize=none", "export.gates.max_abs_diff=-1",
@@ -224,6 +227,7 @@ def test_cli_export_rejection_exits_non_zero_and_predict_reads_a_csv(adapter, ex
         assert len(list(csv.DictReader(f))) == len(paths)
 
 
+@pytest.mark.slow
 def test_regression_model_exports_and_predicts(tmp_path):
     from tests.fixtures import make_npz
 

@@ -23,18 +23,6 @@ REGION = ["data=uci_digits_region", "data.limit=300"]
 QUICK = ["adapter.steps=6", "calibration.size=30", "logger=none"]
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("base")
-    return pretrain(make_cfg("pretrain", ["experiment=smoke"], folder / "run")).run_dir
-
-
-@pytest.fixture(scope="module")
-def vit_base(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("vitbase")
-    return pretrain(make_cfg("pretrain", ["experiment=smoke", "backbone=tiny_vit"], folder / "run")).run_dir
-
-
 def test_lora_adapter_end_to_end(base, cfg_factory, tmp_path):
     result = adapt(cfg_factory("adapt", f"base={base}", *REGION, *QUICK))
     out = tmp_path / "adapt"
@@ -60,6 +48,7 @@ def test_lora_adapter_end_to_end(base, cfg_factory, tmp_path):
     assert {p["stage"] for p in load_record(tmp_path / "merged")["parents"]} == {"pretrain", "adapt"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adapter", ["linear_probe", "bitfit", "full", "scratch"])
 def test_every_method_runs(base, cfg_factory, adapter):
     m = adapt(cfg_factory("adapt", f"base={base}", f"adapter={adapter}", *REGION, *QUICK)).metrics
@@ -70,12 +59,14 @@ def test_every_method_runs(base, cfg_factory, adapter):
         assert m["trainable_fraction"] == 1.0
 
 
+@pytest.mark.slow
 def test_vpt_on_a_vit_base(vit_base, cfg_factory):
     m = adapt(cfg_factory("adapt", f"base={vit_base}", "adapter=vpt", "adapter.method.num_tokens=4", *REGION,
                           *QUICK)).metrics
     assert m["method"] == "vpt" and m["trainable_fraction"] < 0.2
 
 
+@pytest.mark.slow
 def test_diverse_strategy(base, cfg_factory, tmp_path):
     m = adapt(cfg_factory("adapt", f"base={base}", "calibration.strategy=diverse", *REGION, *QUICK)).metrics
     assert m["calibration"]["strategy"] == "diverse"
@@ -83,6 +74,7 @@ def test_diverse_strategy(base, cfg_factory, tmp_path):
         assert len(list(csv.DictReader(f))) == 30
 
 
+@pytest.mark.slow
 def test_new_classes_get_a_new_head(base, cfg_factory, tmp_path):
     root = make_image_folder(tmp_path / "weeds", classes=("0", "1", "weed"), per_class=20, size=28)
     m = adapt(cfg_factory("adapt", f"base={base}", "data=image_folder", f"data.source.root={root}",
@@ -102,6 +94,7 @@ def test_bad_input_leaves_nothing(base, cfg_factory, tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.slow
 def test_tampered_adapter_is_refused(base, cfg_factory, tmp_path):
     result = adapt(cfg_factory("adapt", f"base={base}", *REGION, *QUICK))
     path = tmp_path / "adapt" / "adapter.safetensors"
@@ -117,6 +110,7 @@ def test_tampered_adapter_is_refused(base, cfg_factory, tmp_path):
                              run_dir=tmp_path / "ev3"))
 
 
+@pytest.mark.e2e
 def test_sweep_and_plan_from_the_command_line(base, tmp_path):
     """`fmtransfer adapt -m ...` then `fmtransfer plan sweep=...`, as a user runs them."""
     sweep = tmp_path / "sweep"
@@ -157,6 +151,7 @@ def test_plan_arithmetic(tmp_path):
         plan(make_cfg("plan", [f"sweep={tmp_path}"], tmp_path / "p"))
 
 
+@pytest.mark.slow
 def test_val_split_is_scored_and_resume_continues(base, cfg_factory, tmp_path):
     first = adapt(cfg_factory("adapt", f"base={base}", *REGION, *QUICK, "checkpoints=2", "keep_checkpoints=true",
                               run_dir=tmp_path / "a"))

@@ -21,21 +21,20 @@ from tests.conftest import ROOT, cli_env, make_cfg
 SMALL = ["data.limit=300", "curation.levels=[12,4]", "curation.resampling_steps=2", "curation.target_size=0.3"]
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return pretrain(make_cfg("pretrain", ["experiment=smoke"], tmp_path_factory.mktemp("base") / "run")).run_dir
-
-
 def _manifest(path):
     with open(path) as f:
         return list(csv.DictReader(f))
 
 
-def test_curate_writes_a_manifest_that_recipes_consume(base, tmp_path):
-    result = curate(make_cfg("curate", [f"base={base}", *SMALL], tmp_path / "cur"))
-    out = tmp_path / "cur"
-    m = result.metrics
-    rows = _manifest(result.outputs["manifest"])
+@pytest.fixture(scope="module")
+def curated(base, tmp_path_factory) -> StageResult:
+    """One curate run on the shared base, read (never changed) by the tests below."""
+    return curate(make_cfg("curate", [f"base={base}", *SMALL], tmp_path_factory.mktemp("curated") / "run"))
+
+
+def test_curate_writes_a_manifest_that_recipes_consume(curated, tmp_path):
+    out, m = curated.run_dir, curated.metrics
+    rows = _manifest(curated.outputs["manifest"])
     assert m["pool"] == 240 and m["selected"] == len(rows) == 72  # the train split of 300, 30% kept
     assert list(rows[0]) == ["id", "path", "label", "region", "cluster_0", "cluster_1"]
     with open(out / "data" / "mnist_global.splits.csv") as f:
@@ -48,15 +47,16 @@ def test_curate_writes_a_manifest_that_recipes_consume(base, tmp_path):
     assert load_record(out)["parents"][0]["stage"] == "pretrain" and verify_record(out) == []
 
     # the manifest as data.subset: the train split shrinks, val and test and the split assignment stay
-    recipe = load_recipe(make_cfg("pretrain", ["experiment=smoke", f"data.subset={result.outputs['manifest']}"],
+    recipe = load_recipe(make_cfg("pretrain", ["experiment=smoke", f"data.subset={curated.outputs['manifest']}"],
                                   tmp_path / "x").data)
     sizes = RecipeDataModule(recipe).split_sizes()
     assert sizes == {"train": 72, "val": 30, "test": 30}
-    pre = pretrain(make_cfg("pretrain", ["experiment=smoke", f"data.subset={result.outputs['manifest']}"],
+    pre = pretrain(make_cfg("pretrain", ["experiment=smoke", f"data.subset={curated.outputs['manifest']}"],
                             tmp_path / "pre"))
     assert pre.metrics["data"]["splits"]["train"] == 72
 
 
+@pytest.mark.slow
 def test_embeddings_resume_and_float16(base, tmp_path, monkeypatch):
     first = curate(make_cfg("curate", [f"base={base}", *SMALL, "curation.embed.shard_size=64",
                                        "curation.embed.dtype=float16"], tmp_path / "a"))
@@ -73,6 +73,7 @@ def test_embeddings_resume_and_float16(base, tmp_path, monkeypatch):
     assert _manifest(again.outputs["manifest"]) == _manifest(first.outputs["manifest"])
 
 
+@pytest.mark.slow
 def test_ranks_embed_their_own_shards_and_rank_0_assembles(base, tmp_path, monkeypatch):
     args = [f"base={base}", *SMALL, "curation.embed.shard_size=64"]  # 240 rows: shards 0-3
     single = curate(make_cfg("curate", args, tmp_path / "one"))
@@ -92,6 +93,7 @@ def test_ranks_embed_their_own_shards_and_rank_0_assembles(base, tmp_path, monke
     assert _manifest(two.outputs["manifest"]) == _manifest(single.outputs["manifest"])
 
 
+@pytest.mark.slow
 def test_rank_0_names_the_shards_it_waited_for(base, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "0")
@@ -99,11 +101,17 @@ def test_rank_0_names_the_shards_it_waited_for(base, tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"2 of 4 shards .* by rank\(s\) \[1, 2\] within 0.2 s"):
         curate(make_cfg("curate", [f"base={base}", *SMALL, "curation.embed.shard_size=64",
                                    "curation.embed.wait_s=0.2"], tmp_path / "a"))
+
+
+def test_a_rank_outside_the_world_is_refused(base, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("MASTER_ADDR", "localhost")  # launched, so only the rank itself is wrong
     with pytest.raises(ConfigError, match="RANK=3 with WORLD_SIZE=3"):
         curate(make_cfg("curate", [f"base={base}", *SMALL], tmp_path / "b"))
 
 
+@pytest.mark.e2e
 def test_torchrun_processes_share_the_embedding(base, tmp_path):
     """Two real processes started by torchrun: each embeds its own shards, rank 0 curates."""
     out = tmp_path / "tr"
@@ -116,13 +124,15 @@ def test_torchrun_processes_share_the_embedding(base, tmp_path):
     assert json.loads((out / "embeddings" / "embeddings.shards.json").read_text())["world_size"] == 2
 
 
-def test_precomputed_embeddings_and_their_errors(base, tmp_path):
-    first = curate(make_cfg("curate", [f"base={base}", *SMALL], tmp_path / "a"))
-    npy = tmp_path / "a" / "embeddings" / "embeddings.npy"
+def test_precomputed_embeddings_give_the_same_manifest(curated, tmp_path):
+    npy = curated.run_dir / "embeddings" / "embeddings.npy"
     again = curate(make_cfg("curate", [f"curation.embeddings={npy}", *SMALL], tmp_path / "b"))
-    assert _manifest(again.outputs["manifest"]) == _manifest(first.outputs["manifest"])
+    assert _manifest(again.outputs["manifest"]) == _manifest(curated.outputs["manifest"])
 
-    ids = (tmp_path / "a" / "embeddings" / "embeddings.ids.txt").read_text().splitlines()
+
+def test_bad_precomputed_embeddings_and_settings_are_refused(curated, tmp_path):
+    npy = curated.run_dir / "embeddings" / "embeddings.npy"
+    ids = (curated.run_dir / "embeddings" / "embeddings.ids.txt").read_text().splitlines()
     bad = tmp_path / "bad.npy"
     np.save(bad, np.load(npy)[:-1])
     (tmp_path / "bad.ids.txt").write_text("\n".join(ids) + "\n")
@@ -144,6 +154,7 @@ def test_precomputed_embeddings_and_their_errors(base, tmp_path):
         curate(make_cfg("curate", SMALL, tmp_path / "h"))
 
 
+@pytest.mark.slow
 def test_stratified_by_label_keeps_every_class(base, tmp_path):
     m = curate(make_cfg("curate", [f"base={base}", *SMALL, "curation.stratify_by=label",
                                    "curation.target_size=20"], tmp_path / "s")).metrics

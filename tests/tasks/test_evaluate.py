@@ -56,15 +56,22 @@ def test_evaluate_on_another_recipe_converts_channels(csv_model, cfg_factory, tm
     assert ev.metrics["overall"]["n"] > 0
 
 
-def test_refusals(csv_model, cfg_factory, tmp_path):
-    result, manifest = csv_model
+def test_refuses_a_class_the_model_never_had(csv_model, cfg_factory, tmp_path):
+    result, _ = csv_model
     root = make_image_folder(tmp_path / "other", classes=("a", "zebra"), per_class=6, channels=3)
     with pytest.raises(DataError, match="'zebra'"):
         evaluate(cfg_factory("evaluate", f"model={result.run_dir}", "data=image_folder",
                              f"data.source.root={root}"))
+
+
+def test_refuses_a_task_the_model_was_not_trained_for(csv_model, cfg_factory):
+    result, manifest = csv_model
     with pytest.raises(ConfigError, match="regression"):
         evaluate(cfg_factory("evaluate", f"model={result.run_dir}", "data=csv_manifest",
                              f"data.source.path={manifest}", "data.task=regression"))
+
+
+def test_refuses_a_folder_without_a_model(cfg_factory, tmp_path):
     with pytest.raises(ArtifactError, match="holds no model"):
         evaluate(cfg_factory("evaluate", f"model={tmp_path}"))
 

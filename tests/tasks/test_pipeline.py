@@ -14,6 +14,7 @@ from fmtransfer.tasks.export import GateFailed
 from fmtransfer.tasks.pipeline import compose_steps, pipeline, pipeline_settings
 
 
+@pytest.mark.slow
 def test_pipeline_report(cfg_factory, tmp_path):
     result = pipeline(cfg_factory("pipeline", "experiment=smoke", "region.limit=200", "sweep.sizes=[20,40]",
                                   "calibration.size=30", 'adapt_overrides=["adapter.steps=4"]',
@@ -44,6 +45,7 @@ def test_pipeline_report(cfg_factory, tmp_path):
     assert result.steps["zero_shot"].metrics["overall"]["n"] == 60
 
 
+@pytest.mark.slow
 def test_pipeline_reports_a_rejected_export_then_fails(cfg_factory, tmp_path):
     with pytest.raises(GateFailed, match="fp32_parity"):
         pipeline(cfg_factory("pipeline", "experiment=smoke", "region.limit=200", "sweep.sizes=[20]",

@@ -59,18 +59,19 @@ def test_regression_task(cfg_factory, tmp_path):
     assert set(test) >= {"r2", "mae", "rmse"} and test["mae"] >= 0
 
 
-def test_config_errors_before_training(cfg_factory, tmp_path):
-    with pytest.raises(ConfigError, match=r"backbone.in_chans=3 does not fit .*data.channels=1"):
-        pretrain(cfg_factory("pretrain", *SMOKE, "backbone.in_chans=3"))
-    with pytest.raises(ConfigError, match="use method=regression"):
-        pretrain(cfg_factory("pretrain", *SMOKE, "data=npz", "data.source.path=/x.npz", "data.task=regression",
-                             "data.classes=null", "data.channels=1"))
-    with pytest.raises(DataError, match="does not exist"):
-        pretrain(cfg_factory("pretrain", *SMOKE, "data=image_folder", f"data.source.root={tmp_path}/missing",
-                             "data.channels=1"))
+@pytest.mark.parametrize("overrides,error,message", [
+    (["backbone.in_chans=3"], ConfigError, r"backbone.in_chans=3 does not fit .*data.channels=1"),
+    (["data=npz", "data.source.path=/x.npz", "data.task=regression", "data.classes=null", "data.channels=1"],
+     ConfigError, "use method=regression"),
+    (["data=image_folder", "data.source.root=/no/such/folder", "data.channels=1"], DataError, "does not exist"),
+], ids=["channels", "task", "missing_data"])
+def test_config_errors_before_training(cfg_factory, tmp_path, overrides, error, message):
+    with pytest.raises(error, match=message):
+        pretrain(cfg_factory("pretrain", *SMOKE, *overrides))
     assert not (tmp_path / "pretrain" / "checkpoints").exists()
 
 
+@pytest.mark.e2e
 def test_killed_run_resumes_to_the_same_result(cfg_factory, tmp_path):
     """A run SIGKILLed mid-epoch, resumed from its run dir, ends exactly where an uninterrupted run ends."""
     args = [*SMOKE, "data=uci_digits_region", "trainer.max_epochs=3", "trainer.limit_train_batches=5"]

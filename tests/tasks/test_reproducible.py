@@ -17,11 +17,6 @@ ADAPT = ["data=uci_digits_region", "data.limit=300", "adapter.steps=6", "calibra
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return pretrain(make_cfg("pretrain", ["experiment=smoke", "logger=none"], tmp_path_factory.mktemp("base") / "run")).run_dir
-
-
-@pytest.fixture(scope="module")
 def reference(base, tmp_path_factory):
     """The adapter every test compares with: the first adapt of this process."""
     return _adapt(base, tmp_path_factory.mktemp("reference") / "run")
@@ -48,10 +43,12 @@ def _assert_same(first, second) -> None:
     assert (a.run_dir / "predictions_test.csv").read_bytes() == (b.run_dir / "predictions_test.csv").read_bytes()
 
 
+@pytest.mark.slow
 def test_adapt_twice_in_one_process_gives_the_same_adapter(base, reference, tmp_path):
     _assert_same(reference, _adapt(base, tmp_path / "again"))
 
 
+@pytest.mark.slow
 def test_adapt_after_another_stage_gives_the_same_adapter(base, reference, tmp_path, deterministic_flag_restored):
     # another stage draws random numbers (its own initialisation) and sets torch's process-wide flags
     pretrain(make_cfg("pretrain", ["experiment=smoke", "logger=none", "seed=7", "deterministic=true"],
