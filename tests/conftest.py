@@ -27,11 +27,12 @@ def pytest_deselected(items) -> None:
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
-    """Pass when the markers left none of the selected tests (``make test-slow ARGS=tests/data``).
+    """Pass when the tier's markers left none of the selected tests (``make test-slow ARGS=tests/data``).
 
-    pytest's exit code 5, "no tests collected", stays for a selection that matched no test at all.
+    pytest's exit code 5, "no tests collected", stays for a path or ``-k`` expression that matched no test.
     """
-    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED and session.config.stash.get(_DESELECTED, 0):
+    deselected_by_markers = session.config.stash.get(_DESELECTED, 0) and not session.config.option.keyword
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED and deselected_by_markers:
         session.exitstatus = pytest.ExitCode.OK
 
 
