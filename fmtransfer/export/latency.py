@@ -8,9 +8,9 @@ What keeps the comparison fair (measured for issue #11, see ``scripts/bench_expo
 - onnxruntime's threads spin between the kernels of a run but stop when the run returns
   (``session.force_spinning_stop``). Without that an idle session's threads keep spinning after its block,
   and on a machine with few cores they take a core from the next variant's timed calls.
-- The variants take turns in ``rounds`` rounds, each block after its own ``warmup`` untimed calls, so that a
-  slow spell of a shared machine hits all of them alike; a speed-up is best read from :func:`round_ratios`,
-  which compares variants within each round.
+- The variants take turns in ``rounds`` rounds (in a rotating order), each block after its own ``warmup``
+  untimed calls, so that a slow spell of a shared machine hits all of them alike; a speed-up is best read from
+  :func:`round_ratios`, which compares variants within each round.
 """
 
 from __future__ import annotations
@@ -58,14 +58,17 @@ def time_rounds(runners: Mapping[str, Runner], x: np.ndarray, *, repeats: int, w
     variant, grouped by round.
 
     In each of ``rounds`` rounds every variant in turn makes ``warmup`` untimed calls, then its share of the timed
-    ones. ``clock=time.thread_time`` with single-threaded runners gives the CPU time of each call: the work, which
+    ones. The order rotates from round to round, so that whatever one runtime leaves behind (PyTorch's OpenMP
+    threads spin for a few ms after a call too) does not always fall on the same variant. ``clock=time.thread_time`` with single-threaded runners gives the CPU time of each call: the work, which
     other processes' load does not change. Returns {name: [[ms, ...] per round]}.
     """
     rounds = max(1, min(rounds, repeats))
-    times: dict[str, list[list[float]]] = {name: [] for name in runners}
+    names = list(runners)
+    times: dict[str, list[list[float]]] = {name: [] for name in names}
     for r in range(rounds):
         share = repeats // rounds + (r < repeats % rounds)
-        for name, run in runners.items():
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            run = runners[name]
             for _ in range(warmup):
                 run(x)
             block = []
