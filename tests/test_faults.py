@@ -404,3 +404,16 @@ def test_onnx_model_on_the_command_line(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert f"fmtransfer evaluate: error: model={onnx} is an ONNX file" in proc.stderr
+
+
+def test_stray_rank_in_adapt(base, tmp_path, monkeypatch):
+    """Fault: a stray RANK in the shell when fitting an adapter, under which Lightning trained as rank 1 and saved
+    nothing. User sees: a ConfigError before any training, naming the variable (one line, exit 2)."""
+    from fmtransfer.errors import ConfigError
+    from fmtransfer.tasks.adapt import adapt
+
+    _layout(monkeypatch, RANK="1")
+    with pytest.raises(ConfigError, match="RANK"):
+        adapt(make_cfg("adapt", [f"base={base}", "data=uci_digits_region", "calibration.size=20", "trainer=debug"],
+                       tmp_path / "run"))
+    assert not (tmp_path / "run" / "adapter.safetensors").exists()

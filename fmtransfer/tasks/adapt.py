@@ -30,6 +30,7 @@ from fmtransfer.lineage import RunRecord, write_json_atomic, write_text_atomic
 from fmtransfer.models.classifier import Classifier
 from fmtransfer.models.inference import embed
 from fmtransfer.models.module import EpochSeed, SupervisedModule
+from fmtransfer.ranks import rank_and_world
 from fmtransfer.tasks.common import (
     build_augment,
     build_logger,
@@ -115,6 +116,7 @@ def adapt(cfg: DictConfig) -> StageResult:
     written, so bad input leaves no partial artifact. The result's outputs include ``adapter`` and ``confusion``.
     """
     settings, recipe, method = validate_adapt(cfg)
+    rank_and_world()  # a stray RANK=1 would make Lightning train silently and save nothing
     inputs = _load_inputs(cfg, settings, recipe, method)
     out = run_dir(cfg)
     files = inputs.dm.write_manifests(out / "data")
