@@ -159,7 +159,10 @@ def warn_if_busy(threads: int) -> float:
     """Logs a warning when the machine's load average exceeds its CPUs: wall times then include waiting for a
     core, and multi-threaded runs wait at every parallel step for a descheduled thread. Returns the 1-minute
     load average."""
-    load = os.getloadavg()[0]
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average on this platform
+        return 0.0
     cpus = os.cpu_count() or 1
     if load > cpus:
         log.warning("latency was timed while the machine was busy (load average %.1f on %d CPUs, %d threads per "
