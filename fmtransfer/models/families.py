@@ -20,6 +20,8 @@ class Family:
         prompts: visual prompt tuning applies (a timm VisionTransformer with ``blocks`` and ``_pos_embed``).
         int8: the INT8 mode ``export.quantize=auto`` picks: ``static`` (QDQ) for convolutional nets, ``dynamic``
             for transformers, whose activations (softmax, GELU, LayerNorm) lose accuracy under static ranges.
+        signature: regex (full match) over state-dict keys that only this family's checkpoints have; it names
+            the family of a checkpoint that does not fit the model it was given to.
     """
 
     name: str
@@ -29,6 +31,7 @@ class Family:
     lora_targets: str | None = None
     prompts: bool = False
     int8: str = "static"
+    signature: str | None = None
 
     def matches(self, model_name: str) -> bool:
         return re.match(self.pattern, model_name) is not None
@@ -36,25 +39,48 @@ class Family:
 
 FAMILIES: tuple[Family, ...] = (
     Family("vit", r"^(vit_|deit|test_vit|eva|beit|flexivit|samvit)", takes_img_size=True, takes_patch_size=True,
-           lora_targets=r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))", prompts=True, int8="dynamic"),
+           lora_targets=r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))", prompts=True, int8="dynamic",
+           signature=r"blocks\.\d+\.attn\.qkv\.weight"),
     Family("swin", r"^(swin|test_swin)", takes_img_size=True, int8="dynamic",
-           lora_targets=r"layers\.\d+\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"),
+           lora_targets=r"layers\.\d+\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))",
+           signature=r"layers\.\d+\.blocks\.\d+\.attn\.relative_position_bias_table"),
     Family("convnext", r"^(convnext|test_convnext)",
-           lora_targets=r"stages\.\d+\.blocks\.\d+\.(conv_dw|mlp\.fc1|mlp\.fc2)"),
+           lora_targets=r"stages\.\d+\.blocks\.\d+\.(conv_dw|mlp\.fc1|mlp\.fc2)",
+           signature=r"stages\.\d+\.blocks\.\d+\.conv_dw\.weight"),
     Family("resnet", r"^(resnet|resnext|wide_resnet|seresnet|test_resnet|resnetrs)",
-           lora_targets=r"(conv1(\.\d+)?|layer\d+\.\d+\.(conv\d+|downsample\.\d+))"),  # only convs are taken
+           lora_targets=r"(conv1(\.\d+)?|layer\d+\.\d+\.(conv\d+|downsample\.\d+))",  # only convs are taken
+           signature=r"layer\d+\.\d+\.conv\d\.weight"),
     Family("efficientnet", r"^(efficientnet|tf_efficientnet|mobilenet|test_efficientnet)",
-           lora_targets=r"(conv_stem|blocks\.\d+\.\d+\.(conv_dw|conv_pw|conv_pwl|conv)|conv_head)"),
+           lora_targets=r"(conv_stem|blocks\.\d+\.\d+\.(conv_dw|conv_pw|conv_pwl|conv)|conv_head)",
+           signature=r"blocks\.\d+\.\d+\.conv_(dw|pw)\.weight"),
 )
 GENERIC = Family("generic", r".*")
 
 
+def architecture_name(model_name: str) -> str:
+    """The architecture part of a timm name: ``hf-hub:timm/vit_small_patch14_dinov2.lvd142m`` ->
+    ``vit_small_patch14_dinov2.lvd142m`` (a hub repository named after its architecture, as timm's are)."""
+    if model_name.startswith(("hf-hub:", "local-dir:")):
+        return model_name.split(":", 1)[1].rstrip("/").rsplit("/", 1)[-1]
+    return model_name
+
+
 def family_of(model_name: str) -> Family:
-    """The family of a timm model name (``generic`` when none matches)."""
+    """The family of a timm model name or hub id (``generic`` when none matches)."""
+    name = architecture_name(model_name)
     for family in FAMILIES:
-        if family.matches(model_name):
+        if family.matches(name):
             return family
     return GENERIC
+
+
+def family_of_keys(keys) -> Family | None:
+    """The family whose signature a checkpoint's state-dict keys carry, or None."""
+    keys = list(keys)
+    for family in FAMILIES:
+        if family.signature and any(re.fullmatch(family.signature, k) for k in keys):
+            return family
+    return None
 
 
 def auto_patch_size(img_size: tuple[int, int], default: int = 16) -> int:

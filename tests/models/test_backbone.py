@@ -65,10 +65,11 @@ def test_local_checkpoint_loads(tmp_path, suffix):
 
 
 def test_checkpoint_shape_mismatch_names_the_file(tmp_path):
-    path = tmp_path / "rgb.pt"
-    torch.save(_plain_state(tmp_path, in_chans=3), path)
-    with pytest.raises(ArtifactError, match=r"rgb.pt: .* has shape .*backbone.in_chans"):
-        create_backbone(spec(checkpoint=str(path)))
+    """Weights of the same architecture at another width: the file, a key, both shapes and the likely cause."""
+    path = tmp_path / "narrow.pt"
+    torch.save(timm.create_model("test_vit", num_classes=0, in_chans=1, embed_dim=32).state_dict(), path)
+    with pytest.raises(ArtifactError, match=r"narrow.pt: .* has shape .* expects .*another width"):
+        create_backbone(spec("test_vit", checkpoint=str(path), patch_size=None))
 
 
 def test_checkpoint_of_another_architecture(tmp_path):
