@@ -13,7 +13,7 @@ from torch import nn
 from fmtransfer.data.preprocess import Preprocess
 from fmtransfer.errors import ArtifactError
 from fmtransfer.lineage.io import atomic_path, sha256_file, write_json_atomic
-from fmtransfer.models.backbone import BackboneSpec, create_backbone, read_state_dict
+from fmtransfer.models.backbone import BackboneSpec, create_backbone, read_state_dict, weights_record
 from fmtransfer.models.vpt import PromptedViT
 
 MODEL_FORMAT = "fmtransfer.model"
@@ -46,6 +46,7 @@ def model_meta(model: Classifier, spec: BackboneSpec, *, task: str, classes: lis
                preprocess: Preprocess, **lineage: Any) -> dict[str, Any]:
     """The JSON header that makes a weights file usable on its own."""
     return {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "backbone": spec.architecture(),
+            "backbone_weights": weights_record(model.backbone),
             "embed_dim": model.embed_dim, "task": task, "classes": classes,
             "num_outputs": model.head.out_features, "preprocess": preprocess.to_dict(), "lineage": lineage}
 

@@ -107,6 +107,7 @@ def pretrain(cfg: DictConfig) -> StageResult:
         per_epoch = throughput.per_epoch
         metrics = {
             "stage": "pretrain", "task": recipe.task, "backbone": spec.name, "recipe": recipe.name,
+            "backbone_weights": meta["backbone_weights"],  # where the initial weights came from, what was adapted
             "epochs": trainer.current_epoch, "global_step": trainer.global_step, "fit_seconds": round(fit_seconds, 2),
             "train_images_per_s": {"median": statistics.median(per_epoch) if per_epoch else None,
                                    "per_epoch": [round(v, 1) for v in per_epoch]},
