@@ -46,11 +46,13 @@ class RecipeDataModule(pl.LightningDataModule):
         classes: map labels onto this class order (a trained head's), instead of the recipe's.
         seed: seed of the training order (epoch k is shuffled with ``seed + k``).
         output_dir: where the split manifest and the skipped-image list are written.
+        require_labels: refuse a source without labels (an image folder without class folders, a CSV without a
+            label column) when the data is read; only self-supervised pretraining reads such sources.
     """
 
     def __init__(self, recipe: Recipe, *, batch_size: int = 64, num_workers: int | str = "auto",
                  preprocess: Preprocess | None = None, classes: list[str] | None = None, seed: int = 0,
-                 output_dir: str | Path | None = None):
+                 output_dir: str | Path | None = None, require_labels: bool = True):
         super().__init__()
         if int(batch_size) < 1:
             raise ConfigError(f"loader.batch_size={batch_size} must be >= 1")
@@ -61,6 +63,7 @@ class RecipeDataModule(pl.LightningDataModule):
         self.forced_classes = classes
         self.seed = seed
         self.output_dir = Path(output_dir) if output_dir else None
+        self.require_labels = require_labels
         self.table: SampleTable | None = None
         self.files: dict[str, Path] = {}
         self._datasets: dict[str, TableDataset] = {}
@@ -70,7 +73,12 @@ class RecipeDataModule(pl.LightningDataModule):
     def prepare(self) -> SampleTable:
         """Read, validate and split the data (idempotent). Raises DataError before any training."""
         if self.table is None:
-            self.table = build_table(self.recipe, classes=self.forced_classes)
+            table = build_table(self.recipe, classes=self.forced_classes)
+            if table.unlabelled and self.require_labels:
+                raise DataError(f"data recipe {self.recipe.name!r} has no labels: {table.unlabelled}. This needs "
+                                f"labels: put the images in class folders or add a label column; self-supervised "
+                                f"pretraining (fmtransfer pretrain method=dino) reads unlabelled data")
+            self.table = table
             if self.output_dir is not None:
                 self.files = self.write_manifests(self.output_dir / "data")
         return self.table
@@ -140,8 +148,12 @@ class RecipeDataModule(pl.LightningDataModule):
         table = self.prepare()
         name = self.recipe.name
         out = {"splits": folder / f"{name}.splits.csv"}
-        labels = ([table.classes[t] for t in table.targets] if table.classes is not None
-                  else [f"{t:.6g}" for t in table.targets])
+        if table.unlabelled:
+            labels = [""] * len(table)
+        elif table.classes is not None:
+            labels = [table.classes[t] for t in table.targets]
+        else:
+            labels = [f"{t:.6g}" for t in table.targets]
         write_text_atomic(out["splits"], _csv(["id", "label", "region", "split"],
                                               zip(table.ids, labels, table.regions, table.splits)))
         if table.skipped:
@@ -154,17 +166,20 @@ class RecipeDataModule(pl.LightningDataModule):
         table = self.prepare()
         return {"recipe": self.recipe.name, "samples": len(table), "listed": table.total,
                 "skipped": len(table.skipped), "splits": self.split_sizes(),
-                "classes": table.classes, "regions": sorted(set(table.regions.tolist())),
+                "classes": table.classes, "labelled": not table.unlabelled,
+                "regions": sorted(set(table.regions.tolist())),
                 "fingerprint": table.fingerprint}
 
 
 def check_fit(recipe: Recipe, meta: Mapping[str, Any]) -> None:
     """A recipe can feed a model when the tasks agree and the images convert to the model's channels.
 
+    A model without a head (``num_outputs`` 0: a self-supervised backbone) reads any task's recipe.
+
     Args:
-        meta: the model's header (``task``, ``preprocess.channels``).
+        meta: the model's header (``task``, ``num_outputs``, ``preprocess.channels``).
     """
-    if recipe.task != meta["task"]:
+    if int(meta["num_outputs"]) > 0 and recipe.task != meta["task"]:
         raise ConfigError(f"data recipe {recipe.name!r} is a {recipe.task} task but the model is {meta['task']}")
     want = int(meta["preprocess"]["channels"])
     try:
@@ -175,8 +190,8 @@ def check_fit(recipe: Recipe, meta: Mapping[str, Any]) -> None:
 
 
 def build_datamodule(recipe: Recipe, loader: Mapping[str, Any], *, model_meta: Mapping[str, Any] | None = None,
-                     model_classes: bool = False, seed: int = 0,
-                     output_dir: str | Path | None = None) -> RecipeDataModule:
+                     model_classes: bool = False, seed: int = 0, output_dir: str | Path | None = None,
+                     require_labels: bool = True) -> RecipeDataModule:
     """The datamodule a stage reads ``recipe`` through.
 
     Args:
@@ -184,7 +199,7 @@ def build_datamodule(recipe: Recipe, loader: Mapping[str, Any], *, model_meta: M
         model_meta: the header of the model that will read the data: the recipe is checked against it
             (:func:`check_fit`) and its preprocessing is used (default: the recipe's own).
         model_classes: map labels onto the model's class order (to score its head) instead of the recipe's.
-        seed, output_dir: as for :class:`RecipeDataModule`.
+        seed, output_dir, require_labels: as for :class:`RecipeDataModule`.
     """
     preprocess = classes = None
     if model_meta is not None:
@@ -192,7 +207,8 @@ def build_datamodule(recipe: Recipe, loader: Mapping[str, Any], *, model_meta: M
         preprocess = Preprocess.from_dict(model_meta["preprocess"])
         classes = model_meta["classes"] if model_classes else None
     return RecipeDataModule(recipe, batch_size=loader["batch_size"], num_workers=loader["num_workers"],
-                            preprocess=preprocess, classes=classes, seed=seed, output_dir=output_dir)
+                            preprocess=preprocess, classes=classes, seed=seed, output_dir=output_dir,
+                            require_labels=require_labels)
 
 
 def _csv(header: list[str], rows) -> str:

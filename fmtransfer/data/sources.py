@@ -36,6 +36,9 @@ class SourceTable:
         origin: what was read, e.g. the CSV path.
         skipped: (id, where, reason) of entries left out while listing (symlink loops); they are reported
             with the unreadable images.
+        unlabelled: why the source has no labels (an image folder without class folders, a CSV without a label
+            column), else None; ``labels`` are then all None. Self-supervised pretraining reads such sources,
+            every stage that needs labels refuses them with this reason.
     """
 
     ids: list[str]
@@ -47,6 +50,7 @@ class SourceTable:
     where: list[str]
     origin: str
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    unlabelled: str | None = None
 
 
 def _array_table(prefix: str, images: np.ndarray, labels: np.ndarray, region: str, origin: str) -> SourceTable:
@@ -246,16 +250,25 @@ def read_image_folder(recipe: Recipe) -> SourceTable:
             labels.append(class_dir.name)
             regions.append(region)
             paths.append(path)
+    unlabelled = None
+    if not paths and opts["layout"] == "class":
+        # images directly under root and no class folders: an unlabelled pool (self-supervised pretraining)
+        paths = [p for p, real in listing.children(root, (root_real,)) if real is None
+                 and p.suffix.lower() in extensions]
+        ids, labels, regions = [str(p.relative_to(root)) for p in paths], [None] * len(paths), [recipe.region] * len(paths)
+        unlabelled = f"data.source.root={root} holds images but no class folders (<class>/<image>)"
     if listing.outside:
         raise _outside_error(f"data.source.root={root}", root_real, listing.outside)
     if not paths:
-        layout = "<class>/<image>" if opts["layout"] == "class" else "<region>/<class>/<image>"
+        layout = ("<class>/<image> (or, unlabelled, images directly in the root)" if opts["layout"] == "class"
+                  else "<region>/<class>/<image>")
         raise DataError(f"data.source.root={root}: no images found (expected {layout} with extensions "
                         f"{sorted(extensions)})")
     keys = [real_path(p) or Path(os.path.normpath(p)) for p in paths]
     _check_each_file_once(keys, ids, labels, f"data.source.root={root}")
     return SourceTable(ids=ids, labels=labels, regions=regions, splits=None, images=None, paths=paths,
-                       where=[str(p) for p in paths], origin=str(root), skipped=listing.skipped())
+                       where=[str(p) for p in paths], origin=str(root), skipped=listing.skipped(),
+                       unlabelled=unlabelled)
 
 
 def read_csv_manifest(recipe: Recipe) -> SourceTable:
@@ -275,11 +288,13 @@ def read_csv_manifest(recipe: Recipe) -> SourceTable:
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
-        for key in ("path", "label"):
-            if cols[key] not in header:
-                raise DataError(f"{csv_path}: no column {cols[key]!r} (data.source.columns.{key}); "
-                                f"the header has: {', '.join(header) or '(empty)'}")
+        if cols["path"] not in header:
+            raise DataError(f"{csv_path}: no column {cols['path']!r} (data.source.columns.path); "
+                            f"the header has: {', '.join(header) or '(empty)'}")
         rows = list(reader)
+    has_label = cols["label"] in header
+    unlabelled = None if has_label else (f"{csv_path} has no column {cols['label']!r} (data.source.columns.label; "
+                                         f"the header has: {', '.join(header)})")
     if not rows:
         raise DataError(f"{csv_path}: the manifest has a header but no rows")
     has_region = cols["region"] in header
@@ -293,7 +308,7 @@ def read_csv_manifest(recipe: Recipe) -> SourceTable:
         rel = (row.get(cols["path"]) or "").strip()
         if not rel:
             raise DataError(f"{csv_path} line {line}: empty {cols['path']!r}")
-        label = (row.get(cols["label"]) or "").strip()
+        label = (row.get(cols["label"]) or "").strip() if has_label else None
         if label == "":
             raise DataError(f"{csv_path} line {line}: empty {cols['label']!r} for {rel}")
         path = Path(rel).expanduser()
@@ -317,7 +332,7 @@ def read_csv_manifest(recipe: Recipe) -> SourceTable:
         raise _outside_error(f"{csv_path}", root_real, outside)
     _check_each_file_once(keys, places, labels, str(csv_path))
     return SourceTable(ids=ids, labels=labels, regions=regions, splits=splits if has_split else None,
-                       images=None, paths=paths, where=where, origin=str(csv_path))
+                       images=None, paths=paths, where=where, origin=str(csv_path), unlabelled=unlabelled)
 
 
 def read_npz(recipe: Recipe) -> SourceTable:

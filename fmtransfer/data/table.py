@@ -39,6 +39,7 @@ class SampleTable:
         fingerprint: sha256 over ids, content, labels, regions and splits.
         skipped: samples left out: unreadable or refused images, symlink loops.
         total: samples the source listed (before skipping).
+        unlabelled: why the source has no labels, else None; ``targets`` are then all -1 and ``classes`` None.
     """
 
     recipe: Recipe
@@ -52,6 +53,7 @@ class SampleTable:
     fingerprint: str
     skipped: list[Skipped] = field(default_factory=list)
     total: int = 0
+    unlabelled: str | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -68,6 +70,8 @@ def natural_key(text: str) -> tuple:
 
 
 def _map_labels(src: SourceTable, recipe: Recipe, classes: list[str] | None) -> tuple[np.ndarray, list[str] | None]:
+    if src.unlabelled:
+        return np.full(len(src.labels), -1, dtype=np.int64), None
     if recipe.task == "regression":
         targets = np.empty(len(src.labels), dtype=np.float32)
         for i, value in enumerate(src.labels):
@@ -169,7 +173,8 @@ def build_table(recipe: Recipe, *, classes: list[str] | None = None, scan_worker
     src = read_source(recipe)
     targets, classes = _map_labels(src, recipe, classes)
     keep = np.arange(len(src.ids))
-    strata = targets if recipe.task == "classification" else np.zeros(len(targets), dtype=np.int64)
+    labelled_classes = recipe.task == "classification" and not src.unlabelled
+    strata = targets if labelled_classes else np.zeros(len(targets), dtype=np.int64)
     if recipe.limit is not None and recipe.limit < len(keep):
         keep = stratified_choice(strata, src.ids, recipe.limit, recipe.split.seed)
 
@@ -222,7 +227,8 @@ def build_table(recipe: Recipe, *, classes: list[str] | None = None, scan_worker
     return SampleTable(recipe=recipe, ids=np.array(ids, dtype=object), targets=targets, regions=regions,
                        splits=splits, classes=classes, images=images, paths=paths,
                        fingerprint=_fingerprint(images, shas, ids, targets, regions, splits),
-                       skipped=skipped, total=len(src.ids) if recipe.limit is None else recipe.limit)
+                       skipped=skipped, total=len(src.ids) if recipe.limit is None else recipe.limit,
+                       unlabelled=src.unlabelled)
 
 
 def read_manifest(path: str | Path, key: str) -> list[dict[str, str]]:
