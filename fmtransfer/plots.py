@@ -143,3 +143,43 @@ def pca_map_png(points: np.ndarray, cluster: np.ndarray, selected: np.ndarray, p
     ax.set_title(title)
     ax.legend(loc="best", fontsize=8)
     return _save(fig, Path(path))
+
+
+def collapse_signals_png(epochs: list[dict], steps: list[dict], prototypes: int, path: str | Path,
+                         title: str) -> Path | None:
+    """DINO's collapse signals per epoch (or, for a run stopped in its first epoch, per step), each beside the
+    line that marks collapse: the loss against ln(prototypes), the teacher's entropies, the student-teacher KL,
+    the std of the L2-normalised embeddings against 1/sqrt(d), and the kNN accuracy on val when there is one.
+
+    Args:
+        epochs: one record per epoch (``loss``, ``teacher_entropy``, ``teacher_mean_entropy``, ``kl``,
+            ``embedding_std``, ``healthy_std``, optional ``knn_val_accuracy``).
+        steps: per-step records of an epoch that did not finish (drawn when ``epochs`` is empty).
+    """
+    records, unit = (epochs, "epoch") if epochs else (steps, "step")
+    if not records:
+        return None
+    xs = [r["epoch"] for r in records] if epochs else list(range(1, len(records) + 1))
+    ln_k = float(np.log(prototypes))
+    panels = [("loss", [("loss", "loss")], ln_k, f"ln({prototypes}): uniform"),
+              ("teacher entropy", [("teacher_entropy", "per image"), ("teacher_mean_entropy", "of the batch mean")],
+               ln_k, f"ln({prototypes})"),
+              ("KL(teacher || student)", [("kl", "KL")], None, ""),
+              ("std of L2-normalised embeddings", [("embedding_std", "std")],
+               records[0].get("healthy_std"), "healthy 1/sqrt(d)")]
+    if any("knn_val_accuracy" in r for r in records):
+        panels.append(("kNN accuracy (val)", [("knn_val_accuracy", "kNN")], None, ""))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.2), squeeze=False)
+    for ax, (name, series, line, line_label) in zip(axes[0], panels):
+        for key, label in series:
+            ax.plot(xs, [r.get(key, np.nan) for r in records], marker="o", ms=3, label=label)
+        if line is not None:
+            ax.axhline(line, color="grey", ls="--", lw=1, label=line_label)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(unit)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if panels[-1][0].startswith("kNN"):
+        axes[0][-1].set_ylim(0, 1)
+    fig.suptitle(title)
+    return _save(fig, Path(path))

@@ -20,19 +20,46 @@ MODEL_FORMAT = "fmtransfer.model"
 MODEL_FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
+# the task of a model without a head (num_outputs 0): a self-supervised backbone whose output is its embedding
+EMBEDDING_TASK = "embedding"
+
+
+class NoHead(nn.Module):
+    """The place of the head in a model without one: passes the embedding through, holds no weights.
+
+    ``in_features`` and ``out_features`` (0) read like an ``nn.Linear``'s, so code that sizes a new head from the
+    old one (``adapt``) works unchanged.
+    """
+
+    def __init__(self, in_features: int):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
 
 class Classifier(nn.Module):
-    """``backbone`` features -> linear ``head`` (class logits, or one value for regression)."""
+    """``backbone`` features -> linear ``head`` (class logits, or one value for regression).
+
+    With ``num_outputs=0`` the head is a :class:`NoHead`: a self-supervised backbone, whose output is its
+    embedding, until ``adapt`` gives it a head.
+    """
 
     def __init__(self, backbone: nn.Module, num_outputs: int):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(backbone.num_features, num_outputs)
+        dim = backbone.num_features
+        self.head = nn.Linear(dim, num_outputs) if num_outputs > 0 else NoHead(dim)
 
     @property
     def embed_dim(self) -> int:
         return int(self.backbone.num_features)
+
+    @property
+    def num_outputs(self) -> int:
+        """Head width; 0 without a head."""
+        return int(self.head.out_features)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, C, H, W) -> (N, embed_dim)."""
@@ -42,13 +69,21 @@ class Classifier(nn.Module):
         return self.head(self.backbone(x))
 
 
+def has_head(meta: dict[str, Any]) -> bool:
+    """Whether a model header describes a model with a head (``num_outputs`` 0: a head-less backbone)."""
+    return int(meta["num_outputs"]) > 0
+
+
 def model_meta(model: Classifier, spec: BackboneSpec, *, task: str, classes: list[str] | None,
                preprocess: Preprocess, **lineage: Any) -> dict[str, Any]:
-    """The JSON header that makes a weights file usable on its own."""
+    """The JSON header that makes a weights file usable on its own; a head-less model's task is
+    ``EMBEDDING_TASK`` whatever ``task`` says, and it has no classes."""
+    headless = model.num_outputs == 0
     return {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "backbone": spec.architecture(),
             "backbone_weights": weights_record(model.backbone),
-            "embed_dim": model.embed_dim, "task": task, "classes": classes,
-            "num_outputs": model.head.out_features, "preprocess": preprocess.to_dict(), "lineage": lineage}
+            "embed_dim": model.embed_dim, "task": EMBEDDING_TASK if headless else task,
+            "classes": None if headless else classes, "num_outputs": model.num_outputs,
+            "preprocess": preprocess.to_dict(), "lineage": lineage}
 
 
 def save_model(model: Classifier, meta: dict[str, Any], folder: str | Path) -> tuple[Path, Path]:

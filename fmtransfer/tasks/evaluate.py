@@ -11,12 +11,14 @@ import numpy as np
 from omegaconf import DictConfig
 
 from fmtransfer.adapters.loading import load_model_or_adapted, require_model_or_adapter
-from fmtransfer.config import require
+from fmtransfer.config import require, to_plain
 from fmtransfer.data import Recipe, RecipeDataModule, build_datamodule, check_fit, load_recipe
+from fmtransfer.errors import ConfigError
 from fmtransfer.export.runtime import softmax
 from fmtransfer.lineage import RunRecord, write_json_atomic, write_text_atomic
-from fmtransfer.models.classifier import Classifier
-from fmtransfer.models.inference import predict
+from fmtransfer.models.classifier import Classifier, has_head
+from fmtransfer.models.inference import embed, predict
+from fmtransfer.models.probes import knn_scores, linear_probe_scores
 from fmtransfer.plots import confusion_matrix_png
 from fmtransfer.tasks.common import record_sources, run_dir, score_by_region
 from fmtransfer.tasks.result import StageResult
@@ -35,13 +37,44 @@ def score_model(model: Classifier, meta: dict[str, Any], recipe: Recipe, *, spli
                                         model_meta=meta, model_classes=True, output_dir=out_dir)
     table = dm.prepare()
     outputs, targets, rows = predict(model, dm.dataloader(split), accelerator=accelerator)
-    classes = meta["classes"]
-    result = score_by_region(meta["task"], outputs, targets, table.regions[rows],
-                             len(classes) if classes else None)
+    return _write_scores(meta["task"], meta["classes"], outputs, targets, rows, table, split, out_dir,
+                         title or f"{recipe.name} / {split}")
+
+
+def score_features(model: Classifier, recipe: Recipe, dm: RecipeDataModule, *, split: str, protocol: str,
+                   settings: Any, out_dir: Path, accelerator: str = "auto", seed: int = 0,
+                   title: str | None = None) -> dict[str, Any]:
+    """Score the frozen features of ``model`` (its head, if any, unused) on ``split`` of a labelled
+    classification recipe: ``knn`` (a weighted vote of the nearest train images by cosine similarity) or
+    ``linear`` (a logistic regression fitted on the train split's features).
+
+    Args:
+        dm: the recipe read with the model's preprocessing and the recipe's own classes.
+        settings: ``{"k", "temperature"}`` for knn, ``{"c", "max_iter"}`` for linear (the evaluate config's
+            ``knn`` / ``linear`` nodes).
+    Returns:
+        as :func:`score_model`, the files named ``predictions_<split>.csv`` and ``confusion_<split>.png``.
+    """
+    table = dm.prepare()
+    classes = table.classes
+    bank, bank_y = embed(model, dm.dataloader("train"), accelerator), table.targets[dm.rows("train")]
+    features, targets, rows = embed(model, dm.dataloader(split), accelerator), table.targets[dm.rows(split)], dm.rows(split)
+    if protocol == "knn":
+        outputs = knn_scores(bank, bank_y, features, len(classes), int(settings["k"]), float(settings["temperature"]))
+    else:
+        outputs = linear_probe_scores(bank, bank_y, features, len(classes), float(settings["c"]),
+                                      int(settings["max_iter"]), seed)
+    return _write_scores("classification", classes, outputs, targets, rows, table, split, out_dir,
+                         f"{title or f'{recipe.name} / {split}'} ({protocol})")
+
+
+def _write_scores(task: str, classes: list[str] | None, outputs: np.ndarray, targets: np.ndarray, rows: np.ndarray,
+                  table, split: str, out_dir: Path, label: str) -> dict[str, Any]:
+    """Metrics overall and per region, ``predictions_<split>.csv`` and (classification) the confusion matrix."""
+    result = score_by_region(task, outputs, targets, table.regions[rows], len(classes) if classes else None)
     files = {"predictions": out_dir / f"predictions_{split}.csv"}
-    write_text_atomic(files["predictions"], _predictions_csv(meta["task"], outputs, targets, rows, table, classes))
+    write_text_atomic(files["predictions"], _predictions_csv(task, outputs, targets, rows, table, classes))
     if classes:
-        label = title or f"{recipe.name} / {split}"
         files["confusion"] = confusion_matrix_png(np.array(result["overall"]["confusion_matrix"]), classes,
                                                   out_dir / f"confusion_{split}.png",
                                                   f"{label}: accuracy {result['overall']['accuracy']:.3f}")
@@ -66,24 +99,57 @@ def _predictions_csv(task: str, outputs: np.ndarray, targets: np.ndarray, rows: 
     return buf.getvalue()
 
 
+PROTOCOLS = ("head", "knn", "linear")
+
+
+def evaluation_protocol(cfg: DictConfig, recipe: Recipe) -> str:
+    """The ``protocol`` key, checked against the recipe and split before any model or data is read."""
+    require(cfg, "protocol", "knn", "linear", "seed")
+    protocol = cfg.protocol
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol={protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+    if protocol != "head" and recipe.task != "classification":
+        raise ConfigError(f"protocol={protocol} scores classification recipes; {recipe.name!r} is a {recipe.task} "
+                          f"task (score a regression model's head with protocol=head)")
+    if protocol != "head" and cfg.split == "train":
+        raise ConfigError(f"protocol={protocol} learns from the train split (the kNN bank, the probe's training "
+                          f"data); score split=val or split=test")
+    return protocol
+
+
 def evaluate(cfg: DictConfig) -> StageResult:
-    """Score ``cfg.model`` on ``cfg.data`` / ``cfg.split``; writes metrics.json, predictions, confusion PNG."""
+    """Score ``cfg.model`` on ``cfg.data`` / ``cfg.split``; writes metrics.json, predictions, confusion PNG.
+
+    ``protocol=head`` scores the model's head; ``knn`` and ``linear`` score its frozen features (any model, a
+    head-less self-supervised backbone too) with :func:`score_features`.
+    """
     require(cfg, "model", "adapter_file", "split", "accelerator", "data", "loader")
     out = run_dir(cfg)
     recipe = load_recipe(cfg.data)
+    protocol = evaluation_protocol(cfg, recipe)
     require_model_or_adapter(cfg.model, cfg.adapter_file)
     with RunRecord("evaluate", out, cfg) as record:
         loaded = load_model_or_adapted(cfg.model, cfg.adapter_file)
         model, meta, model_path = loaded.model, loaded.meta, loaded.path
         record_sources(record, loaded, role="model")
-        dm = build_datamodule(recipe, cfg.loader, model_meta=meta, model_classes=True, output_dir=out)
+        if protocol == "head" and not has_head(meta):
+            raise ConfigError(f"model {model_path} has no head (a self-supervised backbone): score its features "
+                              f"with protocol=knn or protocol=linear, or give it a head with fmtransfer adapt")
+        # the head predicts the model's classes; kNN and the linear probe learn the recipe's own
+        dm = build_datamodule(recipe, cfg.loader, model_meta=meta, model_classes=protocol == "head", output_dir=out)
         table = dm.prepare()
         record.set_data(recipe.name, recipe.to_dict(), table.fingerprint)
-        result = score_model(model, meta, recipe, split=cfg.split, out_dir=out, datamodule=dm,
-                             accelerator=cfg.accelerator)
+        if protocol == "head":
+            result = score_model(model, meta, recipe, split=cfg.split, out_dir=out, datamodule=dm,
+                                 accelerator=cfg.accelerator)
+        else:
+            result = score_features(model, recipe, dm, split=cfg.split, protocol=protocol, settings=cfg[protocol],
+                                    out_dir=out, accelerator=cfg.accelerator, seed=int(cfg.seed))
+        task, classes = (meta["task"], meta["classes"]) if protocol == "head" else ("classification", table.classes)
         metrics = {"stage": "evaluate", "model": str(model_path), "adapter": cfg.adapter_file,
-                   "recipe": recipe.name, "split": cfg.split,
-                   "task": meta["task"], "classes": meta["classes"], **result, "data": dm.summary()}
+                   "recipe": recipe.name, "split": cfg.split, "protocol": protocol,
+                   **({protocol: to_plain(cfg[protocol])} if protocol != "head" else {}),
+                   "task": task, "classes": classes, **result, "data": dm.summary()}
         write_json_atomic(out / "metrics.json", metrics)
         outputs = {"metrics": out / "metrics.json", **result["files"], **dm.files}
         for role, path in outputs.items():

@@ -29,6 +29,7 @@ from fmtransfer.tasks.common import (
     run_dir,
 )
 from fmtransfer.tasks.evaluate import score_model
+from fmtransfer.tasks.pretrain_dino import is_self_supervised, pretrain_dino
 from fmtransfer.tasks.result import StageResult
 
 
@@ -59,8 +60,10 @@ def pretrain(cfg: DictConfig) -> StageResult:
     """Train, checkpoint every epoch, save ``model.safetensors`` + ``model.json``, score the test split.
 
     The result's outputs include ``model`` (model.json), ``confusion`` and ``training_curves``. Raises FmtError on
-    bad config or data before training.
+    bad config or data before training. ``method=dino`` trains without labels (:func:`pretrain_dino`).
     """
+    if is_self_supervised(cfg):
+        return pretrain_dino(cfg)
     out = run_dir(cfg)
     recipe, spec = validate(cfg)
     rank_and_world()  # a stray RANK=1 would make Lightning train silently and write no metrics or model

@@ -1,0 +1,547 @@
+"""Self-supervised DINO pretraining (Caron et al. 2021, written from the paper): a student network learns to
+match an exponential-moving-average teacher across multi-crop views of unlabelled images.
+
+Pieces: :class:`DinoSettings` (the ``method.dino`` config node), :class:`DinoHead` (MLP, L2-normalised
+bottleneck, prototypes), :class:`DinoLoss` (cross-entropy between sharpened, centred teacher and student
+distributions; the collapse signals come from the same numbers), :class:`CollapseGuard` (stops a collapsed run
+with the signal and the settings to change) and :class:`DinoModule` (the LightningModule).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fmtransfer.data.multicrop import MultiCrop
+from fmtransfer.errors import ConfigError, FmtError
+from fmtransfer.models.probes import knn_scores
+
+
+class CollapseError(FmtError):
+    """DINO training collapsed; the message names the signal, its values and the settings to change.
+
+    Attributes:
+        signal: ``uniform``, ``constant``, ``embedding`` or ``not_finite``.
+    """
+
+    def __init__(self, message: str, signal: str):
+        super().__init__(message)
+        self.signal = signal
+
+
+@dataclass(frozen=True)
+class CropSettings:
+    """``method.dino.crops``: multi-crop views (see :class:`fmtransfer.data.multicrop.MultiCrop`).
+
+    Attributes:
+        n_local: local views per image (0: the two global views only).
+        global_size: side of the global views in pixels, or ``auto``: the recipe's image size.
+        local_size: side of the local views, or ``auto``: 3/7 of the image side (96 px of 224, as DINO),
+            rounded to a multiple of a ViT's patch size.
+        global_scale: area share of a global crop, or ``auto``: [0.4, 1] with local views, [0.14, 1] without
+            (the DINO authors' advice when there are no local crops).
+        local_scale: area share of a local crop.
+        hflip: probability of a horizontal flip (0 for digits and text; 0.5 for fields, tissue, photos).
+        brightness, contrast: photometric jitter (normalised units; contrast factor 1 +- contrast).
+    """
+
+    n_local: int
+    global_size: Any
+    local_size: Any
+    global_scale: Any
+    local_scale: list[float]
+    hflip: float
+    brightness: float
+    contrast: float
+
+    def __post_init__(self) -> None:
+        for key in ("global_size", "local_size"):
+            value = getattr(self, key)
+            if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"method.dino.crops.{key}={value!r}: expected auto or a positive number of pixels")
+        if self.global_scale != "auto" and (not isinstance(self.global_scale, (list, tuple)) or len(self.global_scale) != 2):
+            raise ConfigError(f"method.dino.crops.global_scale={self.global_scale!r}: expected auto or [low, high]")
+        if self.n_local < 0:
+            raise ConfigError(f"method.dino.crops.n_local={self.n_local} must be >= 0")
+
+
+@dataclass(frozen=True)
+class CollapseSettings:
+    """``method.dino.collapse``: when a run counts as collapsed (see :class:`CollapseGuard`).
+
+    Attributes:
+        stop: stop a collapsed run with an error (false: record the signals only).
+        patience: steps in a row a signal must stay in its collapsed range (an epoch with fewer steps counts
+            when all of its steps were).
+        max_entropy_fraction: uniform collapse when the teacher's entropy exceeds this share of ln(prototypes).
+        min_loss_fraction: constant output when the loss falls below this share of ln(prototypes).
+        min_std_ratio: embedding collapse when the std of the L2-normalised embeddings falls below this share of
+            the healthy 1/sqrt(d).
+    """
+
+    stop: bool
+    patience: int
+    max_entropy_fraction: float
+    min_loss_fraction: float
+    min_std_ratio: float
+
+    def __post_init__(self) -> None:
+        if self.patience < 1:
+            raise ConfigError(f"method.dino.collapse.patience={self.patience} must be >= 1")
+        for key in ("max_entropy_fraction", "min_loss_fraction", "min_std_ratio"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(f"method.dino.collapse.{key}={getattr(self, key)} must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class KnnSettings:
+    """``method.dino.knn``: the kNN accuracy logged every epoch on a labelled recipe's val split.
+
+    Attributes:
+        k: neighbours that vote. temperature: vote weight exp(cosine / temperature).
+        max_bank: at most this many train images form the bank (a seeded sample), to bound the cost per epoch.
+    """
+
+    k: int
+    temperature: float
+    max_bank: int
+
+
+@dataclass(frozen=True)
+class DinoSettings:
+    """The ``method.dino`` config node; defaults live in ``configs/method/dino.yaml`` only.
+
+    Attributes:
+        prototypes: K, the width of the head's last layer (the loss of a uniform teacher is ln K).
+        hidden_dim, bottleneck_dim: the projection MLP's widths.
+        student_temp: the student's softmax temperature.
+        teacher_temp_start, teacher_temp: the teacher's temperature warms linearly from the first to the second
+            over ``teacher_temp_warmup`` (a share of the training steps), then stays.
+        center_momentum: momentum of the centre (running mean of the teacher's outputs).
+        momentum_start, momentum_end: the teacher's EMA momentum, on a cosine schedule over the training steps.
+        freeze_last_layer_epochs: the prototypes stay fixed for this many first epochs.
+        clip_grad: gradient norm clipping (0: none).
+        min_batch_size: smallest batch the centre may be estimated from.
+        crops, collapse, knn: see :class:`CropSettings`, :class:`CollapseSettings`, :class:`KnnSettings`.
+    """
+
+    prototypes: int
+    hidden_dim: int
+    bottleneck_dim: int
+    student_temp: float
+    teacher_temp_start: float
+    teacher_temp: float
+    teacher_temp_warmup: float
+    center_momentum: float
+    momentum_start: float
+    momentum_end: float
+    freeze_last_layer_epochs: int
+    clip_grad: float
+    min_batch_size: int
+    crops: CropSettings
+    collapse: CollapseSettings
+    knn: KnnSettings
+
+    def __post_init__(self) -> None:
+        if self.prototypes < 2 or self.hidden_dim < 1 or self.bottleneck_dim < 1:
+            raise ConfigError("method.dino: need prototypes >= 2, hidden_dim >= 1 and bottleneck_dim >= 1")
+        for key in ("student_temp", "teacher_temp_start", "teacher_temp"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"method.dino.{key}={getattr(self, key)} must be > 0")
+        for key in ("teacher_temp_warmup", "center_momentum", "momentum_start", "momentum_end"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(f"method.dino.{key}={getattr(self, key)} must be in [0, 1]")
+        if self.momentum_end < self.momentum_start:
+            raise ConfigError(f"method.dino.momentum_end={self.momentum_end} must be >= momentum_start="
+                              f"{self.momentum_start} (the teacher's EMA momentum rises towards 1)")
+        if self.min_batch_size < 2:
+            raise ConfigError(f"method.dino.min_batch_size={self.min_batch_size} must be >= 2")
+
+    def teacher_temperature(self, progress: float) -> float:
+        """The teacher's temperature at ``progress`` (share of the training steps done)."""
+        if self.teacher_temp_warmup <= 0 or progress >= self.teacher_temp_warmup:
+            return self.teacher_temp
+        return self.teacher_temp_start + (self.teacher_temp - self.teacher_temp_start) * progress / self.teacher_temp_warmup
+
+    def momentum(self, progress: float) -> float:
+        """The teacher's EMA momentum at ``progress``: cosine from ``momentum_start`` to ``momentum_end``."""
+        return self.momentum_end - (self.momentum_end - self.momentum_start) * (math.cos(math.pi * min(1.0, progress)) + 1) / 2
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """Crop sizes and scales resolved for one recipe and backbone."""
+
+    global_size: tuple[int, int]
+    local_size: tuple[int, int]
+    global_scale: tuple[float, float]
+    local_scale: tuple[float, float]
+
+    def build(self, crops: CropSettings) -> MultiCrop:
+        return MultiCrop(self.global_size, self.local_size, crops.n_local, self.global_scale, self.local_scale,
+                         hflip=crops.hflip, brightness=crops.brightness, contrast=crops.contrast)
+
+
+def plan_crops(crops: CropSettings, image_size: list[int], patch: int | None) -> CropPlan:
+    """Resolve ``auto`` crop sizes and scales for the recipe's ``image_size`` and a ViT's ``patch`` size.
+
+    Raises:
+        ConfigError: a crop size that is not a multiple of the patch size, or larger than the image.
+    """
+    h, w = (int(s) for s in image_size)
+    unit = patch or 1
+
+    def side(value: int | str, share: float, key: str) -> tuple[int, int]:
+        if value == "auto":
+            return tuple(max(unit, int(round(s * share / unit)) * unit) for s in (h, w))  # type: ignore[return-value]
+        size = int(value)
+        if size < 1:
+            raise ConfigError(f"method.dino.crops.{key}={value} must be a positive number of pixels or auto")
+        if patch and size % patch:
+            lower, upper = max(patch, size // patch * patch), (size // patch + 1) * patch
+            raise ConfigError(f"method.dino.crops.{key}={size} does not fit the backbone's patch size {patch}: crop "
+                              f"sides must be multiples of it (e.g. {lower} or {upper})")
+        return (size, size)
+
+    global_size = (h, w) if crops.global_size == "auto" else side(crops.global_size, 1.0, "global_size")
+    if patch and (h % patch or w % patch) and crops.global_size == "auto":
+        raise ConfigError(f"data.image_size={[h, w]} does not fit the backbone's patch size {patch}; set "
+                          f"method.dino.crops.global_size to a multiple of {patch}")
+    local_size = side(crops.local_size, 3 / 7, "local_size")
+    if crops.global_scale == "auto":
+        global_scale = (0.4, 1.0) if crops.n_local else (0.14, 1.0)
+    else:
+        global_scale = tuple(float(v) for v in crops.global_scale)
+    if crops.n_local and (local_size[0] > global_size[0] or local_size[1] > global_size[1]):
+        raise ConfigError(f"method.dino.crops.local_size={list(local_size)} is larger than the global views "
+                          f"{list(global_size)}; local views are the small ones")
+    return CropPlan(global_size, local_size, global_scale, tuple(float(v) for v in crops.local_scale))
+
+
+class DinoHead(nn.Module):
+    """Projection head: MLP -> L2-normalised bottleneck -> cosine against ``prototypes`` unit vectors.
+
+    The last layer is a weight-normalised linear layer with its norm fixed at 1 (DINO's ``norm_last_layer``):
+    each output is the cosine between the bottleneck and one prototype.
+    """
+
+    def __init__(self, in_dim: int, prototypes: int, hidden_dim: int, bottleneck_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
+                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.prototypes = nn.Parameter(torch.randn(prototypes, bottleneck_dim) / math.sqrt(bottleneck_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, in_dim) -> (N, prototypes) cosines."""
+        z = F.normalize(self.mlp(x), dim=-1)
+        return F.linear(z, F.normalize(self.prototypes, dim=-1))
+
+
+class DinoLoss(nn.Module):
+    """Cross-entropy between the centred, sharpened teacher and the student over every pair of different views.
+
+    The centre is a buffer (saved in checkpoints): a running mean of the teacher's outputs with momentum
+    ``center_momentum``, averaged over processes under DDP.
+    """
+
+    def __init__(self, prototypes: int, student_temp: float, center_momentum: float):
+        super().__init__()
+        self.student_temp, self.center_momentum = student_temp, center_momentum
+        self.register_buffer("center", torch.zeros(1, prototypes))
+
+    def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor],
+                teacher_temp: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """student: one (N, K) output per view (the global views first); teacher: one per global view.
+
+        Returns:
+            the loss and the signals: ``teacher_entropy`` (mean entropy of the teacher's distributions),
+            ``teacher_mean_entropy`` (entropy of their batch mean: low when one prototype takes every image) and
+            ``kl`` (KL(teacher || student), the loss minus the teacher's entropy).
+        """
+        probs = [F.softmax((t - self.center) / teacher_temp, dim=-1) for t in teacher]
+        log_student = [F.log_softmax(s / self.student_temp, dim=-1) for s in student]
+        total, pairs = student[0].new_zeros(()), 0
+        for i, p in enumerate(probs):
+            for j, log_q in enumerate(log_student):
+                if i == j:  # a view is never its own target
+                    continue
+                total = total + torch.sum(-p * log_q, dim=-1).mean()
+                pairs += 1
+        loss = total / pairs
+        with torch.no_grad():
+            p_all = torch.cat(probs).float()
+            entropy = float(-(p_all * torch.log(p_all.clamp_min(1e-12))).sum(-1).mean())
+            mean = p_all.mean(0)
+            mean_entropy = float(-(mean * torch.log(mean.clamp_min(1e-12))).sum())
+        return loss, {"teacher_entropy": entropy, "teacher_mean_entropy": mean_entropy,
+                      "kl": float(loss.detach()) - entropy}
+
+    @torch.no_grad()
+    def update_center(self, teacher: torch.Tensor) -> None:
+        """teacher: (N, K) raw teacher outputs of this step."""
+        batch_mean = teacher.float().mean(0, keepdim=True)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(batch_mean)
+            batch_mean /= torch.distributed.get_world_size()
+        self.center.mul_(self.center_momentum).add_(batch_mean * (1 - self.center_momentum))
+
+
+def embedding_std(features: torch.Tensor) -> float:
+    """Std over the batch of L2-normalised features, averaged over dimensions (healthy ~1/sqrt(d), collapsed 0).
+
+    features: (N, d).
+    """
+    return float(F.normalize(features.detach().float(), dim=-1).std(0).mean())
+
+
+_ADVICE = {
+    "uniform": "the teacher does not sharpen: lower method.dino.teacher_temp and method.dino.teacher_temp_start "
+               "(0.04, or 0.02 on small data), or lower method.optimizer.lr; check that the teacher is an EMA copy "
+               "(method.dino.momentum_start < 1)",
+    "constant": "one prototype takes every image (centring loses to sharpening): lower method.dino.center_momentum "
+                "(0.9), raise method.dino.teacher_temp, lower method.optimizer.lr or raise loader.batch_size",
+    "embedding": "the backbone gives every image the same embedding: lower method.optimizer.lr, raise "
+                 "loader.batch_size, raise method.dino.crops.n_local or widen method.dino.crops.local_scale",
+    "not_finite": "the loss is not a finite number: lower method.optimizer.lr or method.dino.clip_grad",
+}
+
+
+@dataclass
+class CollapseGuard:
+    """Watches every step's signals; a signal that stays in its collapsed range for ``patience`` steps in a row
+    (or for all the steps of an epoch) is a collapse.
+
+    Signals (``ln K`` = ln(prototypes), ``d`` = embedding dimension):
+        uniform: the teacher's entropy above ``max_entropy_fraction`` x ln K (the loss then sits at ln K);
+        constant: the loss below ``min_loss_fraction`` x ln K (every image goes to one prototype);
+        embedding: the std of L2-normalised embeddings below ``min_std_ratio`` / sqrt(d).
+    """
+
+    settings: CollapseSettings
+    prototypes: int
+    embed_dim: int
+    streak: dict[str, int] = field(default_factory=dict)
+    epoch_steps: int = 0
+    epoch_collapsed: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ln_k(self) -> float:
+        return math.log(self.prototypes)
+
+    def collapsed(self, s: dict[str, float]) -> dict[str, bool]:
+        c = self.settings
+        return {"uniform": s["teacher_entropy"] > c.max_entropy_fraction * self.ln_k,
+                "constant": s["loss"] < c.min_loss_fraction * self.ln_k,
+                "embedding": s["embedding_std"] < c.min_std_ratio / math.sqrt(self.embed_dim)}
+
+    def step(self, s: dict[str, float], where: str) -> None:
+        """Record one step's signals; raises :class:`CollapseError` (when ``stop``) at ``patience`` steps."""
+        if not math.isfinite(s["loss"]):
+            raise CollapseError(f"DINO stopped at {where}: the loss is {s['loss']}; {_ADVICE['not_finite']}",
+                                "not_finite")
+        self.epoch_steps += 1
+        for name, bad in self.collapsed(s).items():
+            self.streak[name] = self.streak.get(name, 0) + 1 if bad else 0
+            self.epoch_collapsed[name] = self.epoch_collapsed.get(name, 0) + int(bad)
+            if self.settings.stop and self.streak[name] >= self.settings.patience:
+                self._raise(name, s, where, f"{self.streak[name]} steps in a row")
+
+    def end_epoch(self, record: dict[str, float], where: str) -> None:
+        """At an epoch's end: a signal collapsed at every step of a short epoch stops the run too."""
+        steps, self.epoch_steps = self.epoch_steps, 0
+        counts, self.epoch_collapsed = self.epoch_collapsed, {}
+        if not self.settings.stop or not steps:
+            return
+        for name, count in counts.items():
+            if count == steps:
+                self._raise(name, record, where, f"every step of the epoch ({steps})")
+
+    def _raise(self, name: str, s: dict[str, float], where: str, how_long: str) -> None:
+        healthy = 1 / math.sqrt(self.embed_dim)
+        value = {
+            "uniform": f"the teacher's entropy {s['teacher_entropy']:.3f} is at ln({self.prototypes}) = "
+                       f"{self.ln_k:.3f} (loss {s['loss']:.3f}): uniform collapse",
+            "constant": f"the loss {s['loss']:.4f} is near 0 (ln({self.prototypes}) = {self.ln_k:.3f}; teacher "
+                        f"entropy {s['teacher_entropy']:.3f}, KL {s['kl']:.4f}): constant output",
+            "embedding": f"the std of the L2-normalised embeddings is {s['embedding_std']:.2e} (healthy about "
+                         f"1/sqrt({self.embed_dim}) = {healthy:.3f}): the embeddings collapsed",
+        }[name]
+        raise CollapseError(f"DINO collapsed at {where}: {value} for {how_long}. {_ADVICE[name]} "
+                            f"(method.dino.collapse.stop=false records the signals without stopping)", name)
+
+
+class KnnMonitor:
+    """The kNN accuracy of the teacher's embeddings on the val split (bank: the train split), once per epoch.
+
+    Args:
+        bank_loader, val_loader: ``() -> DataLoader`` of ``(x, target, row)`` batches, unshuffled.
+        num_classes: classes of the recipe.
+    """
+
+    def __init__(self, bank_loader: Callable, val_loader: Callable, num_classes: int, settings: KnnSettings):
+        self.bank_loader, self.val_loader = bank_loader, val_loader
+        self.num_classes, self.settings = num_classes, settings
+
+    @torch.no_grad()
+    def _embed(self, backbone: nn.Module, loader, device, limit: int | None = None):
+        feats, labels, n = [], [], 0
+        for x, y, _ in loader:
+            feats.append(backbone(x.to(device)).float().cpu())
+            labels.append(y)
+            n += len(y)
+            if limit is not None and n >= limit:
+                break
+        return torch.cat(feats).numpy()[:limit], torch.cat(labels).numpy()[:limit]
+
+    def accuracy(self, backbone: nn.Module, device) -> float:
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            bank, bank_y = self._embed(backbone, self.bank_loader(), device, self.settings.max_bank)
+            val, val_y = self._embed(backbone, self.val_loader(), device)
+        finally:
+            backbone.train(was_training)
+        scores = knn_scores(bank, bank_y, val, self.num_classes, self.settings.k, self.settings.temperature)
+        return float((scores.argmax(1) == val_y).mean())
+
+
+class DinoModule(pl.LightningModule):
+    """Student (backbone + :class:`DinoHead`) trained to match an EMA teacher over multi-crop views.
+
+    Args:
+        backbone: the student's backbone (the teacher starts as a copy of it, never the same object).
+        settings: the ``method.dino`` settings.
+        crops: the multi-crop transform.
+        optimizer: ``params -> Optimizer`` (a config partial).
+        scheduler: ``(optimizer, total_steps) -> LRScheduler`` (a config partial), stepped every step.
+        meta: the model header stored in checkpoints.
+        knn: the per-epoch kNN accuracy, when the recipe has labels.
+        seed: seeds the crop generator, reseeded with ``seed + epoch`` at every epoch start.
+    """
+
+    def __init__(self, backbone: nn.Module, settings: DinoSettings, crops: MultiCrop, optimizer: Callable,
+                 scheduler: Callable | None = None, meta: dict[str, Any] | None = None,
+                 knn: KnnMonitor | None = None, seed: int = 0):
+        super().__init__()
+        self.settings, self.crops, self.knn, self.seed = settings, crops, knn, seed
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.meta = meta or {}
+        dim = int(backbone.num_features)
+        self.student = nn.ModuleDict({"backbone": backbone, "head": DinoHead(dim, settings.prototypes,
+                                                                              settings.hidden_dim,
+                                                                              settings.bottleneck_dim)})
+        self.teacher = copy.deepcopy(self.student)
+        check_separate(self.student, self.teacher)
+        for p in self.teacher.parameters():
+            p.requires_grad = False
+        self.loss_fn = DinoLoss(settings.prototypes, settings.student_temp, settings.center_momentum)
+        self.guard = CollapseGuard(settings.collapse, settings.prototypes, dim)
+        self.history: list[dict[str, float]] = []  # one record of signals per epoch
+        self._steps: list[dict[str, float]] = []
+        self._generator = torch.Generator()
+
+    @property
+    def teacher_backbone(self) -> nn.Module:
+        return self.teacher["backbone"]
+
+    def _progress(self) -> float:
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer is not None else 1
+        return min(1.0, self.global_step / total)
+
+    def on_train_epoch_start(self) -> None:
+        self._generator.manual_seed(self.seed + self.current_epoch)
+        self._steps = []
+        self.teacher.train()  # the teacher's BatchNorm uses batch statistics, as DINO's does
+
+    def training_step(self, batch, batch_idx):
+        x = batch[0]
+        views = self.crops(x, generator=self._generator)
+        temp = self.settings.teacher_temperature(self._progress())
+        with torch.no_grad():
+            t_features = self.teacher["backbone"](torch.cat(views[:2]))
+            t_out = self.teacher["head"](t_features)
+        s_out = self._student(views)
+        loss, signals = self.loss_fn(list(s_out.chunk(len(views))), list(t_out.chunk(2)), temp)
+        self.loss_fn.update_center(t_out)
+        signals.update(loss=float(loss.detach()), embedding_std=embedding_std(t_features), teacher_temp=temp)
+        self._steps.append(signals)
+        self.guard.step(signals, f"epoch {self.current_epoch + 1}, step {self.global_step + 1}")
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(x))
+        return loss
+
+    def _student(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """Student outputs of every view, in view order; views of one size go through the backbone together."""
+        outputs, start = [], 0
+        while start < len(views):
+            end = start
+            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+                end += 1
+            outputs.append(self.student["head"](self.student["backbone"](torch.cat(views[start:end]))))
+            start = end
+        return torch.cat(outputs)
+
+    def on_after_backward(self) -> None:
+        if self.current_epoch < self.settings.freeze_last_layer_epochs:
+            self.student["head"].prototypes.grad = None  # the prototypes wait until the features settle
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        value = gradient_clip_val or self.settings.clip_grad
+        if value:
+            self.clip_gradients(optimizer, gradient_clip_val=value, gradient_clip_algorithm="norm")
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        m = self.settings.momentum(self._progress())
+        with torch.no_grad():
+            for s, t in zip(self.student.parameters(), self.teacher.parameters(), strict=True):
+                t.mul_(m).add_(s.detach(), alpha=1 - m)
+
+    def on_train_epoch_end(self) -> None:
+        if not self._steps:
+            return
+        record = {k: float(np.mean([s[k] for s in self._steps])) for k in self._steps[0]}
+        record.update(epoch=self.current_epoch + 1, steps=len(self._steps), ln_prototypes=math.log(self.settings.prototypes),
+                      healthy_std=1 / math.sqrt(int(self.student["backbone"].num_features)))
+        record["loss_over_ln_prototypes"] = record["loss"] / record["ln_prototypes"]
+        if self.knn is not None:
+            record["knn_val_accuracy"] = self.knn.accuracy(self.teacher_backbone, self.device)
+            self.log("val/knn_acc", record["knn_val_accuracy"], prog_bar=True)
+        self.history.append(record)
+        self.log_dict({f"dino/{k}": record[k] for k in ("teacher_entropy", "teacher_mean_entropy", "kl",
+                                                         "embedding_std")})
+        self.guard.end_epoch(record, f"the end of epoch {self.current_epoch + 1}")
+
+    def configure_optimizers(self):
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, total_steps=self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["fmtransfer"] = self.meta
+        checkpoint["dino_history"] = self.history
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.history = list(checkpoint.get("dino_history", []))
+
+
+def check_separate(student: nn.Module, teacher: nn.Module) -> None:
+    """The teacher must be a copy: sharing the student's tensors makes the teacher follow every step, and the
+    loss sits at ln K (a uniform collapse once caused this way)."""
+    own = {p.data_ptr() for p in student.parameters()}
+    if teacher is student or any(p.data_ptr() in own for p in teacher.parameters()):
+        raise ConfigError("DINO's teacher shares tensors with the student; it must be a separate EMA copy")

@@ -1,0 +1,233 @@
+"""``pretrain method=dino``: self-supervised pretraining of a backbone on any recipe, labels unused.
+
+    fmtransfer pretrain method=dino data=mnist_global backbone=resnet18 trainer.max_epochs=20
+
+Writes the teacher's backbone without a head (``model.safetensors`` + ``model.json``, ``num_outputs`` 0),
+``checkpoints/``, ``metrics.json`` with the collapse signals of every epoch (and the kNN accuracy on the val split
+when the recipe has labels), ``collapse_signals.png`` and, with labels, the kNN score of the test split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+from fmtransfer.config import build, build_dataclass, require
+from fmtransfer.data import Preprocess, RecipeDataModule, build_datamodule, load_recipe
+from fmtransfer.data.recipe import Recipe
+from fmtransfer.errors import ConfigError, DataError
+from fmtransfer.lineage import RunRecord, write_json_atomic
+from fmtransfer.models.backbone import BackboneSpec, backbone_spec, check_input_size, create_backbone
+from fmtransfer.models.classifier import Classifier, model_meta, save_model
+from fmtransfer.models.dino import CollapseError, CropPlan, DinoModule, DinoSettings, KnnMonitor, plan_crops
+from fmtransfer.models.families import family_of
+from fmtransfer.models.module import EpochSeed
+from fmtransfer.plots import collapse_signals_png, training_curves_png
+from fmtransfer.ranks import rank_and_world
+from fmtransfer.tasks.common import (
+    TrainThroughput,
+    build_logger,
+    build_trainer,
+    checkpoint_callback,
+    extra_callbacks,
+    resolve_resume,
+    run_dir,
+)
+from fmtransfer.tasks.evaluate import score_features
+from fmtransfer.tasks.result import StageResult
+
+SELF_SUPERVISED = "self_supervised"
+
+
+def is_self_supervised(cfg: DictConfig) -> bool:
+    """Whether the ``method`` group asks for self-supervised pretraining (``method=dino``)."""
+    return cfg.method.get("task") == SELF_SUPERVISED
+
+
+def dino_settings(cfg: DictConfig) -> DinoSettings:
+    require(cfg, "method.dino")
+    return build_dataclass(DinoSettings, cfg.method.dino, "method.dino")
+
+
+def validate_dino(cfg: DictConfig) -> tuple[Recipe, BackboneSpec, DinoSettings]:
+    """Every check that needs no data: keys, recipe, backbone, settings, batch size against centring."""
+    require(cfg, "seed", "data", "backbone", "method.optimizer", "method.scheduler", "trainer", "loader", "resume")
+    recipe = load_recipe(cfg.data)
+    spec = backbone_spec(cfg.backbone)
+    if int(spec.in_chans) != recipe.channels:
+        raise ConfigError(f"backbone.in_chans={spec.in_chans} does not fit data recipe {recipe.name!r}, whose images "
+                          f"have data.channels={recipe.channels}; set backbone.in_chans={recipe.channels}")
+    settings = dino_settings(cfg)
+    batch = int(cfg.loader.batch_size)
+    if batch < settings.min_batch_size:
+        raise ConfigError(f"loader.batch_size={batch} is too small for DINO's centring: the centre is a running mean "
+                          f"of the teacher's outputs over each batch, and below method.dino.min_batch_size="
+                          f"{settings.min_batch_size} it follows single images (kNN accuracy slides at batch 4-20); "
+                          f"raise loader.batch_size")
+    return recipe, spec, settings
+
+
+def check_pool(dm: RecipeDataModule, settings: DinoSettings) -> None:
+    """A train split that can fill a batch for centring; a recipe of one image is refused by name."""
+    recipe, total, n_train = dm.recipe, len(dm.prepare()), dm.split_size("train")
+    if total == 1:
+        raise DataError(f"data recipe {recipe.name!r} holds a single image: self-supervised pretraining learns by "
+                        f"telling images apart within a batch; it needs at least method.dino.min_batch_size="
+                        f"{settings.min_batch_size} training images")
+    if n_train < settings.min_batch_size:
+        raise DataError(f"data recipe {recipe.name!r} has {n_train} train images (splits {dm.split_sizes()}), fewer "
+                        f"than method.dino.min_batch_size={settings.min_batch_size} that centring needs in a batch; "
+                        f"add images or raise data.split.train")
+
+
+def _patch_size(backbone) -> int | None:
+    embed = getattr(backbone, "patch_embed", None)
+    size = getattr(embed, "patch_size", None)
+    if size is None:
+        return None
+    return int(size[0]) if isinstance(size, (tuple, list)) else int(size)
+
+
+def _student_backbone(spec: BackboneSpec, recipe: Recipe, settings: DinoSettings):
+    """The student's backbone and the crop plan; a ViT takes local views of another size through timm's
+    ``dynamic_img_size`` (the saved architecture stays ``spec``: the weights are the same)."""
+    backbone = create_backbone(spec)
+    check_input_size(backbone, spec, recipe.image_size, recipe.channels)
+    plan = plan_crops(settings.crops, recipe.image_size, _patch_size(backbone))
+    if settings.crops.n_local and family_of(spec.name).takes_img_size:
+        dynamic = dataclasses.replace(spec, kwargs={**spec.kwargs, "dynamic_img_size": True})
+        state = backbone.state_dict()
+        backbone = create_backbone(dynamic)
+        backbone.load_state_dict(state)
+    _check_crop_sizes(backbone, spec, plan, settings, recipe.channels)
+    return backbone, plan
+
+
+def _check_crop_sizes(backbone, spec: BackboneSpec, plan: CropPlan, settings: DinoSettings, channels: int) -> None:
+    import torch
+
+    sizes = [("global_size", plan.global_size)] + ([("local_size", plan.local_size)] if settings.crops.n_local else [])
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        for key, size in sizes:
+            try:
+                with torch.no_grad():
+                    backbone(torch.zeros(2, channels, *size))
+            except RuntimeError as e:
+                raise ConfigError(f"method.dino.crops.{key}: backbone {spec.name!r} cannot take {size[0]}x{size[1]} "
+                                  f"crops ({str(e).splitlines()[0][:120]}); raise it, or set "
+                                  f"method.dino.crops.n_local=0") from None
+    finally:
+        backbone.train(was_training)
+
+
+def pretrain_dino(cfg: DictConfig) -> StageResult:
+    """Self-supervised DINO pretraining; see the module docstring. Raises FmtError on bad config or data before
+    training, and :class:`CollapseError` when the collapse guard stops a run (its signals are written first)."""
+    out = run_dir(cfg)
+    recipe, spec, settings = validate_dino(cfg)
+    rank_and_world()
+    resume = resolve_resume(cfg.resume)
+    student, plan = _student_backbone(spec, recipe, settings)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    dm = build_datamodule(recipe, cfg.loader, seed=cfg.seed, output_dir=out, require_labels=False)
+    with RunRecord("pretrain", out, cfg) as record:
+        table = dm.prepare()
+        check_pool(dm, settings)
+        record.set_data(recipe.name, recipe.to_dict(), table.fingerprint)
+        if spec.checkpoint:
+            record.add_input(spec.checkpoint, "backbone_checkpoint")
+        if resume is not None:
+            record.add_input(resume, "resumed_from")
+            record.set("resumed_from", str(resume))
+            if (resume.parent.parent / "run.json").is_file():
+                record.add_parent(resume.parent.parent)
+        labelled = _knn_ready(dm)
+        headless = Classifier(student, 0)
+        meta = model_meta(headless, spec, task=recipe.task, classes=None, preprocess=Preprocess.from_recipe(recipe),
+                          run_id=record.data["run_id"], run_dir=str(out.resolve()), recipe=recipe.name,
+                          data_fingerprint=table.fingerprint)
+        meta["pretraining"] = {"method": "dino", "prototypes": settings.prototypes,
+                               "crops": {"global_size": list(plan.global_size), "local_size": list(plan.local_size),
+                                         "n_local": settings.crops.n_local}}
+        knn = (KnnMonitor(lambda: dm.dataloader("train"), lambda: dm.dataloader("val"), len(table.classes),
+                          settings.knn) if labelled else None)
+        scheduler = build(cfg.method.scheduler, "method.scheduler") if cfg.method.scheduler else None
+        module = DinoModule(student, settings, plan.build(settings.crops),
+                            build(cfg.method.optimizer, "method.optimizer"), scheduler, meta, knn, seed=cfg.seed)
+        throughput = TrainThroughput()
+        # no val/loss to monitor: keep last.ckpt
+        ckpt = checkpoint_callback(OmegaConf.merge(cfg, {"checkpoint": {"monitor": None}}), out / "checkpoints")
+        trainer = build_trainer(cfg, callbacks=[ckpt, EpochSeed(cfg.seed), throughput, *extra_callbacks(cfg)],
+                                logger=build_logger(cfg), default_root_dir=out)
+        record.set("trainable_parameters", sum(p.numel() for p in module.student.parameters()))
+        started = time.perf_counter()
+        try:
+            trainer.fit(module, train_dataloaders=dm.dataloader("train", shuffle=True),
+                        ckpt_path=str(resume) if resume else None, weights_only=True)
+        except CollapseError as e:
+            files = _record_signals(out, module, spec, recipe, {"collapsed": {"signal": e.signal, "error": str(e)}})
+            for role, path in files.items():
+                record.add_output(path, role)
+            raise
+        fit_seconds = time.perf_counter() - started
+
+        model = Classifier(module.teacher_backbone, 0).eval()
+        files = dict(zip(("weights", "model"), save_model(model, meta, out)))
+        test = (score_features(model, recipe, dm, split="test", protocol="knn", settings=_knn_node(settings),
+                               out_dir=out, seed=int(cfg.seed), title=f"{spec.name} DINO on {recipe.name} test")
+                if labelled and dm.split_size("test") else None)
+        per_epoch = throughput.per_epoch
+        metrics = {
+            "stage": "pretrain", "method": "dino", "task": meta["task"], "backbone": spec.name,
+            "recipe": recipe.name, "epochs": trainer.current_epoch, "global_step": trainer.global_step,
+            "fit_seconds": round(fit_seconds, 2),
+            "train_images_per_s": {"median": statistics.median(per_epoch) if per_epoch else None,
+                                   "per_epoch": [round(v, 1) for v in per_epoch]},
+            "last_epoch": {k: float(v) for k, v in trainer.callback_metrics.items()},
+            "test": ({"protocol": "knn", **{k: v for k, v in test.items() if k != "files"}} if test else None),
+            "data": dm.summary(),
+        }
+        files.update(_record_signals(out, module, spec, recipe, metrics))
+        outputs = {**files, **(test["files"] if test else {}), **dm.files}
+        if ckpt.last_model_path:
+            outputs["last_checkpoint"] = ckpt.last_model_path
+        for role, path in outputs.items():
+            record.add_output(path, role)
+    return StageResult("pretrain", out, metrics, {role: Path(path) for role, path in outputs.items()})
+
+
+def _knn_ready(dm: RecipeDataModule) -> bool:
+    """The per-epoch kNN accuracy needs class labels and a val split."""
+    table = dm.prepare()
+    return (not table.unlabelled and dm.recipe.task == "classification" and dm.split_size("val") > 0
+            and dm.split_size("train") > 0)
+
+
+def _knn_node(settings: DinoSettings) -> dict[str, Any]:
+    return {"k": settings.knn.k, "temperature": settings.knn.temperature}
+
+
+def _record_signals(out: Path, module: DinoModule, spec: BackboneSpec, recipe: Recipe,
+                    metrics: dict[str, Any]) -> dict[str, Path]:
+    """``metrics.json`` with the per-epoch collapse signals, ``collapse_signals.png`` and the training curves."""
+    history = module.history
+    # a run stopped mid-epoch has no epoch record yet: its steps so far are what the user needs to see
+    partial = module._steps if metrics.get("collapsed") and module._steps else []
+    metrics["dino"] = {"prototypes": module.settings.prototypes, "epochs": history, "steps_of_last_epoch": partial}
+    files = {"metrics": write_json_atomic(out / "metrics.json", metrics)}
+    title = f"{spec.name} DINO on {recipe.name}"
+    plot = collapse_signals_png(history, partial, module.settings.prototypes, out / "collapse_signals.png", title)
+    if plot:
+        files["collapse_signals"] = plot
+    curves = training_curves_png(out / "logs" / "metrics.csv", out / "training_curves.png", title)
+    if curves:
+        files["training_curves"] = curves
+    return files
