@@ -2,7 +2,9 @@
 
 The file holds only the adapter's tensors; its JSON header (method, config, the base's sha256, classes,
 preprocessing, lineage, and the sha256 of the tensors) sits in the safetensors metadata, so a region ships as
-one file. ``AdapterHost`` applies adapters in turn to one loaded base, restoring it between them.
+one file. The header carries ``header_sha256``, the digest of its own canonical JSON (which includes the tensors'
+sha256): an edited base, class list or method is refused like edited tensors. ``AdapterHost`` applies adapters in
+turn to one loaded base, restoring it between them.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from torch import nn
 
 from fmtransfer.adapters.methods import AdapterMethod, method_from_description
 from fmtransfer.errors import ArtifactError, ConfigError
-from fmtransfer.lineage.io import atomic_path
+from fmtransfer.lineage.io import HEADER_DIGEST, atomic_path, header_sha256, seal_header
 from fmtransfer.models.classifier import Classifier
 
 ADAPTER_FORMAT = "fmtransfer.adapter"
-ADAPTER_FORMAT_VERSION = 1
+# 2: the header carries header_sha256 (version 1 headers were not hashed and are refused)
+ADAPTER_FORMAT_VERSION = 2
 ADAPTER_FILE = "adapter.safetensors"
 _META_KEY = "fmtransfer"
 
@@ -39,10 +42,11 @@ def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
 
 
 def save_adapter(path: str | Path, state: dict[str, torch.Tensor], header: dict[str, Any]) -> Path:
-    """Write tensors + header atomically: the file is whole or absent."""
-    header = {"format": ADAPTER_FORMAT, "format_version": ADAPTER_FORMAT_VERSION, **header,
-              "weights_sha256": tensors_sha256(state)}
+    """Write tensors + sealed header atomically: the file is whole or absent."""
+    header = seal_header({**header, "format": ADAPTER_FORMAT, "format_version": ADAPTER_FORMAT_VERSION,
+                          "weights_sha256": tensors_sha256(state)})
     path = Path(path)
+    check_header(header, path)
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={_META_KEY: json.dumps(header)})
     return path
@@ -70,8 +74,11 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
         header = json.loads(metadata[_META_KEY])
     except (KeyError, json.JSONDecodeError):
         raise ArtifactError(f"{path} is a safetensors file but not an fmtransfer adapter (no header)") from None
-    if header.get("format") != ADAPTER_FORMAT:
-        raise ArtifactError(f"{path}: format {header.get('format')!r} is not {ADAPTER_FORMAT!r}")
+    if not isinstance(header, dict) or header.get("format") != ADAPTER_FORMAT:
+        found = header.get("format") if isinstance(header, dict) else type(header).__name__
+        raise ArtifactError(f"{path}: format {found!r} is not {ADAPTER_FORMAT!r}")
+    _check_digest(header, path)
+    check_header(header, path)
     if tensors_sha256(state) != header.get("weights_sha256"):
         raise ArtifactError(f"adapter {path}: its tensors do not match the sha256 in its header; the file was "
                             f"changed after it was written")
@@ -79,11 +86,48 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     return header, state
 
 
+def _check_digest(header: dict[str, Any], path: Path) -> None:
+    recorded = header.get(HEADER_DIGEST)
+    if recorded is None:
+        raise ArtifactError(f"adapter {path} has no {HEADER_DIGEST} (format_version {header.get('format_version')}, "
+                            f"written before adapter headers were hashed), so its base and classes cannot be "
+                            f"verified; re-create it with `fmtransfer adapt base=<its base> ...`")
+    if recorded != header_sha256(header):
+        raise ArtifactError(f"adapter {path}: its header (base, classes, method, ...) does not match the "
+                            f"{HEADER_DIGEST} it was written with; it was edited after the file was written, "
+                            f"refusing it")
+
+
+# header entries every reader relies on: (key, type, what it is)
+_REQUIRED = (("base", dict, "the base it was trained on: {sha256, path}"), ("method", dict, "the adapter method"),
+             ("task", str, "classification or regression"), ("num_outputs", int, "the head's outputs"),
+             ("preprocess", dict, "the base's preprocessing"), ("lineage", dict, "the run that wrote it"))
+
+
+def check_header(header: dict[str, Any], path: str | Path) -> None:
+    """Refuse a header that lacks an entry the loaders read, naming the file and the entry.
+
+    Raises:
+        ArtifactError: e.g. no ``base``, or a ``base`` without its ``sha256``.
+    """
+    for key, kind, what in _REQUIRED:
+        if not isinstance(header.get(key), kind):
+            raise ArtifactError(f"adapter {path}: its header has no valid {key!r} ({what}); got "
+                                f"{header.get(key)!r}. Re-create it with `fmtransfer adapt`")
+    if not isinstance(header["base"].get("sha256"), str):
+        raise ArtifactError(f"adapter {path}: its header's base names no sha256 (base={header['base']!r}), so "
+                            f"the base it was trained on cannot be checked")
+    if "classes" not in header:
+        raise ArtifactError(f"adapter {path}: its header has no 'classes' (null for regression)")
+
+
 def adapted_meta(base_meta: dict[str, Any], header: dict[str, Any]) -> dict[str, Any]:
     """A model header describing base + adapter (classes and head from the adapter)."""
-    return {**base_meta, "classes": header["classes"], "num_outputs": header["num_outputs"], "task": header["task"],
+    own = {k: v for k, v in base_meta.items() if k != HEADER_DIGEST}  # the base's digest covers the base's header
+    return {**own, "classes": header["classes"], "num_outputs": header["num_outputs"], "task": header["task"],
             "adapter": {"method": header["method"]["name"], "path": header.get("path"),
-                        "weights_sha256": header.get("weights_sha256")}}
+                        "weights_sha256": header.get("weights_sha256"),
+                        HEADER_DIGEST: header.get(HEADER_DIGEST)}}
 
 
 class AdapterHost:

@@ -30,6 +30,38 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# the key under which an artifact's JSON header stores the digest of the rest of itself
+HEADER_DIGEST = "header_sha256"
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The one byte form a JSON header is hashed in: keys sorted, no whitespace, ASCII escapes.
+
+    Independent of how the header was laid out on disk (indentation, key order), so a digest taken when an
+    artifact is written still holds after any faithful re-serialisation, and fails after any edit of a value.
+    """
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      default=_json_default).encode("ascii")
+
+
+def header_sha256(header: dict[str, Any], key: str = HEADER_DIGEST) -> str:
+    """sha256 of ``header``'s canonical JSON without ``key`` (the field that holds this digest).
+
+    A header that records its content's hash (``weights_sha256``, ``onnx_sha256``) is thereby covered together
+    with that content: one digest over the header and, through that field, the tensors.
+    """
+    return sha256_bytes(canonical_json({k: v for k, v in header.items() if k != key}))
+
+
+def seal_header(header: dict[str, Any], key: str = HEADER_DIGEST) -> dict[str, Any]:
+    """``header`` as it will read back from JSON (tuples become lists, paths strings), with its digest at ``key``.
+
+    Any earlier digest is replaced: a header derived from another artifact's (a merged model's) is sealed anew.
+    """
+    plain = json.loads(canonical_json({k: v for k, v in header.items() if k != key}))
+    return {**plain, key: header_sha256(plain, key)}
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.

@@ -1,4 +1,8 @@
-"""A backbone with a head, and the model artifact format (``model.safetensors`` + ``model.json``)."""
+"""A backbone with a head, and the model artifact format (``model.safetensors`` + ``model.json``).
+
+``model.json`` records the weights file's sha256 and ``header_sha256``, the digest of its own canonical JSON: edited
+classes, preprocessing or architecture are refused like edited weights.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +16,20 @@ from torch import nn
 
 from fmtransfer.data.preprocess import Preprocess
 from fmtransfer.errors import ArtifactError
-from fmtransfer.lineage.io import atomic_path, sha256_file, write_json_atomic
+from fmtransfer.lineage.io import (
+    HEADER_DIGEST,
+    atomic_path,
+    header_sha256,
+    seal_header,
+    sha256_file,
+    write_json_atomic,
+)
 from fmtransfer.models.backbone import BackboneSpec, create_backbone, read_state_dict, weights_record
 from fmtransfer.models.vpt import PromptedViT
 
 MODEL_FORMAT = "fmtransfer.model"
-MODEL_FORMAT_VERSION = 1
+# 2: model.json carries header_sha256 (version 1 headers were not hashed and are refused)
+MODEL_FORMAT_VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
 # the task of a model without a head (num_outputs 0): a self-supervised backbone whose output is its embedding
@@ -87,13 +99,14 @@ def model_meta(model: Classifier, spec: BackboneSpec, *, task: str, classes: lis
 
 
 def save_model(model: Classifier, meta: dict[str, Any], folder: str | Path) -> tuple[Path, Path]:
-    """Write ``model.safetensors`` then ``model.json`` (with the weights' sha256), each atomically."""
+    """Write ``model.safetensors`` then ``model.json`` (with the weights' sha256, sealed), each atomically."""
     folder = Path(folder)
     weights = folder / WEIGHTS_FILE
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(weights) as tmp:
         save_file(state, str(tmp), metadata={"format": MODEL_FORMAT})
-    meta = {**meta, "weights": WEIGHTS_FILE, "weights_sha256": sha256_file(weights)}
+    meta = seal_header({**meta, "format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
+                        "weights": WEIGHTS_FILE, "weights_sha256": sha256_file(weights)})
     return weights, write_json_atomic(folder / META_FILE, meta)
 
 
@@ -150,6 +163,7 @@ def load_model(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
         if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
             found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
             raise ArtifactError(f"{path} is not an fmtransfer model header (format={found!r})")
+        check_model_header(meta, path)
         weights = path.parent / meta["weights"]
         if not weights.is_file():
             raise ArtifactError(f"{path} names weights {weights}, which do not exist")
@@ -164,6 +178,24 @@ def load_model(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
     except RuntimeError as e:
         raise ArtifactError(f"{path}: weights do not fit the recorded architecture ({e})") from e
     return model.eval(), meta
+
+
+def check_model_header(meta: dict[str, Any], path: str | Path) -> None:
+    """Refuse a ``model.json`` whose header is not the one it was written with, or was never hashed.
+
+    Raises:
+        ArtifactError: naming the file, and how to re-create it for a header written before headers were hashed.
+    """
+    recorded = meta.get(HEADER_DIGEST)
+    if recorded is None:
+        raise ArtifactError(f"model {path} has no {HEADER_DIGEST} (format_version {meta.get('format_version')}, "
+                            f"written before model headers were hashed), so its classes and preprocessing cannot be "
+                            f"verified; re-create it (`fmtransfer pretrain`, or `fmtransfer merge` for a merged "
+                            f"adapter)")
+    if recorded != header_sha256(meta):
+        raise ArtifactError(f"model {path}: its header (classes, preprocessing, architecture, ...) does not match "
+                            f"the {HEADER_DIGEST} it was written with; it was edited after it was written, refusing "
+                            f"it")
 
 
 def build_classifier(meta: dict[str, Any]) -> Classifier:
