@@ -1,18 +1,29 @@
 """Loading what a stage runs: a model, or a base with an adapter applied (optionally merged into plain weights).
 
 Every stage that reads a model (evaluate, merge, export, curate, adapt's base) goes through
-:func:`load_model_or_adapted`.
+:func:`load_model_or_adapted`, which also refuses what a run did not finish: a model or adapter whose run's
+record (``run.json``) does not say ``ok``, e.g. the ``checkpoints/last.ckpt`` of a run killed mid-epoch.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig
+
 from fmtransfer.adapters.artifact import AdapterHost, read_adapter
-from fmtransfer.errors import ConfigError
+from fmtransfer.config import require
+from fmtransfer.errors import ArtifactError, ConfigError
+from fmtransfer.lineage.record import RUN_FILE, load_record
 from fmtransfer.models.classifier import Classifier, load_model, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+_STATUS_MEANS = {"running": "still running, or killed before it could record its end",
+                 "interrupted": "stopped by Ctrl-C or a signal", "failed": "failed"}
 
 
 @dataclass
@@ -42,38 +53,110 @@ def require_model_or_adapter(model: str | Path | None, adapter: str | Path | Non
         raise ConfigError("pass model=<run dir or model file> and/or adapter=<adapter file>")
 
 
-def load_adapted(adapter: str | Path, model: str | Path | None = None):
+def allow_unfinished(cfg: DictConfig) -> bool:
+    """The stage's ``allow_unfinished`` key (every stage that loads a model has it), checked to be a bool."""
+    require(cfg, "allow_unfinished")
+    value = cfg.allow_unfinished
+    if not isinstance(value, bool):
+        raise ConfigError(f"allow_unfinished={value!r}: expected true or false")
+    return value
+
+
+def producing_run(path: Path, meta: dict[str, Any]) -> Path | None:
+    """The run dir whose record speaks for the artifact at ``path``, or None.
+
+    The folder holding it (for a checkpoint, the folder holding ``checkpoints/``) when that has a run record;
+    else the run its header names (``lineage.run_dir``), when that record is the same run (``run_id``).
+    """
+    folder = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    if (folder / RUN_FILE).is_file():
+        return folder
+    lineage = meta.get("lineage") or {}
+    recorded = Path(lineage["run_dir"]) if lineage.get("run_dir") else None
+    if recorded is not None and (recorded / RUN_FILE).is_file():
+        if lineage.get("run_id") in (None, load_record(recorded).get("run_id")):
+            return recorded
+    return None
+
+
+def check_finished(path: Path, meta: dict[str, Any], what: str, allow_unfinished: bool = False) -> None:
+    """Refuse an artifact whose run did not finish (its record's status is not ``ok``).
+
+    A checkpoint with no run record at all is refused too: a checkpoint is a snapshot taken during training, and
+    nothing says that training ended. A model.json or adapter without a record is accepted: they are written
+    only after training, and their headers are hashed.
+
+    Args:
+        path: the file read. meta: its header. what: the config key that named it (``model``, ``adapter``).
+        allow_unfinished: warn instead of refusing.
+
+    Raises:
+        ArtifactError: naming the file, the run, its status and ``allow_unfinished=true``.
+    """
+    run = producing_run(path, meta)
+    if run is None:
+        if path.suffix != ".ckpt":
+            return
+        problem = (f"{what}={path} is a checkpoint with no run record (run.json) beside it or at the run its "
+                   f"header names, so nothing says its training finished")
+    else:
+        record = load_record(run)
+        status = record.get("status")
+        if status == "ok":
+            return
+        error = f": {record['error']}" if record.get("error") else ""
+        problem = (f"{what}={path} comes from run {run}, whose {RUN_FILE} says status {status!r} "
+                   f"({_STATUS_MEANS.get(status, 'not finished')}{error}), not 'ok'")
+    if allow_unfinished:
+        log.warning("%s; used anyway (allow_unfinished=true)", problem)
+        return
+    raise ArtifactError(f"{problem}; use a finished run, or pass allow_unfinished=true to use it anyway")
+
+
+def _load_checked(path: str | Path, what: str, allow_unfinished: bool) -> tuple[Path, Classifier, dict[str, Any]]:
+    path = resolve_model_path(path)
+    model, meta = load_model(path)
+    check_finished(path, meta, what, allow_unfinished)
+    return path, model, meta
+
+
+def load_adapted(adapter: str | Path, model: str | Path | None = None, *, allow_unfinished: bool = False):
     """Base + adapter, ready to predict. ``model``: the base (default: the one the adapter file names).
 
     Returns:
         (host, adapted meta, base path, adapter header).
     """
     header, state = read_adapter(adapter)
-    base_path = resolve_model_path(model or header["base"]["path"])
-    base, base_meta = load_model(base_path)
+    check_finished(Path(header["path"]), header, "adapter", allow_unfinished)
+    if not model and not header["base"].get("path"):
+        raise ArtifactError(f"adapter {header['path']} names no path for its base (header base={header['base']!r}); "
+                            f"pass model=<the base it was trained on>")
+    base_path, base, base_meta = _load_checked(model or header["base"]["path"], "model", allow_unfinished)
     host = AdapterHost(base, base_meta)
     meta = host.apply(header, state)
     return host, meta, base_path, header
 
 
 def load_model_or_adapted(model: str | Path | None = None, adapter: str | Path | None = None, *,
-                          merge: bool = False) -> Loaded:
+                          merge: bool = False, allow_unfinished: bool = False) -> Loaded:
     """A model (run dir, model.json, .safetensors or .ckpt), or a base with an adapter file applied.
 
     Args:
         model: the model; under an adapter, the base (default: the one the adapter file names).
         adapter: an adapter file, or None.
         merge: fold the adapter into plain weights (the model then keeps no link to an :class:`AdapterHost`).
+        allow_unfinished: use a model or adapter whose run did not finish (see :func:`check_finished`), with a
+            warning.
 
     Raises:
-        ConfigError: neither named. ArtifactError: unreadable files, or an adapter trained on another base.
+        ConfigError: neither named. ArtifactError: unreadable or edited files, an adapter trained on another base,
+        or an artifact of an unfinished run.
     """
     require_model_or_adapter(model, adapter)
     if not adapter:
-        path = resolve_model_path(model)
-        loaded, meta = load_model(path)
+        path, loaded, meta = _load_checked(model, "model", allow_unfinished)
         return Loaded(loaded, meta, path, meta)
-    host, meta, path, header = load_adapted(adapter, model)
+    host, meta, path, header = load_adapted(adapter, model, allow_unfinished=allow_unfinished)
     if merge:
         merged, meta = host.merge()
         return Loaded(merged, meta, path, host.base_meta, header)

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from fmtransfer.adapters.artifact import ADAPTER_FILE, adapted_meta, save_adapter
 from fmtransfer.adapters.calibration import Strategy, select_diverse, select_random, select_stratified
 from fmtransfer.adapters.head import region_head
-from fmtransfer.adapters.loading import load_model_or_adapted
+from fmtransfer.adapters.loading import allow_unfinished, load_model_or_adapted
 from fmtransfer.adapters.methods import AdapterMethod, adapter_state, check_method_fits, trainable_count
 from fmtransfer.adapters.settings import AdaptSettings
 from fmtransfer.config import build, build_dataclass, require, to_plain
@@ -110,6 +110,7 @@ def validate_adapt(cfg: DictConfig) -> tuple[AdaptSettings, Recipe, AdapterMetho
 
 
 def adapt(cfg: DictConfig) -> StageResult:
+    allow_unfinished(cfg)
     """Choose a calibration set, train the adapter, save ``adapter.safetensors``, score the region's test split.
 
     Every check that can fail (recipe, method, calibration size, method vs backbone) runs before anything is
@@ -133,7 +134,7 @@ def adapt(cfg: DictConfig) -> StageResult:
 def _load_inputs(cfg: DictConfig, settings: AdaptSettings, recipe: Recipe, method: AdapterMethod) -> _Inputs:
     """The base and the region's data, with the checks that need them (method vs backbone, the recipe's fit, the
     calibration size against the train split)."""
-    base = load_model_or_adapted(cfg.base)
+    base = load_model_or_adapted(cfg.base, allow_unfinished=allow_unfinished(cfg))
     base_path, model, base_meta = base.path, base.model, base.meta
     check_method_fits(method.name, base_meta["backbone"]["name"])
     dm = build_datamodule(recipe, cfg.loader, model_meta=base_meta, seed=cfg.seed)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from fmtransfer.adapters.loading import load_model_or_adapted
+from fmtransfer.adapters.loading import allow_unfinished, load_model_or_adapted
 from fmtransfer.config import build_dataclass, require, run_dir
 from fmtransfer.curation.curate import Curation, CurationSettings, curate_embeddings, largest_share
 from fmtransfer.curation.embed import embed_split, load_embeddings
@@ -64,7 +64,7 @@ def _embed(cfg: DictConfig, out: Path, recipe, record: RunRecord | None, rank: i
     if not cfg.base:
         raise ConfigError("pass base=<model run dir or checkpoint> (its backbone embeds the data) "
                           "or curation.embeddings=<file.npy>")
-    loaded = load_model_or_adapted(cfg.base)
+    loaded = load_model_or_adapted(cfg.base, allow_unfinished=allow_unfinished(cfg))
     dm = build_datamodule(recipe, cfg.loader, model_meta=loaded.meta, output_dir=out)
     folder = out / "embeddings"
     if cfg.resume:
@@ -105,6 +105,7 @@ def curate(cfg: DictConfig) -> StageResult:
             return StageResult("curate", out, {"rank": rank, "embedded": False})
         _embed(cfg, out, recipe, None, rank, world)
         log.info(f"rank {rank} of {world}: shards written; rank 0 assembles them and curates")
+    allow_unfinished(cfg)
         return StageResult("curate", out, {"rank": rank, "embedded": True})
     with RunRecord("curate", out, cfg) as record:
         x, rows, table = _pool_embeddings(cfg, record, out, recipe, world)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from fmtransfer.adapters.loading import load_model_or_adapted, require_model_or_adapter
+from fmtransfer.adapters.loading import allow_unfinished, load_model_or_adapted, require_model_or_adapter
 from fmtransfer.config import require, to_plain
 from fmtransfer.data import Recipe, RecipeDataModule, build_datamodule, check_fit, load_recipe
 from fmtransfer.errors import ConfigError
@@ -128,8 +128,9 @@ def evaluate(cfg: DictConfig) -> StageResult:
     recipe = load_recipe(cfg.data)
     protocol = evaluation_protocol(cfg, recipe)
     require_model_or_adapter(cfg.model, cfg.adapter_file)
+    unfinished = allow_unfinished(cfg)
     with RunRecord("evaluate", out, cfg) as record:
-        loaded = load_model_or_adapted(cfg.model, cfg.adapter_file)
+        loaded = load_model_or_adapted(cfg.model, cfg.adapter_file, allow_unfinished=unfinished)
         model, meta, model_path = loaded.model, loaded.meta, loaded.path
         record_sources(record, loaded, role="model")
         if protocol == "head" and not has_head(meta):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from fmtransfer.adapters.loading import load_model_or_adapted
+from fmtransfer.adapters.loading import allow_unfinished, load_model_or_adapted
 from fmtransfer.lineage import RunRecord
 from fmtransfer.models.classifier import save_model
 from fmtransfer.tasks.common import record_sources, run_dir
@@ -14,8 +14,9 @@ from fmtransfer.tasks.result import StageResult
 def merge(cfg: DictConfig) -> StageResult:
     """Fold ``adapter_file`` into its base; the result's outputs are ``model`` (model.json) and ``weights``."""
     out = run_dir(cfg)
+    unfinished = allow_unfinished(cfg)
     with RunRecord("merge", out, cfg) as record:
-        loaded = load_model_or_adapted(cfg.model, cfg.adapter_file, merge=True)
+        loaded = load_model_or_adapted(cfg.model, cfg.adapter_file, merge=True, allow_unfinished=unfinished)
         record_sources(record, loaded)
         model, meta, header = loaded.model, loaded.meta, loaded.adapter
         meta["lineage"] = {"run_id": record.data["run_id"], "run_dir": str(out.resolve()),
