@@ -156,3 +156,12 @@ def test_adapt_gives_a_headless_base_a_new_head(cfg_factory, dino_run, tmp_path)
     scored = evaluate(cfg_factory("evaluate", f"adapter_file={result.outputs['adapter']}", "data=uci_digits_region",
                                   "data.limit=300", run_dir=tmp_path / "eval"))
     assert scored.metrics["overall"]["n"] == result.metrics["test"]["overall"]["n"]
+
+
+@pytest.mark.slow
+def test_curate_embeds_with_a_headless_model(cfg_factory, dino_run):
+    from fmtransfer.tasks.curate import curate
+
+    result = curate(cfg_factory("curate", f"base={dino_run}", "data=mnist_global", "data.limit=300",
+                                "curation.levels=[12,4]", "curation.resampling_steps=2", "curation.target_size=0.3"))
+    assert result.metrics["selected"] > 0 and (result.run_dir / "curated.csv").is_file()
