@@ -101,6 +101,7 @@ def adapt_settings(cfg: DictConfig) -> AdaptSettings:
 def validate_adapt(cfg: DictConfig) -> tuple[AdaptSettings, Recipe, AdapterMethod]:
     """Checks that need no data or base: the keys, the settings, the recipe, the method, the loss's task."""
     require(cfg, "seed", "base", "data", "loader")
+    allow_unfinished(cfg)
     settings = adapt_settings(cfg)
     recipe = load_recipe(cfg.data)
     method: AdapterMethod = build(settings.adapter.method, "adapter.method")
@@ -110,7 +111,6 @@ def validate_adapt(cfg: DictConfig) -> tuple[AdaptSettings, Recipe, AdapterMetho
 
 
 def adapt(cfg: DictConfig) -> StageResult:
-    allow_unfinished(cfg)
     """Choose a calibration set, train the adapter, save ``adapter.safetensors``, score the region's test split.
 
     Every check that can fail (recipe, method, calibration size, method vs backbone) runs before anything is

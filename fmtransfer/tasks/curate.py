@@ -90,6 +90,7 @@ def curate(cfg: DictConfig) -> StageResult:
     are only ``rank`` and ``embedded``.
     """
     require(cfg, "seed", "base", "resume", "accelerator", "data", "loader", "curation")
+    allow_unfinished(cfg)
     out = run_dir(cfg)
     settings = curation_settings(cfg)
     if cfg.curation.embed.dtype not in ("float32", "float16"):
@@ -105,7 +106,6 @@ def curate(cfg: DictConfig) -> StageResult:
             return StageResult("curate", out, {"rank": rank, "embedded": False})
         _embed(cfg, out, recipe, None, rank, world)
         log.info(f"rank {rank} of {world}: shards written; rank 0 assembles them and curates")
-    allow_unfinished(cfg)
         return StageResult("curate", out, {"rank": rank, "embedded": True})
     with RunRecord("curate", out, cfg) as record:
         x, rows, table = _pool_embeddings(cfg, record, out, recipe, world)
