@@ -122,11 +122,11 @@ def test_position_embeddings_follow_the_recipe(tmp_path):
 
 
 def test_position_embeddings_keep_the_patch_size_when_asked(tmp_path):
-    path = tmp_path / "vit224.safetensors"
-    save_file(timm.create_model("vit_tiny_patch16_224", num_classes=0).state_dict(), str(path))
-    model = create_backbone(spec(checkpoint=str(path), img_size=[64, 64], patch_size=16))
-    assert weights_record(model)["adapted"] == {"pos_embed": "14x14 -> 4x4"}
-    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 192)
+    path = tmp_path / "vit160.safetensors"  # timm's test ViT: 160 px, 10x10 patches of 16 px
+    save_file(timm.create_model("test_vit", num_classes=0).state_dict(), str(path))
+    model = create_backbone(spec("test_vit", checkpoint=str(path), img_size=[64, 64], patch_size=16))
+    assert weights_record(model)["adapted"] == {"pos_embed": "10x10 -> 4x4"}
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 64)
 
 
 def rgb_resnet(tmp_path):
@@ -191,13 +191,14 @@ def test_pretrained_and_checkpoint_together_are_refused(tmp_path):
 def test_timm_pretrained_weights_are_fitted_and_recorded(tmp_path):
     """backbone.pretrained=true through timm's loader (a local file named by pretrained_cfg_overlay stands in
     for the hub): the weights are fitted to the 32 px grey recipe like a checkpoint's, and recorded."""
-    source = timm.create_model("vit_tiny_patch16_224", num_classes=0)
+    source = timm.create_model("test_vit", num_classes=0)
     path = tmp_path / "hub.safetensors"
     save_file(source.state_dict(), str(path))
-    model = create_backbone(spec(in_chans=1, pretrained=True, kwargs={"pretrained_cfg_overlay": {"file": str(path)}}))
+    model = create_backbone(spec("test_vit", in_chans=1, pretrained=True,
+                                 kwargs={"pretrained_cfg_overlay": {"file": str(path)}}))
     record = weights_record(model)
     assert record["source"] == "timm" and record["location"] == str(path)
-    assert record["adapted"] == {"pos_embed": "14x14 -> 8x8", "in_chans": "3 -> 1 (summed)",
+    assert record["adapted"] == {"pos_embed": "10x10 -> 8x8", "in_chans": "3 -> 1 (summed)",
                                  "patch_size": "16x16 -> 4x4"}
     assert torch.equal(model.cls_token, source.cls_token)
 
