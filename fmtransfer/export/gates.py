@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from fmtransfer.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class GateSettings:
@@ -16,13 +18,21 @@ class GateSettings:
         max_abs_diff: largest |fp32 ONNX - PyTorch| allowed on any output of the parity inputs.
         min_int8_agreement: share of inputs whose INT8 top-1 class equals the fp32 ONNX one.
         max_accuracy_drop: PyTorch fp32 accuracy (R^2 for regression) minus INT8, at most (0.01 = 1 point).
+        min_accuracy: the released model's own accuracy (R^2 for regression) on the gate split, at least; None:
+            no floor. The relative gates pass a model that was poor before export; this one does not.
     """
 
     max_abs_diff: float
     min_int8_agreement: float
     max_accuracy_drop: float
+    min_accuracy: float | None
 
-    def to_dict(self) -> dict[str, float]:
+    def __post_init__(self) -> None:
+        if self.min_accuracy is not None and self.min_accuracy > 1:
+            raise ConfigError(f"export.gates.min_accuracy={self.min_accuracy}: accuracy and R^2 are at most 1, so "
+                              f"no model could pass; expected a value <= 1, or null for no floor")
+
+    def to_dict(self) -> dict[str, float | None]:
         return asdict(self)
 
 
@@ -53,3 +63,10 @@ def accuracy_gate(reference: float, int8: float, metric: str, settings: GateSett
     drop = reference - int8
     return gate("int8_accuracy_drop", drop, settings.max_accuracy_drop, drop <= settings.max_accuracy_drop + 1e-12,
                 f"PyTorch fp32 {metric} {reference:.4f} - INT8 {metric} {int8:.4f}")
+
+
+def floor_gate(value: float, metric: str, variant: str, settings: GateSettings) -> dict[str, Any]:
+    """The released ``variant``'s own ``metric`` against ``settings.min_accuracy`` (which must be set)."""
+    floor = float(settings.min_accuracy)
+    return gate("min_accuracy", value, floor, value >= floor - 1e-12,
+                f"{variant} {metric} {value:.4f}, at least export.gates.min_accuracy")

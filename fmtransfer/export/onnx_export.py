@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from fmtransfer.errors import ArtifactError
-from fmtransfer.export.runtime import METADATA_KEY
+from fmtransfer.export.runtime import METADATA_KEY, readable_props
+from fmtransfer.lineage.io import seal_header
 
 Exporter = Literal["torchscript", "dynamo"]
 INPUT_NAME = "input"
@@ -150,20 +151,26 @@ def crop_padding_taps(proto: Any) -> list[str]:
     return cropped
 
 
-def embed_metadata(path: str | Path, meta: dict[str, Any]) -> None:
-    """Write ``meta`` into the model's ``metadata_props`` (key ``fmtransfer``, plus readable copies of the
-    classes, task and preprocessing for tools that only list keys). Rewrites ``path`` in place."""
+def embed_metadata(path: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Write ``meta``, sealed with its ``header_sha256``, into the model's ``metadata_props`` (key ``fmtransfer``,
+    plus readable copies of the classes, task and preprocessing for tools that only list keys). Rewrites ``path``
+    in place.
+
+    Returns:
+        the sealed metadata, as a reader gets it back.
+    """
     import onnx
 
+    meta = seal_header(meta)
     proto = onnx.load(str(path))
-    props = {METADATA_KEY: json.dumps(meta, sort_keys=True), "task": meta["task"],
-             "classes": json.dumps(meta.get("classes")), "preprocess": json.dumps(meta["preprocess"])}
+    props = {METADATA_KEY: json.dumps(meta, sort_keys=True), **readable_props(meta)}
     del proto.metadata_props[:]
     for key, value in props.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.producer_name = "fmtransfer"
     onnx.save(proto, str(path))
+    return meta
 
 
 @contextlib.contextmanager

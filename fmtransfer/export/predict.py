@@ -99,16 +99,17 @@ def _batches(paths: list[Path], pre: dict[str, Any], batch_size: int,
 
 
 def predict_files(model: str | Path, source: str | Path, output: str | Path, *, batch_size: int = 64,
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True, force: bool = False) -> dict[str, Any]:
     """Predict every image of ``source`` and write ``output`` (CSV) atomically.
 
     Classification rows: ``path, prediction, confidence, p_<class>...``; regression: ``path, prediction``.
-    Skipped images go to ``<output stem>.skipped.csv`` (path, reason) and a warning.
+    Skipped images go to ``<output stem>.skipped.csv`` (path, reason) and a warning. ``force``: serve a model its
+    export's gates rejected (refused otherwise).
 
     Returns:
         ``{"output", "n", "skipped", "skipped_file"}``.
     """
-    onnx_model = OnnxModel.load(model)
+    onnx_model = OnnxModel.load(model, force=force)
     meta = onnx_model.meta
     paths = list_inputs(source)
     skipped: list[tuple[str, str]] = []

@@ -6,6 +6,11 @@ The run dir gets ``model.onnx`` (fp32) and, when quantizing, ``model.int8.onnx``
 ``.onnx.json``; ``triton/<name>/`` (a Triton model repository of the released model); ``export.md`` and
 ``metrics.json`` (sizes, latency, accuracy, gates). When a gate fails the ONNX files go to ``rejected/`` with
 ``reason.json`` instead, and the stage raises :class:`GateFailed` (the CLI exits non-zero).
+
+A release is per run: every file (ONNX, sidecars, the Triton repository or ``rejected/``) is made in ``.staging/``
+first; then whatever an earlier export left in the run dir is withdrawn and the new files are moved in, each
+sidecar before its model and the Triton repository as one folder, so no reader pairs files of two exports and a
+rejected re-export leaves no stale released model behind.
 """
 
 from __future__ import annotations
@@ -19,24 +24,33 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from fmtransfer.adapters.loading import load_model_or_adapted, require_model_or_adapter
+from fmtransfer.adapters.loading import allow_unfinished, load_model_or_adapted, require_model_or_adapter
 from fmtransfer.config import build_dataclass, require, run_dir
 from fmtransfer.data import Recipe, RecipeDataModule, build_datamodule, load_recipe
 from fmtransfer.data.table import read_manifest
 from fmtransfer.errors import DataError, FmtError
-from fmtransfer.export.gates import accuracy_gate, agreement, agreement_gate, parity_gate
+from fmtransfer.export.gates import accuracy_gate, agreement, agreement_gate, floor_gate, parity_gate
 from fmtransfer.export.latency import measure_latency
 from fmtransfer.export.onnx_export import INPUT_NAME, embed_metadata, export_onnx, output_name
 from fmtransfer.export.quantize import Quantize, fp32_nodes, quantize_model
-from fmtransfer.export.runtime import ONNX_FORMAT, OnnxModel, create_session, sidecar_path
+from fmtransfer.export.runtime import (
+    ONNX_FORMAT,
+    ONNX_FORMAT_VERSION,
+    SIDECAR_DIGEST,
+    OnnxModel,
+    create_session,
+    sidecar_path,
+)
 from fmtransfer.export.settings import ExportSettings
 from fmtransfer.export.triton import write_repository
 from fmtransfer.lineage import RunRecord, sha256_file, write_json_atomic, write_text_atomic
+from fmtransfer.lineage.io import seal_header
 from fmtransfer.models.families import family_of
 from fmtransfer.tasks.common import record_sources, score
 from fmtransfer.tasks.result import StageResult
 
 FP32_FILE, INT8_FILE = "model.onnx", "model.int8.onnx"
+REJECTED_DIR, TRITON_DIR, REASON_FILE = "rejected", "triton", "reason.json"
 
 
 class GateFailed(FmtError):
@@ -117,6 +131,7 @@ def _check(cfg: DictConfig) -> tuple[ExportSettings, Recipe]:
     """Everything that needs no model or data: the keys, the ``export`` settings and the recipe."""
     require(cfg, "seed", "model", "adapter_file", "data", "loader")
     require_model_or_adapter(cfg.model, cfg.adapter_file)
+    allow_unfinished(cfg)
     return export_settings(cfg), load_recipe(cfg.data)
 
 
@@ -135,7 +150,7 @@ def _load_inputs(cfg: DictConfig, settings: ExportSettings, recipe: Recipe, reco
 
 def _load(cfg: DictConfig, record: RunRecord) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
     """The model to export (adapter merged in) and its header; lineage hashes for the metadata."""
-    loaded = load_model_or_adapted(cfg.model, cfg.adapter_file, merge=True)
+    loaded = load_model_or_adapted(cfg.model, cfg.adapter_file, merge=True, allow_unfinished=allow_unfinished(cfg))
     record_sources(record, loaded)
     model, meta, header = loaded.model, loaded.meta, loaded.adapter
     if header is not None:
@@ -223,6 +238,10 @@ def _score(inputs: _Inputs, converted: _Converted, settings: ExportSettings, cfg
             gates.append(agreement_gate(outputs["onnx_fp32"], outputs["onnx_int8"], settings.gates))
         gates.append(accuracy_gate(accuracy["pytorch"], accuracy["onnx_int8"],
                                    "accuracy" if task == "classification" else "R^2", settings.gates))
+    if settings.gates.min_accuracy is not None:  # the file that would be released, on its own
+        final = "onnx_int8" if "onnx_int8" in outputs else "onnx_fp32"
+        gates.append(floor_gate(accuracy[final], "accuracy" if task == "classification" else "R^2",
+                                "ONNX INT8" if final == "onnx_int8" else "ONNX fp32", settings.gates))
     latency = measure_latency(inputs.model, {f"onnx_{k}": f for k, f in converted.files.items()},
                               converted.parity_x, settings.latency, input_name=INPUT_NAME)
     return _Scored(outputs, targets, accuracy, gates, latency)
@@ -254,25 +273,30 @@ def _record(out: Path, inputs: _Inputs, converted: _Converted, scored: _Scored, 
     passed = scored.passed
     lineage = {**inputs.lineage, "recipe_fingerprint": inputs.dm.prepare().fingerprint, "gate_recipe": recipe.name,
                "run_id": record.data["run_id"], "run_dir": str(out.resolve())}
-    base_meta = {"format": ONNX_FORMAT, "format_version": 1, "task": meta["task"], "classes": meta["classes"],
+    base_meta = {"format": ONNX_FORMAT, "format_version": ONNX_FORMAT_VERSION, "task": meta["task"],
+                 "classes": meta["classes"],
                  "num_outputs": int(meta["num_outputs"]), "preprocess": meta["preprocess"],
                  "input_name": INPUT_NAME, "output_name": output_name(meta["task"]), "input_layout": "NCHW",
                  "backbone": meta["backbone"]["name"], "exporter": settings.exporter, "opset": settings.opset,
                  "lineage": lineage, "gates": scored.gates, "gates_passed": passed}
-    released = _release(converted, base_meta, mode, out if passed else out / "rejected")
-    metrics = _metrics(inputs, converted, scored, settings, lineage, released)
-    outputs: dict[str, Path] = {"model": released.get("int8", released["fp32"])}
+    staged = _stage(converted, base_meta, mode)
+    triton = None
     if passed and settings.triton:
         name = settings.name or _default_name(recipe.name, lineage)
-        outputs["triton"] = write_repository(out / "triton", name, outputs["model"],
-                                             {**base_meta, "precision": "final"}, settings.triton_max_batch_size)
+        triton = write_repository(converted.staging / TRITON_DIR, name, staged.get("int8", staged["fp32"]),
+                                  {**base_meta, "precision": "final"}, settings.triton_max_batch_size)
+    reason = None if passed else {"failed": [g for g in scored.gates if not g["passed"]], "gates": scored.gates}
+    released = _release(converted.staging, staged, out, reason)
+    metrics = _metrics(inputs, converted, scored, settings, lineage, released)
+    outputs: dict[str, Path] = {"model": released.get("int8", released["fp32"])}
+    if triton is not None:
+        outputs["triton"] = out / TRITON_DIR / triton.name
         metrics["triton"] = str(outputs["triton"])
         for f in sorted(outputs["triton"].rglob("*")):
             if f.is_file():
                 record.add_output(f, "triton")
     if not passed:
-        outputs["rejection"] = write_json_atomic(out / "rejected" / "reason.json", {
-            "failed": [g for g in scored.gates if not g["passed"]], "gates": scored.gates})
+        outputs["rejection"] = out / REJECTED_DIR / REASON_FILE
         record.add_output(outputs["rejection"], "rejection")
     outputs["metrics"] = write_json_atomic(out / "metrics.json", metrics)
     summary = _summary(metrics)
@@ -287,22 +311,51 @@ def _record(out: Path, inputs: _Inputs, converted: _Converted, scored: _Scored, 
     return StageResult("export", out, metrics, outputs, [("Edge export", summary)])
 
 
-def _release(converted: _Converted, base_meta: dict[str, Any], mode: Quantize, folder: Path) -> dict[str, Path]:
-    """Embed the metadata into each staged file, write its sidecar and move both into ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    released = {}
+def _stage(converted: _Converted, base_meta: dict[str, Any], mode: Quantize) -> dict[str, Path]:
+    """Embed the sealed metadata into each staged file and write its sealed sidecar beside it, in staging."""
     for precision, path in converted.files.items():
         onnx_meta = {**base_meta, "precision": precision, "quantize": mode.value if precision == "int8" else "none"}
         if precision == "int8":
             onnx_meta["fp32_nodes"] = converted.kept
             onnx_meta["bias_correction"] = converted.bias_corrected
-        embed_metadata(path, onnx_meta)
-        write_json_atomic(sidecar_path(path), {**onnx_meta, "file": path.name, "bytes": path.stat().st_size,
-                                               "onnx_sha256": sha256_file(path)})
-        for src in (path, sidecar_path(path)):
-            src.replace(folder / src.name)
-        released[precision] = folder / path.name
-    shutil.rmtree(converted.staging, ignore_errors=True)
+        sealed = embed_metadata(path, onnx_meta)
+        write_json_atomic(sidecar_path(path), seal_header(
+            {**sealed, "file": path.name, "bytes": path.stat().st_size, "onnx_sha256": sha256_file(path)},
+            SIDECAR_DIGEST))
+    return dict(converted.files)
+
+
+def _withdraw(out: Path) -> None:
+    """Remove what an earlier export released or rejected in ``out``: each model before its sidecar."""
+    for name in (FP32_FILE, INT8_FILE):
+        for path in (out / name, sidecar_path(out / name)):
+            path.unlink(missing_ok=True)
+    for folder in (out / TRITON_DIR, out / REJECTED_DIR):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _release(staging: Path, staged: dict[str, Path], out: Path, reason: dict[str, Any] | None) -> dict[str, Path]:
+    """Withdraw the earlier export's files, then move this run's in: released files into ``out`` (each sidecar
+    before its model, the Triton repository as one folder), or the rejected ones as one ``rejected/`` folder
+    with ``reason.json``. Returns the final path of each precision's ONNX file."""
+    _withdraw(out)
+    if reason is not None:
+        folder = staging / REJECTED_DIR
+        folder.mkdir()
+        for path in staged.values():
+            for src in (sidecar_path(path), path):
+                src.replace(folder / src.name)
+        write_json_atomic(folder / REASON_FILE, reason)
+        folder.replace(out / REJECTED_DIR)
+        released = {precision: out / REJECTED_DIR / path.name for precision, path in staged.items()}
+    else:
+        for path in staged.values():
+            for src in (sidecar_path(path), path):
+                src.replace(out / src.name)
+        if (staging / TRITON_DIR).is_dir():
+            (staging / TRITON_DIR).replace(out / TRITON_DIR)
+        released = {precision: out / path.name for precision, path in staged.items()}
+    shutil.rmtree(staging, ignore_errors=True)
     return released
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from fmtransfer.config import run_dir
+from fmtransfer.config import require, run_dir
+from fmtransfer.errors import ConfigError
 from fmtransfer.export.predict import predict_files
 from fmtransfer.lineage import RunRecord
 from fmtransfer.tasks.result import StageResult
@@ -22,10 +23,13 @@ def output_path(output: str | Path, run: Path) -> Path:
 def predict(cfg: DictConfig) -> StageResult:
     """Write ``cfg.output`` (CSV; relative: in the run dir) with a prediction per readable image of
     ``cfg.input``."""
+    require(cfg, "model", "input", "output", "batch_size", "force")
+    if not isinstance(cfg.force, bool):
+        raise ConfigError(f"force={cfg.force!r}: expected true or false")
     out = run_dir(cfg)
     with RunRecord("predict", out, cfg) as record:
         result = predict_files(cfg.model, cfg.input, output_path(cfg.output, out),
-                               batch_size=int(cfg.batch_size))
+                               batch_size=int(cfg.batch_size), force=cfg.force)
         record.add_input(result["model"], "model")
         record.add_output(result["output"], "predictions")
         if result["skipped_file"]:

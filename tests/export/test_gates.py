@@ -6,11 +6,18 @@ import numpy as np
 import pytest
 
 from fmtransfer.errors import ConfigError
-from fmtransfer.export.gates import GateSettings, accuracy_gate, agreement, agreement_gate, parity_gate
+from fmtransfer.export.gates import (
+    GateSettings,
+    accuracy_gate,
+    agreement,
+    agreement_gate,
+    floor_gate,
+    parity_gate,
+)
 from fmtransfer.export.quantize import Quantize
 from fmtransfer.export.triton import config_pbtxt, write_repository
 
-S = GateSettings(max_abs_diff=1e-4, min_int8_agreement=0.9, max_accuracy_drop=0.01)
+S = GateSettings(max_abs_diff=1e-4, min_int8_agreement=0.9, max_accuracy_drop=0.01, min_accuracy=None)
 
 
 def test_parity_gate_uses_the_largest_difference():
@@ -34,6 +41,16 @@ def test_agreement_and_accuracy_gates():
     assert accuracy_gate(0.95, 0.945, "accuracy", S)["passed"]
     assert accuracy_gate(0.95, 0.96, "accuracy", S)["value"] < 0  # INT8 better: a negative drop
     assert not accuracy_gate(0.95, 0.93, "accuracy", S)["passed"]
+
+
+def test_accuracy_floor_gate():
+    floor = GateSettings(max_abs_diff=1e-4, min_int8_agreement=0.9, max_accuracy_drop=0.01, min_accuracy=0.9)
+    g = floor_gate(0.85, "accuracy", "ONNX INT8", floor)
+    assert g["name"] == "min_accuracy" and not g["passed"] and g["threshold"] == 0.9
+    assert "ONNX INT8 accuracy 0.8500" in g["detail"] and "export.gates.min_accuracy" in g["detail"]
+    assert floor_gate(0.9, "accuracy", "ONNX INT8", floor)["passed"]
+    with pytest.raises(ConfigError, match=r"export.gates.min_accuracy=1.5.*at most 1"):
+        GateSettings(max_abs_diff=1e-4, min_int8_agreement=0.9, max_accuracy_drop=0.01, min_accuracy=1.5)
 
 
 def test_quantize_mode_is_validated():
