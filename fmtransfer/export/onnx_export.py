@@ -22,7 +22,8 @@ INPUT_NAME = "input"
 
 
 def output_name(task: str) -> str:
-    return "logits" if task == "classification" else "prediction"
+    """The ONNX output's name: ``logits`` (classification), ``embedding`` (a head-less backbone) or ``prediction``."""
+    return {"classification": "logits", "embedding": "embedding"}.get(task, "prediction")
 
 
 def export_onnx(model: nn.Module, sample: torch.Tensor, path: str | Path, *, task: str, opset: int = 17,

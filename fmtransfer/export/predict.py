@@ -111,6 +111,9 @@ def predict_files(model: str | Path, source: str | Path, output: str | Path, *, 
     """
     onnx_model = OnnxModel.load(model, force=force)
     meta = onnx_model.meta
+    if meta["task"] == "embedding":
+        raise DataError(f"model {model} is a head-less backbone: it outputs embeddings, not predictions; give it a "
+                        f"head with fmtransfer adapt and export that")
     paths = list_inputs(source)
     skipped: list[tuple[str, str]] = []
     output = Path(output)

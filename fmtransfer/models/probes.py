@@ -17,7 +17,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def knn_scores(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, num_classes: int, k: int = 20,
-               temperature: float = 0.07, chunk: int = 1024) -> np.ndarray:
+               temperature: float = 0.07, chunk: int = 1024, exclude_self: bool = False) -> np.ndarray:
     """Class scores of a weighted kNN vote over cosine similarity (Wu et al. 2018, as DINO evaluates).
 
     Each of the ``k`` nearest bank samples votes for its class with weight exp(similarity / temperature).
@@ -27,6 +27,8 @@ def knn_scores(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, n
         bank_labels: (m,) their class indices.
         queries: (n, d) features to classify.
         num_classes: number of classes.
+        exclude_self: ``queries`` are the bank itself (row i is bank sample i), and no sample votes for itself:
+            a leave-one-out score of one labelled set.
     Returns:
         (n, num_classes) float32 vote totals; the argmax is the prediction.
     """
@@ -35,15 +37,32 @@ def knn_scores(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, n
     if len(bank) == 0:
         raise DataError("kNN: the bank of labelled samples is empty")
     bank_u, labels = _unit(bank), np.asarray(bank_labels, dtype=np.int64)
-    k = min(k, len(bank_u))
+    if exclude_self and len(queries) != len(bank_u):
+        raise DataError(f"kNN leave-one-out: {len(queries)} queries but a bank of {len(bank_u)}; they must be one set")
+    k = min(k, len(bank_u) - int(exclude_self))
+    if k < 1:
+        raise DataError("kNN leave-one-out needs at least two labelled samples")
     out = np.zeros((len(queries), num_classes), dtype=np.float32)
     for start in range(0, len(queries), chunk):
         sim = _unit(queries[start:start + chunk]) @ bank_u.T  # (c, m)
+        if exclude_self:
+            sim[np.arange(len(sim)), np.arange(start, start + len(sim))] = -np.inf
         nearest = np.argpartition(-sim, k - 1, axis=1)[:, :k]
         weights = np.exp(np.take_along_axis(sim, nearest, axis=1) / temperature)
         rows = np.repeat(np.arange(len(nearest)), k)
         np.add.at(out[start:start + chunk], (rows, labels[nearest].ravel()), weights.ravel())
     return out
+
+
+def knn_loo_accuracy(features: np.ndarray, labels: np.ndarray, k: int = 20, temperature: float = 0.07) -> float:
+    """Leave-one-out kNN accuracy of one labelled set: each sample classified by the votes of the others.
+
+    features: (n, d); labels: (n,) class indices. It needs no second split, so an export can score an embedding
+    model on its gate split alone.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    scores = knn_scores(features, labels, features, int(labels.max()) + 1, k, temperature, exclude_self=True)
+    return float((scores.argmax(1) == labels).mean())
 
 
 def linear_probe_scores(train: np.ndarray, train_labels: np.ndarray, queries: np.ndarray, num_classes: int,

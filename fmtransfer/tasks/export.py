@@ -28,7 +28,7 @@ from fmtransfer.adapters.loading import allow_unfinished, load_model_or_adapted,
 from fmtransfer.config import build_dataclass, require, run_dir
 from fmtransfer.data import Recipe, RecipeDataModule, build_datamodule, load_recipe
 from fmtransfer.data.table import read_manifest
-from fmtransfer.errors import DataError, FmtError
+from fmtransfer.errors import ConfigError, DataError, FmtError
 from fmtransfer.export.gates import accuracy_gate, agreement, agreement_gate, floor_gate, parity_gate
 from fmtransfer.export.latency import measure_latency
 from fmtransfer.export.onnx_export import INPUT_NAME, embed_metadata, export_onnx, output_name
@@ -45,7 +45,9 @@ from fmtransfer.export.settings import ExportSettings
 from fmtransfer.export.triton import write_repository
 from fmtransfer.lineage import RunRecord, sha256_file, write_json_atomic, write_text_atomic
 from fmtransfer.lineage.io import seal_header
+from fmtransfer.models.classifier import EMBEDDING_TASK
 from fmtransfer.models.families import family_of
+from fmtransfer.models.probes import knn_loo_accuracy
 from fmtransfer.tasks.common import record_sources, score
 from fmtransfer.tasks.result import StageResult
 
@@ -138,6 +140,9 @@ def _check(cfg: DictConfig) -> tuple[ExportSettings, Recipe]:
 def _load_inputs(cfg: DictConfig, settings: ExportSettings, recipe: Recipe, record: RunRecord,
                  out: Path) -> _Inputs:
     model, meta, lineage = _load(cfg, record)
+    if meta["task"] == EMBEDDING_TASK and recipe.task != "classification":
+        raise ConfigError(f"model {cfg.model} has no head: its export is gated on the kNN accuracy of its embeddings, "
+                          f"which needs a labelled classification recipe; {recipe.name!r} is a {recipe.task} task")
     mode = settings.quantize
     if mode is Quantize.AUTO:
         mode = Quantize(family_of(meta["backbone"]["name"]).int8)
@@ -236,11 +241,10 @@ def _score(inputs: _Inputs, converted: _Converted, settings: ExportSettings, cfg
     if "onnx_int8" in outputs:
         if task == "classification":
             gates.append(agreement_gate(outputs["onnx_fp32"], outputs["onnx_int8"], settings.gates))
-        gates.append(accuracy_gate(accuracy["pytorch"], accuracy["onnx_int8"],
-                                   "accuracy" if task == "classification" else "R^2", settings.gates))
+        gates.append(accuracy_gate(accuracy["pytorch"], accuracy["onnx_int8"], _metric_name(task), settings.gates))
     if settings.gates.min_accuracy is not None:  # the file that would be released, on its own
         final = "onnx_int8" if "onnx_int8" in outputs else "onnx_fp32"
-        gates.append(floor_gate(accuracy[final], "accuracy" if task == "classification" else "R^2",
+        gates.append(floor_gate(accuracy[final], _metric_name(task),
                                 "ONNX INT8" if final == "onnx_int8" else "ONNX fp32", settings.gates))
     latency = measure_latency(inputs.model, {f"onnx_{k}": f for k, f in converted.files.items()},
                               converted.parity_x, settings.latency, input_name=INPUT_NAME)
@@ -260,7 +264,13 @@ def _outputs(model: torch.nn.Module, sessions: dict[str, OnnxModel], dm: RecipeD
     return {k: np.concatenate(v) for k, v in outs.items()}, np.concatenate(targets)
 
 
+def _metric_name(task: str) -> str:
+    return {"classification": "accuracy", EMBEDDING_TASK: "kNN accuracy"}.get(task, "R^2")
+
+
 def _metric(task: str, outputs: np.ndarray, targets: np.ndarray, num_classes: int | None) -> float:
+    if task == EMBEDDING_TASK:  # a head-less backbone: how well its embeddings keep the split's classes apart
+        return knn_loo_accuracy(outputs, targets)
     m = score(task, outputs, targets, num_classes)
     return float(m["accuracy"] if task == "classification" else m["r2"])
 
@@ -275,7 +285,7 @@ def _record(out: Path, inputs: _Inputs, converted: _Converted, scored: _Scored, 
                "run_id": record.data["run_id"], "run_dir": str(out.resolve())}
     base_meta = {"format": ONNX_FORMAT, "format_version": ONNX_FORMAT_VERSION, "task": meta["task"],
                  "classes": meta["classes"],
-                 "num_outputs": int(meta["num_outputs"]), "preprocess": meta["preprocess"],
+                 "num_outputs": int(meta["num_outputs"]) or int(meta["embed_dim"]), "preprocess": meta["preprocess"],
                  "input_name": INPUT_NAME, "output_name": output_name(meta["task"]), "input_layout": "NCHW",
                  "backbone": meta["backbone"]["name"], "exporter": settings.exporter, "opset": settings.opset,
                  "lineage": lineage, "gates": scored.gates, "gates_passed": passed}
@@ -400,7 +410,7 @@ def _default_name(recipe: str, lineage: dict[str, Any]) -> str:
 
 def _summary(m: dict[str, Any]) -> str:
     """The variants and gates as markdown: the body of ``export.md`` and the pipeline report's section."""
-    metric = "accuracy" if m["task"] == "classification" else "R^2"
+    metric = _metric_name(m["task"])
     lines = [f"Scored on `{m['recipe']}` / {m['split']} ({m['n_test']} images); INT8 mode `{m['quantize']}`, "
              f"exporter `{m['exporter']}`" + (f"; kept in fp32: {', '.join(f'`{n}`' for n in m['fp32_nodes'])}"
                                               if m.get("fp32_nodes") else "")

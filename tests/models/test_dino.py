@@ -27,7 +27,7 @@ from fmtransfer.models.dino import (
     embedding_std,
     plan_crops,
 )
-from fmtransfer.models.probes import knn_scores, linear_probe_scores
+from fmtransfer.models.probes import knn_loo_accuracy, knn_scores, linear_probe_scores
 from tests.conftest import make_cfg
 
 
@@ -179,3 +179,10 @@ def test_knn_and_linear_probe_separate_clusters():
     assert knn.shape == (4, 3) and (knn.argmax(1) == q_labels).all()
     probe = linear_probe_scores(feats, labels, queries, 4, seed=0)  # a class the train split lacks gets -inf
     assert (probe.argmax(1) == q_labels).all() and np.isneginf(probe[:, 3]).all()
+
+
+def test_knn_leave_one_out_never_counts_a_sample_as_its_own_neighbour():
+    feats = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    assert knn_loo_accuracy(feats, np.array([0, 0, 1, 1]), k=1) == 1.0
+    # with itself as a neighbour every sample would be right; without, each pair votes for the other label
+    assert knn_loo_accuracy(feats, np.array([0, 1, 0, 1]), k=1) == 0.0

@@ -165,3 +165,21 @@ def test_curate_embeds_with_a_headless_model(cfg_factory, dino_run):
     result = curate(cfg_factory("curate", f"base={dino_run}", "data=mnist_global", "data.limit=300",
                                 "curation.levels=[12,4]", "curation.resampling_steps=2", "curation.target_size=0.3"))
     assert result.metrics["selected"] > 0 and (result.run_dir / "curated.csv").is_file()
+
+
+@pytest.mark.slow
+def test_export_releases_a_headless_model_as_an_embedding_model(cfg_factory, dino_run, tmp_path):
+    from fmtransfer.export.predict import predict_files
+    from fmtransfer.export.runtime import OnnxModel
+    from fmtransfer.tasks.export import export
+
+    result = export(cfg_factory("export", f"model={dino_run}", "data=mnist_global", "data.limit=300",
+                                "export.latency.repeats=2", "export.latency.warmup=1", "export.calibration.size=64"))
+    m = result.metrics
+    assert m["passed"] and [g["name"] for g in m["gates"]] == ["fp32_parity", "int8_accuracy_drop"]
+    assert "kNN accuracy" in m["gates"][1]["detail"] and 0 <= m["variants"][0]["accuracy"] <= 1
+    onnx = OnnxModel.load(result.outputs["model"])
+    assert onnx.meta["task"] == "embedding" and onnx.meta["output_name"] == "embedding"
+    assert onnx.meta["num_outputs"] == load_model(dino_run)[1]["embed_dim"]
+    with pytest.raises(DataError, match="head-less backbone: it outputs embeddings"):
+        predict_files(result.outputs["model"], _flat_folder(tmp_path / "new"), tmp_path / "p.csv")
