@@ -112,6 +112,7 @@ def run_stage(stage: str, args: list[str]) -> None:
 
     from fmtransfer.config import config_dir, with_search_path
     from fmtransfer.errors import FmtError
+    from fmtransfer.lineage.lock import release_all
 
     task = _load(stage)
     try:
@@ -139,7 +140,10 @@ def run_stage(stage: str, args: list[str]) -> None:
     if stage in ADAPTER_FILE_STAGES:
         args = [f"adapter_file={a.split('=', 1)[1]}" if a.startswith("adapter=") else a for a in args]
     sys.argv = [f"fmtransfer-{stage}", *args]
-    app()
+    try:
+        app()
+    finally:  # Hydra skips its end-of-run callbacks when the stage exits with status 2: the run dir's lock goes here
+        release_all()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,9 @@
 """Run records (``run.json``): what a run read, what it wrote, and everything needed to trace it.
 
 A record is written when the run starts (status ``running``), so a killed run still leaves a trace, and
-rewritten atomically when it ends (``ok`` or ``failed``).
+rewritten atomically when it ends (``ok`` or ``failed``). While it is open the run dir is locked
+(:mod:`fmtransfer.lineage.lock`): a second writer is refused. A record that replaces an earlier one in the same
+run dir (a killed run resumed there) keeps it as a previous attempt.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from fmtransfer.errors import ArtifactError
+from fmtransfer.lineage import lock
 from fmtransfer.lineage.io import sha256_file, write_json_atomic
 
 RUN_FILE = "run.json"
@@ -96,11 +99,14 @@ class RunRecord:
             "packages": package_versions(),
             "data": None,
             "parents": [],
+            "previous_attempts": [],
             "inputs": [],
             "outputs": [],
             "started": _now(),
             "ended": None,
         }
+        self._previous: dict[str, Any] | None = None
+        self._locked = False
 
     # --- building the record -------------------------------------------------------------------
     def add_input(self, path: str | Path, role: str) -> None:
@@ -110,8 +116,17 @@ class RunRecord:
         self.data["outputs"].append(_artifact_entry(Path(path), role, self.run_dir))
 
     def add_parent(self, run_dir: str | Path) -> None:
-        """Record an upstream run (its run.json must exist)."""
-        parent = load_record(run_dir)
+        """Record an upstream run (its run.json must exist).
+
+        This run's own dir names the attempt that ran there before (a killed run resumed in place), never this
+        run itself; with no earlier attempt nothing is added.
+        """
+        if Path(run_dir).resolve() == self.run_dir.resolve():
+            parent = self._previous
+            if parent is None:
+                return
+        else:
+            parent = load_record(run_dir)
         entry = {"run_id": parent["run_id"], "stage": parent["stage"], "run_dir": parent["run_dir"]}
         if entry not in self.data["parents"]:
             self.data["parents"].append(entry)
@@ -131,10 +146,41 @@ class RunRecord:
         return write_json_atomic(self.run_dir / RUN_FILE, self.data)
 
     def __enter__(self) -> RunRecord:
-        self.write()
+        self._locked = lock.acquire(self.run_dir, self.data["stage"])
+        try:
+            self._keep_previous()
+            self.write()
+        except BaseException:
+            self._release()
+            raise
         return self
 
+    def _keep_previous(self) -> None:
+        """An earlier record in this run dir (read under the lock) becomes a previous attempt of this one."""
+        try:
+            previous = json.loads((self.run_dir / RUN_FILE).read_text())
+        except (OSError, ValueError):
+            return
+        if not isinstance(previous, dict) or not previous.get("run_id"):
+            return
+        self._previous = previous
+        attempt = {k: previous.get(k) for k in ("run_id", "stage", "status", "started", "ended")}
+        if previous.get("error"):
+            attempt["error"] = previous["error"]
+        self.data["previous_attempts"] = [*previous.get("previous_attempts", []), attempt]
+
+    def _release(self) -> None:
+        if self._locked:
+            lock.release(self.run_dir)
+            self._locked = False
+
     def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._finish(exc_type, exc)
+        finally:
+            self._release()
+
+    def _finish(self, exc_type, exc) -> None:
         self.data["ended"] = _now()
         if exc_type is None:
             self.data["status"] = "ok"

@@ -120,8 +120,8 @@ def adapt(cfg: DictConfig) -> StageResult:
     rank_and_world()  # a stray RANK=1 would make Lightning train silently and save nothing
     inputs = _load_inputs(cfg, settings, recipe, method)
     out = run_dir(cfg)
-    files = inputs.dm.write_manifests(out / "data")
-    with RunRecord("adapt", out, cfg) as record:
+    with RunRecord("adapt", out, cfg) as record:  # holds the run dir's lock: every file is written under it
+        files = inputs.dm.write_manifests(out / "data")
         _record_inputs(record, inputs)
         zero_shot = _zero_shot(inputs, settings, out)
         files["calibration"] = _calibrate(inputs, settings, out)
