@@ -63,6 +63,8 @@ class AdaptSettings:
         loss: the loss's spec.
         scheduler: the learning-rate schedule's spec (None: a constant rate).
         resume: a checkpoint or run dir to continue from (None: a fresh run).
+        resume_force: resume a checkpoint written with another setup (seed, data, base, adapter, calibration, ...)
+            instead of refusing it.
         checkpoints: checkpoints written over the run.
         keep_checkpoints: keep ``checkpoints/`` once the adapter is saved.
         accelerator: the device for inference (zero-shot, diverse calibration, scoring).
@@ -73,6 +75,7 @@ class AdaptSettings:
     loss: dict[str, Any]
     scheduler: dict[str, Any] | None
     resume: str | None
+    resume_force: bool
     checkpoints: int
     keep_checkpoints: bool
     accelerator: str

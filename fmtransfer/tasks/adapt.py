@@ -32,14 +32,18 @@ from fmtransfer.models.inference import embed
 from fmtransfer.models.module import EpochSeed, SupervisedModule
 from fmtransfer.ranks import rank_and_world
 from fmtransfer.tasks.common import (
+    SetupFingerprint,
     build_augment,
     build_logger,
     build_trainer,
+    check_resume_setup,
     checkpoint_callback,
     extra_callbacks,
+    metrics_history,
     model_run_dir,
     resolve_resume,
     run_dir,
+    setup_fingerprint,
 )
 from fmtransfer.tasks.evaluate import score_model
 from fmtransfer.tasks.result import StageResult
@@ -62,8 +66,11 @@ def choose_calibration(dm: RecipeDataModule, model, strategy: Strategy, size: in
     return pool[pick]
 
 
-_SETTINGS_KEYS = ("adapter", "calibration", "loss", "scheduler", "resume", "checkpoints", "keep_checkpoints",
-                  "accelerator")
+_SETTINGS_KEYS = ("adapter", "calibration", "loss", "scheduler", "resume", "resume_force", "checkpoints",
+                  "keep_checkpoints", "accelerator")
+# the config that makes a checkpoint this run's (with the data recipe, its content fingerprint and the base's
+# sha256): resume= refuses a checkpoint written with other values
+SETUP_KEYS = ("seed", "adapter", "calibration", "loss", "scheduler", "augment", "loader.batch_size")
 
 
 @dataclass
@@ -79,6 +86,8 @@ class _Inputs:
     dm: RecipeDataModule
     size: int
     resume: Path | None
+    setup: dict[str, Any]
+    resume_differs: list[str] | None
 
 
 @dataclass
@@ -143,7 +152,12 @@ def _load_inputs(cfg: DictConfig, settings: AdaptSettings, recipe: Recipe, metho
     if size > pool:
         raise ConfigError(f"calibration.size={size} is larger than the train split of {recipe.name!r} ({pool} "
                           f"samples; val and test are never used for calibration)")
-    return _Inputs(recipe, method, base_path, model, base_meta, dm, size, resolve_resume(settings.resume))
+    resume = resolve_resume(settings.resume)
+    setup = setup_fingerprint(cfg, SETUP_KEYS, recipe, dm.prepare().fingerprint,
+                              **{"base.sha256": base_meta["weights_sha256"]})
+    differs = (check_resume_setup(resume, setup, settings.resume_force, f"resume={settings.resume}")
+               if resume is not None else None)
+    return _Inputs(recipe, method, base_path, model, base_meta, dm, size, resume, setup, differs)
 
 
 def _record_inputs(record: RunRecord, inputs: _Inputs) -> None:
@@ -152,6 +166,11 @@ def _record_inputs(record: RunRecord, inputs: _Inputs) -> None:
         record.add_parent(parent)
     recipe = inputs.recipe
     record.set_data(recipe.name, recipe.to_dict(), inputs.dm.prepare().fingerprint)
+    if inputs.resume is not None:
+        record.add_input(inputs.resume, "resumed_from")
+        record.set("resume_differs", inputs.resume_differs)
+        if (inputs.resume.parent.parent / "run.json").is_file():  # in this run dir: the attempt before this one
+            record.add_parent(inputs.resume.parent.parent)
 
 
 def _zero_shot(inputs: _Inputs, settings: AdaptSettings, out: Path) -> dict[str, Any] | None:
@@ -212,8 +231,9 @@ def _fit(cfg: DictConfig, settings: AdaptSettings, inputs: _Inputs, record: RunR
                                                     "limit_val_batches": 0, "num_sanity_val_steps": 0,
                                                     "log_every_n_steps": min(50, steps)}})
     logger = build_logger(cfg)
-    trainer = build_trainer(trainer_cfg, callbacks=[ckpt, EpochSeed(cfg.seed), *extra_callbacks(cfg)],
-                            logger=logger, default_root_dir=out)
+    callbacks = [ckpt, SetupFingerprint(inputs.setup, record.data["run_id"]), EpochSeed(cfg.seed),
+                 *extra_callbacks(cfg)]
+    trainer = build_trainer(trainer_cfg, callbacks=callbacks, logger=logger, default_root_dir=out)
     log.info("adapter %s over %s: %d of %d parameters trainable (%.2f%%); %d calibration samples (%s); %s",
              method.name, backbone_name, trainable, total, 100 * trainable / total, size,
              settings.calibration.strategy.value, head_note)
@@ -222,8 +242,9 @@ def _fit(cfg: DictConfig, settings: AdaptSettings, inputs: _Inputs, record: RunR
                                 "trainable_fraction": trainable / total})
     module.train()  # the base was loaded for inference
     started = time.perf_counter()
-    trainer.fit(module, train_dataloaders=dm.dataloader("train", shuffle=True),
-                ckpt_path=str(inputs.resume) if inputs.resume else None, weights_only=True)
+    with metrics_history(out, resuming=inputs.resume is not None):
+        trainer.fit(module, train_dataloaders=dm.dataloader("train", shuffle=True),
+                    ckpt_path=str(inputs.resume) if inputs.resume else None, weights_only=True)
     return _Fitted(meta, header, time.perf_counter() - started, ckpt.last_model_path)
 
 

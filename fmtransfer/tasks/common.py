@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
+import logging
 import os
 import time
+import warnings
 import zipfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,14 +20,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from fmtransfer.config import build, run_dir  # noqa: F401 - run_dir: re-exported for the stages
+from fmtransfer.config import build, run_dir, to_plain  # noqa: F401 - run_dir: re-exported for the stages
 from fmtransfer.errors import ArtifactError, ConfigError
-from fmtransfer.lineage import RunRecord
+from fmtransfer.lineage import RunRecord, write_text_atomic
+from fmtransfer.lineage.io import publish
 from fmtransfer.lineage.record import RUN_FILE
 from fmtransfer.metrics import classification_metrics, regression_metrics
 
 if TYPE_CHECKING:
     from fmtransfer.adapters.loading import Loaded
+    from fmtransfer.data import Recipe
+
+log = logging.getLogger(__name__)
 
 
 def resolve_precision(precision: Any) -> Any:
@@ -52,13 +62,54 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         partial = f"{filepath}.partial"
         trainer.save_checkpoint(partial, self.save_weights_only)
         if trainer.is_global_zero:
-            os.replace(partial, filepath)
+            publish(partial, filepath)
         trainer.strategy.barrier("atomic_checkpoint")
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(self)
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_rows(path: Path, rows: list[dict[str, str]]) -> None:
+    keys = sorted({k for row in rows for k in row})  # Lightning's CSVLogger writes its columns sorted too
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
+
+
+@contextlib.contextmanager
+def metrics_history(out: Path, resuming: bool) -> Iterator[None]:
+    """Around a resumed ``trainer.fit``: the rows earlier attempts logged in this run dir's ``logs/metrics.csv``
+    stay in it, in front of the new ones.
+
+    Lightning's CSVLogger deletes that file when it starts. The earlier rows are set aside first in
+    ``logs/metrics.earlier.csv`` (so a resumed run killed in turn still has them there for the next resume) and put
+    back when training ends, however it ends. A run that is not resuming starts its log afresh, as before.
+    """
+    current = out / "logs" / "metrics.csv"
+    earlier = current.with_name("metrics.earlier.csv")
+    if not resuming or not (current.is_file() or earlier.is_file()):
+        yield
+        return
+    _write_rows(earlier, _read_rows(earlier) + _read_rows(current))
+    current.unlink(missing_ok=True)
+    try:
+        with warnings.catch_warnings():  # its warning that earlier logs will be deleted is not so here
+            warnings.filterwarnings("ignore", message=r".*Previous log files in this directory will be deleted")
+            yield
+    finally:
+        _write_rows(current, _read_rows(earlier) + _read_rows(current))
+        earlier.unlink()
 
 
 class TrainThroughput(pl.Callback):
@@ -146,6 +197,103 @@ def resolve_resume(resume: str | None) -> Path | None:
     if not path.is_file():
         raise ArtifactError(f"resume={resume}: no such checkpoint file or run dir")
     return check_checkpoint(path, f"resume={resume}")
+
+
+# the checkpoint key under which a run stores its setup (SetupFingerprint), for resume= to compare
+SETUP_KEY = "fmtransfer_setup"
+# recipe keys that only say where the data is read from or which files are skipped: the content fingerprint
+# (ids, bytes, labels, regions, splits) stands for what they produce
+_DATA_LOCATION_KEYS = ("source", "description", "max_skipped_fraction", "max_pixels")
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict) and value:
+        for key, item in value.items():
+            _flatten(f"{prefix}.{key}", item, out)
+    else:
+        out[prefix] = value
+
+
+def setup_fingerprint(cfg: DictConfig, keys: Sequence[str], recipe: Recipe, data_fingerprint: str,
+                      **facts: Any) -> dict[str, Any]:
+    """What makes two trainings the same run, as ``{dotted key: value}``: the resolved config under ``keys``, the
+    data recipe (without where it is read from) and its content fingerprint, and ``facts`` (e.g. the base's sha256).
+
+    A checkpoint stores it (:class:`SetupFingerprint`); ``resume=`` compares it with the resuming run's own
+    (:func:`check_resume_setup`).
+    """
+    flat: dict[str, Any] = {}
+    for key in keys:
+        _flatten(key, to_plain(OmegaConf.select(cfg, key)), flat)
+    data = {k: v for k, v in recipe.to_dict().items() if k not in _DATA_LOCATION_KEYS}
+    _flatten("data", data, flat)
+    flat["data.fingerprint"] = data_fingerprint
+    flat.update(facts)
+    return flat
+
+
+class SetupFingerprint(pl.Callback):
+    """Stores the run's setup fingerprint and id in every checkpoint it writes (``checkpoint[SETUP_KEY]``)."""
+
+    def __init__(self, setup: dict[str, Any], run_id: str) -> None:
+        self.setup, self.run_id = dict(setup), run_id
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        checkpoint[SETUP_KEY] = {"setup": self.setup, "run_id": self.run_id}
+
+
+def _shown(value: Any) -> str:
+    text = "(absent)" if value is _ABSENT else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+_ABSENT = object()
+
+
+def check_resume_setup(checkpoint: Path, setup: dict[str, Any], force: bool, what: str) -> list[str]:
+    """Compare the setup stored in ``checkpoint`` with this run's ``setup``.
+
+    Continuing a checkpoint of another seed, split, data, learning rate or model continues another run: with
+    another split seed, the new test split holds samples the checkpoint trained on.
+
+    Args:
+        checkpoint: a checkpoint that :func:`check_checkpoint` accepted.
+        setup: this run's :func:`setup_fingerprint`.
+        force: warn and go on instead of refusing (``resume_force=true``).
+        what: the config key and value that named the checkpoint, for messages.
+
+    Returns:
+        The keys that differ (empty: the same setup); ``["(not recorded)"]`` for a checkpoint holding none.
+
+    Raises:
+        ConfigError: a difference (listed: key, the checkpoint's value, this run's) or no stored setup, unless
+            ``force``.
+    """
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(checkpoint))
+    stored = stored.get(SETUP_KEY) if isinstance(stored, dict) else None
+    if not isinstance(stored, dict) or not isinstance(stored.get("setup"), dict):
+        problem = (f"{what}: {checkpoint} holds no record of its run's setup (written before fmtransfer stored "
+                   f"one), so nothing shows that it continues this run")
+        _refuse_or_warn(problem, force)
+        return ["(not recorded)"]
+    old = stored["setup"]
+    differ = sorted(k for k in old.keys() | setup.keys() if old.get(k, _ABSENT) != setup.get(k, _ABSENT))
+    if differ:
+        shown = "; ".join(f"{k}={_shown(old.get(k, _ABSENT))} there, {_shown(setup.get(k, _ABSENT))} here"
+                          for k in differ[:8])
+        more = f"; and {len(differ) - 8} more" if len(differ) > 8 else ""
+        problem = (f"{what}: {checkpoint} was written by a run set up differently: {shown}{more}. Continuing it "
+                   f"would mix two runs (with another split, the test split holds samples the checkpoint trained "
+                   f"on)")
+        _refuse_or_warn(problem, force)
+    return differ
+
+
+def _refuse_or_warn(problem: str, force: bool) -> None:
+    if not force:
+        raise ConfigError(f"{problem}; resume with the checkpoint's settings, start afresh without resume=, or "
+                          f"pass resume_force=true to resume it anyway")
+    log.warning(f"{problem}; resuming anyway (resume_force=true)")
 
 
 def check_checkpoint(path: Path, what: str) -> Path:

@@ -35,7 +35,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[DictConfig], StageResult]] = {
     "pretrain": pretrain, "evaluate": evaluate, "curate": curate, "adapt": adapt, "plan": plan, "export": export}
 # what the global pretraining takes from the pipeline's config (the pipeline's groups are its groups)
 TRAINING_KEYS = ("seed", "deterministic", "data", "backbone", "method", "augment", "trainer", "logger", "loader",
-                 "resume", "checkpoint", "callbacks")
+                 "resume", "resume_force", "checkpoint", "callbacks")
 
 
 @dataclass(frozen=True)

@@ -19,18 +19,26 @@ from fmtransfer.models.module import EpochSeed, SupervisedModule
 from fmtransfer.plots import training_curves_png
 from fmtransfer.ranks import rank_and_world
 from fmtransfer.tasks.common import (
+    SetupFingerprint,
     TrainThroughput,
     build_augment,
     build_logger,
     build_trainer,
+    check_resume_setup,
     checkpoint_callback,
     extra_callbacks,
+    metrics_history,
     resolve_resume,
     run_dir,
+    setup_fingerprint,
 )
 from fmtransfer.tasks.evaluate import score_model
 from fmtransfer.tasks.pretrain_dino import is_self_supervised, pretrain_dino
 from fmtransfer.tasks.result import StageResult
+
+# the config that makes a checkpoint this run's (with the data recipe and its content fingerprint): resume=
+# refuses a checkpoint written with other values
+SETUP_KEYS = ("seed", "backbone", "method", "augment", "loader.batch_size")
 
 
 def epochs_for_steps(steps: int, n_train: int, batch_size: int) -> int:
@@ -42,7 +50,7 @@ def epochs_for_steps(steps: int, n_train: int, batch_size: int) -> int:
 def validate(cfg: DictConfig):
     """Every check that needs no data: the keys, recipe, backbone, method and their fit. Returns (recipe, spec)."""
     require(cfg, "seed", "data", "backbone", "method.task", "method.loss", "method.optimizer", "method.scheduler",
-            "trainer", "loader", "resume")
+            "trainer", "loader", "resume", "resume_force")
     recipe = load_recipe(cfg.data)
     spec = backbone_spec(cfg.backbone)
     if int(spec.in_chans) != recipe.channels:
@@ -73,6 +81,10 @@ def pretrain(cfg: DictConfig) -> StageResult:
     with RunRecord("pretrain", out, cfg) as record:
         table = dm.prepare()
         record.set_data(recipe.name, recipe.to_dict(), table.fingerprint)
+        setup = setup_fingerprint(cfg, SETUP_KEYS, recipe, table.fingerprint)
+        if resume is not None:  # before anything trains: a checkpoint of another setup continues another run
+            record.set("resume_differs", check_resume_setup(resume, setup, bool(cfg.resume_force),
+                                                            f"resume={cfg.resume}"))
         if spec.checkpoint:
             record.add_input(spec.checkpoint, "backbone_checkpoint")
         if resume is not None:
@@ -95,11 +107,13 @@ def pretrain(cfg: DictConfig) -> StageResult:
                                   seed=cfg.seed)
         throughput = TrainThroughput()
         ckpt = checkpoint_callback(cfg, out / "checkpoints")
-        callbacks = [ckpt, EpochSeed(cfg.seed), throughput, *extra_callbacks(cfg)]
+        callbacks = [ckpt, SetupFingerprint(setup, record.data["run_id"]), EpochSeed(cfg.seed), throughput,
+                     *extra_callbacks(cfg)]
         trainer = build_trainer(cfg, callbacks=callbacks, logger=build_logger(cfg), default_root_dir=out)
         record.set("trainable_parameters", sum(p.numel() for p in model.parameters() if p.requires_grad))
         started = time.perf_counter()
-        trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
+        with metrics_history(out, resuming=resume is not None):
+            trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
         fit_seconds = time.perf_counter() - started
 
         files = dict(zip(("weights", "model"), save_model(model, meta, out)))
