@@ -8,16 +8,18 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from fmtransfer.errors import DataError
+from fmtransfer.errors import ConfigError, DataError
 from fmtransfer.lineage.io import atomic_path, sha256_bytes, write_json_atomic, write_text_atomic
 from fmtransfer.models import inference
 from fmtransfer.ranks import environment_layout
 
 log = logging.getLogger(__name__)
 EMBEDDINGS, IDS, PROGRESS = "embeddings.npy", "embeddings.ids.txt", "embeddings.shards.json"
+SHARD_STATE = "state.json"  # in each shard folder: what its shards were made from
 
 
 def read_ids(path: Path) -> list[str]:
@@ -84,17 +86,95 @@ def _shard_list(shards: list[int], shown: int = 8) -> str:
     return f"{shards[:shown]}{more}"
 
 
+def _finished(folder: Path, state: dict[str, Any], ids: list[str], n_shards: int) -> bool:
+    """Whether ``folder`` holds the whole embedding of ``ids`` made as ``state`` says."""
+    progress, npy, ids_file = folder / PROGRESS, folder / EMBEDDINGS, folder / IDS
+    if not (progress.is_file() and npy.is_file() and ids_file.is_file()):
+        return False
+    old = _read_json(progress)
+    return ({k: old.get(k) for k in state} == state and old.get("done") == list(range(n_shards))
+            and read_ids(ids_file) == ids)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes ``src``'s content (a hard link where the file system allows: the files are never changed in
+    place, only replaced, so the earlier run's copy stays as it is)."""
+    try:
+        with atomic_path(dst) as tmp:
+            tmp.unlink()
+            os.link(src, tmp)
+    except OSError:
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+
+
+def _reuse(src: Path, folder: Path, state: dict[str, Any], ids: list[str], n_shards: int, key: str) -> None:
+    """Bring what ``src`` (an earlier run's embeddings folder) holds of this embedding into ``folder``: its finished
+    embedding, or its finished shards.
+
+    Raises:
+        ConfigError: ``src`` holds embeddings of other inputs (another model's weights or preprocessing, other ids,
+            width, dtype or shard size), named with their differing keys, or nothing this run could continue.
+    """
+    if _finished(src, state, ids, n_shards):
+        if src.resolve() != folder.resolve():
+            for name in (EMBEDDINGS, IDS, PROGRESS):
+                _link_or_copy(src / name, folder / name)
+        return
+    shards = src / f"shards-{key}"
+    if shards.is_dir() and _read_json(shards / SHARD_STATE) == state:
+        if src.resolve() != folder.resolve():
+            (folder / shards.name).mkdir(exist_ok=True)
+            for path in sorted(shards.glob("*")):
+                _link_or_copy(path, folder / shards.name / path.name)
+        return
+    made = [_read_json(src / PROGRESS)] if (src / PROGRESS).is_file() else []
+    made += [_read_json(p) for p in sorted(src.glob(f"shards-*/{SHARD_STATE}"))]
+    if not made:
+        raise ConfigError(f"{src}: no embeddings or shards there that record what they were made from; nothing "
+                          f"to continue (drop resume= to embed afresh)")
+    here = _flat(state)
+    there = _flat({k: v for k, v in made[0].items() if k in state})
+    differ = sorted(k for k in here.keys() | there.keys() if here.get(k) != there.get(k)) or ["ids"]
+    shown = "; ".join(f"{k}={there.get(k, '(absent)')!r} there, {here.get(k, '(absent)')!r} here" for k in differ)
+    raise ConfigError(f"{src} holds embeddings of other inputs ({shown}); reusing them would record this run's "
+                      f"base for another model's embeddings: drop resume= to embed afresh, or resume the run "
+                      f"with the base and data it used")
+
+
 def embed_split(model, dm, split: str, folder: str | Path, *, dtype: str = "float32", shard_size: int = 65536,
                 accelerator: str = "auto", rank: int = 0, world_size: int = 1, wait_s: float = 3600.0,
-                poll_s: float = 2.0) -> tuple[Path | None, list[str]]:
+                poll_s: float = 2.0, identity: dict[str, Any] | None = None,
+                reuse: str | Path | None = None) -> tuple[Path | None, list[str]]:
     """Embed every sample of ``split`` with ``model.features`` into ``folder/embeddings.npy`` (rows in split
     order) and ``embeddings.ids.txt``.
 
     The rows are cut into shards of ``shard_size``; shard s belongs to rank ``s % world_size``, which writes it to
-    its own file ``shards-<key>/shard_<s>.npy`` (atomically; the key changes with the ids, width, dtype and shard
-    size, so stale shards never mix in). A shard file that exists is never recomputed, so an interrupted run
-    resumes where it stopped. Rank 0 then waits for every shard (giving up after ``wait_s`` without a new one),
-    assembles the memory-mapped ``embeddings.npy`` (atomically), records it in ``embeddings.shards.json`` and removes the shard files.
+    its own file ``shards-<key>/shard_<s>.npy`` (atomically; the key changes with the model's ``identity`` (its
+    weights' sha256 and preprocessing), the ids, width, dtype and shard size, so stale shards never mix in, and
+    ``state.json`` beside the shards says what they were made from). A shard file that exists is never
+    recomputed, so an interrupted run resumes where it stopped. Rank 0 then waits for every shard (giving up after
+    ``wait_s`` without a new one), assembles the memory-mapped ``embeddings.npy`` (atomically), records it in
+    ``embeddings.shards.json`` and removes the shard files.
+
+    Args:
+        identity: what the model is (weights' sha256, adapter, preprocessing); part of every key.
+        reuse: an earlier run's embeddings folder to continue from (``resume=``): its finished embedding or shards
+            of the same inputs are brought into ``folder``; embeddings of other inputs are refused.
 
     Returns:
         (the .npy path, the ids) on rank 0; (None, the ids) on the other ranks once their shards are written.
@@ -108,16 +188,19 @@ def embed_split(model, dm, split: str, folder: str | Path, *, dtype: str = "floa
         raise DataError(f"recipe {dm.recipe.name!r} has no samples in split {split!r} to embed")
     dim, size = int(model.embed_dim), int(shard_size)
     n_shards = -(-len(rows) // size)
-    npy, ids_file, progress_file = folder / EMBEDDINGS, folder / IDS, folder / PROGRESS
-    state = {"ids": len(ids), "dim": dim, "dtype": dtype, "shard_size": size}
-    if progress_file.is_file() and npy.is_file() and ids_file.is_file():
-        old = json.loads(progress_file.read_text())
-        if ({k: old.get(k) for k in state} == state and old.get("done") == list(range(n_shards))
-                and read_ids(ids_file) == ids):
-            return (npy if rank == 0 else None), ids
+    npy = folder / EMBEDDINGS
+    # as it reads back from the JSON files it is compared with (tuples become lists)
+    state = json.loads(json.dumps({"ids": len(ids), "dim": dim, "dtype": dtype, "shard_size": size,
+                                   "model": identity or {}}))
     key = sha256_bytes(json.dumps(state, sort_keys=True).encode() + "\n".join(ids).encode())[:12]
+    if reuse is not None:
+        _reuse(Path(reuse), folder, state, ids, n_shards, key)
+    if _finished(folder, state, ids, n_shards):
+        return (npy if rank == 0 else None), ids
     shard_dir = folder / f"shards-{key}"
     shard_dir.mkdir(exist_ok=True)
+    if rank == 0 and not (shard_dir / SHARD_STATE).is_file():
+        write_json_atomic(shard_dir / SHARD_STATE, state)
     device = int(os.environ.get("LOCAL_RANK", rank)) if world_size > 1 else None
     try:
         for s in range(rank, n_shards, world_size):
@@ -138,7 +221,7 @@ def embed_split(model, dm, split: str, folder: str | Path, *, dtype: str = "floa
             out[s * size:(s + 1) * size] = np.load(shard_dir / _shard_name(s))
         out.flush()
         del out
-    write_text_atomic(ids_file, "".join(f"{i}\n" for i in ids))
-    write_json_atomic(progress_file, {**state, "done": list(range(n_shards)), "world_size": world_size})
+    write_text_atomic(folder / IDS, "".join(f"{i}\n" for i in ids))
+    write_json_atomic(folder / PROGRESS, {**state, "done": list(range(n_shards)), "world_size": world_size})
     shutil.rmtree(shard_dir, ignore_errors=True)
     return npy, ids

@@ -23,7 +23,7 @@ from fmtransfer.curation.curate import Curation, CurationSettings, curate_embedd
 from fmtransfer.curation.embed import embed_split, load_embeddings
 from fmtransfer.data import RecipeDataModule, build_datamodule, load_recipe
 from fmtransfer.errors import ConfigError, DataError
-from fmtransfer.lineage import RunRecord, write_json_atomic, write_text_atomic
+from fmtransfer.lineage import RunRecord, sha256_file, write_json_atomic, write_text_atomic
 from fmtransfer.plots import cluster_sizes_png, pca_map_png
 from fmtransfer.ranks import environment_layout, rank_and_world
 from fmtransfer.tasks.common import record_sources
@@ -66,21 +66,36 @@ def _embed(cfg: DictConfig, out: Path, recipe, record: RunRecord | None, rank: i
                           "or curation.embeddings=<file.npy>")
     loaded = load_model_or_adapted(cfg.base, allow_unfinished=allow_unfinished(cfg))
     dm = build_datamodule(recipe, cfg.loader, model_meta=loaded.meta, output_dir=out)
-    folder = out / "embeddings"
-    if cfg.resume:
-        folder = Path(cfg.resume).expanduser() / "embeddings"
-        if not folder.is_dir():
+    reuse = None
+    if cfg.resume:  # read from there, written here: the earlier run's files and record stay as they were
+        reuse = Path(cfg.resume).expanduser() / "embeddings"
+        if not reuse.is_dir():
             raise ConfigError(f"resume={cfg.resume}: no embeddings/ folder there to continue")
     if record is not None:
         record_sources(record, loaded)
         if cfg.resume:
             record.add_parent(Path(cfg.resume))
-    npy, _ = embed_split(loaded.model, dm, cfg.curation.split, folder, dtype=cfg.curation.embed.dtype,
-                         shard_size=int(cfg.curation.embed.shard_size), accelerator=cfg.accelerator, rank=rank,
-                         world_size=world, wait_s=float(cfg.curation.embed.wait_s))
+    try:
+        npy, _ = embed_split(loaded.model, dm, cfg.curation.split, out / "embeddings",
+                             dtype=cfg.curation.embed.dtype, shard_size=int(cfg.curation.embed.shard_size),
+                             accelerator=cfg.accelerator, rank=rank, world_size=world,
+                             wait_s=float(cfg.curation.embed.wait_s), identity=_identity(loaded), reuse=reuse)
+    except ConfigError as e:  # embeddings of other inputs in the resumed run: name the key that pointed there
+        if reuse is None:
+            raise
+        raise ConfigError(f"resume={cfg.resume}: {e}") from None
     if record is not None:
         record.add_output(npy, "embeddings")
     return npy, dm
+
+
+def _identity(loaded) -> dict[str, Any]:
+    """What the embedding model is: its weights, the adapter applied to them, and the preprocessing the data is
+    read with; embeddings and shards made by another model are never taken for this one's."""
+    adapter = loaded.adapter
+    return {"weights_sha256": loaded.base_meta["weights_sha256"],
+            "adapter_sha256": sha256_file(adapter["path"]) if adapter is not None else None,
+            "preprocess": loaded.meta["preprocess"]}
 
 
 def curate(cfg: DictConfig) -> StageResult:
