@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -10,28 +11,114 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig
 
+from fmtransfer.config import require
 from fmtransfer.errors import DataError
 from fmtransfer.lineage import RunRecord, write_json_atomic, write_text_atomic
+from fmtransfer.lineage.record import RUN_FILE
 from fmtransfer.plots import learning_curve_png
 from fmtransfer.tasks.common import run_dir
 from fmtransfer.tasks.result import StageResult
 
+log = logging.getLogger(__name__)
 REFERENCE_METHODS = ("scratch",)  # drawn as reference lines, not counted as adaptation methods
 
 
-def collect(folders: list[Path]) -> list[dict[str, Any]]:
-    """Every adapt run's metrics.json under ``folders`` (recursively)."""
-    runs = []
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _base_of(record: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(sha256, path) of the base an adapt run's record names as its input."""
+    entry = next((i for i in record.get("inputs", []) if i.get("role") == "base"), {})
+    return entry.get("sha256"), entry.get("path")
+
+
+def _matches_base(wanted: str, sha: str | None, path: str | None) -> bool:
+    """``base=`` names a run's base by its sha256 (or a prefix of 8+ hex digits) or its path (the model file or the
+    folder holding it)."""
+    if sha and len(wanted) >= 8 and sha.startswith(wanted.lower()):
+        return True
+    if not path:
+        return False
+    given = Path(wanted).expanduser().resolve()
+    return given in (Path(path), Path(path).parent)
+
+
+def collect(folders: list[Path], recipe: str | None = None,
+            base: str | None = None) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """The adapt runs under ``folders`` (recursively) that one learning curve may hold, and those left out.
+
+    A run counts if its record (run.json) says it ended ``ok`` (a killed or failed attempt may have left a
+    metrics.json of an earlier one), and it adapted ``recipe``'s data over ``base``. Left unset, recipe and base are
+    the sweep's own; runs of several recipes or bases are an error naming them, as one curve cannot mix them.
+
+    Returns:
+        (runs: their metrics with ``run_dir``, ``base_sha256`` and ``base_path``; skipped: ``{"run_dir", "reason"}``).
+    """
+    runs, skipped = [], []
     for folder in folders:
         if not folder.is_dir():
             raise DataError(f"sweep={folder}: no such folder")
         for path in sorted(folder.rglob("metrics.json")):
-            m = json.loads(path.read_text())
-            if m.get("stage") == "adapt":
-                runs.append({**m, "run_dir": str(path.parent)})
+            m = _read(path)
+            if m is None or m.get("stage") != "adapt":
+                continue
+            run = {**m, "run_dir": str(path.parent)}
+            record = _read(path.parent / RUN_FILE)
+            if record is None:
+                skipped.append({"run_dir": run["run_dir"], "reason": f"no readable {RUN_FILE}: nothing records that "
+                                                                     f"this run finished"})
+            elif record.get("status") != "ok":
+                skipped.append({"run_dir": run["run_dir"], "reason": f"its run ended with status "
+                                                                     f"{record.get('status')!r}, not 'ok'"})
+            else:
+                run["base_sha256"], run["base_path"] = _base_of(record)
+                runs.append(run)
+    where = ", ".join(map(str, folders))
     if not runs:
-        raise DataError(f"no adapt runs (metrics.json with stage 'adapt') under {', '.join(map(str, folders))}")
-    return runs
+        raise DataError(f"no adapt runs (metrics.json with stage 'adapt', its run.json saying status 'ok') under "
+                        f"{where}" + (f"; left out: {_skipped_text(skipped)}" if skipped else ""))
+    runs = _keep(runs, skipped, "recipe", recipe, lambda r: r.get("recipe"), lambda r, want: r.get("recipe") == want)
+    runs = _keep(runs, skipped, "base", base, lambda r: r["base_sha256"],
+                 lambda r, want: _matches_base(want, r["base_sha256"], r["base_path"]))
+    return runs, skipped
+
+
+def _keep(runs: list[dict[str, Any]], skipped: list[dict[str, str]], key: str, wanted: str | None, group,
+          matches) -> list[dict[str, Any]]:
+    """The runs whose ``key`` is ``wanted`` (the others go to ``skipped``); unset: the one value all runs share."""
+    if wanted is None:
+        groups: dict[Any, list[dict[str, Any]]] = {}
+        for r in runs:
+            groups.setdefault(group(r), []).append(r)
+        if len(groups) > 1:
+            shown = "; ".join(f"{_label(key, g, rs[0])}: {len(rs)} run(s)" for g, rs in groups.items())
+            value = "name" if key == "recipe" else "path or sha256"
+            raise DataError(f"the sweep holds adapt runs of {len(groups)} different {key}s ({shown}); one learning "
+                            f"curve cannot mix them: choose one with {key}=<{value}>")
+        return runs
+    kept = [r for r in runs if matches(r, wanted)]
+    skipped += [{"run_dir": r["run_dir"], "reason": f"{key} {_label(key, group(r), r)}, not {wanted}"}
+                for r in runs if not matches(r, wanted)]
+    if not kept:
+        raise DataError(f"no adapt run in the sweep has {key}={wanted}; it holds "
+                        f"{', '.join(sorted({_label(key, group(r), r) for r in runs}))}")
+    return kept
+
+
+def _label(key: str, value: Any, run: dict[str, Any]) -> str:
+    if key == "base":
+        return f"{(value or '?')[:12]} ({run.get('base_path')})"
+    return repr(value)
+
+
+def _skipped_text(skipped: list[dict[str, str]], shown: int = 5) -> str:
+    text = "; ".join(f"{s['run_dir']}: {s['reason']}" for s in skipped[:shown])
+    return text + (f"; and {len(skipped) - shown} more" if len(skipped) > shown else "")
 
 
 def summarise(runs: list[dict[str, Any]], metric: str = "accuracy") -> dict[str, Any]:
@@ -83,12 +170,15 @@ def plan_markdown(summary: dict[str, Any], best: float, needed: dict, targets: l
 def plan(cfg: DictConfig) -> StageResult:
     """Writes ``plan.md``, ``plan.json`` and ``learning_curve.png`` into the run dir; the result's metrics are
     plan.json's content and its section the plan's tables."""
+    require(cfg, "sweep", "targets", "metric", "recipe", "base")
     out = run_dir(cfg)
     sweep = cfg.sweep
     folders = [Path(p) for p in (sweep if isinstance(sweep, (list, ListConfig)) else [sweep])]
     targets = [float(t) for t in cfg.targets]
     with RunRecord("plan", out, cfg) as record:
-        runs = collect(folders)
+        runs, skipped = collect(folders, cfg.recipe, None if cfg.base is None else str(cfg.base))
+        if skipped:
+            log.warning(f"plan: {len(skipped)} adapt run(s) left out: {_skipped_text(skipped)}")
         for r in runs:
             if (Path(r["run_dir"]) / "run.json").is_file():
                 record.add_parent(r["run_dir"])
@@ -98,8 +188,12 @@ def plan(cfg: DictConfig) -> StageResult:
         png = learning_curve_png(summary, out / "learning_curve.png", f"{recipe}: {cfg.metric} vs local labels",
                                  cfg.metric, reference_methods=REFERENCE_METHODS)
         text = plan_markdown(summary, best, needed, targets, cfg.metric)
+        if skipped:
+            text += (f"\n\n{len(skipped)} adapt run(s) under the sweep were left out:\n\n"
+                     + "\n".join(f"- `{s['run_dir']}`: {s['reason']}" for s in skipped))
         write_text_atomic(out / "plan.md", f"# Calibration-size plan: {recipe}\n\n{text}\n\n![learning curve](learning_curve.png)\n")
-        result = {"recipe": recipe, "runs": len(runs), "best": best, "targets": targets,
+        result = {"recipe": recipe, "base": {"sha256": runs[0]["base_sha256"], "path": runs[0]["base_path"]},
+                  "runs": len(runs), "skipped": skipped, "best": best, "targets": targets,
                   "labels_needed": {m: {str(t): n for t, n in row.items()} for m, row in needed.items()},
                   **summary}
         write_json_atomic(out / "plan.json", result)
