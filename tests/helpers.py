@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from pathlib import Path
 
 import pytorch_lightning as pl
 
@@ -17,3 +19,15 @@ class KillAt(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.current_epoch == self.epoch and batch_idx == self.batch:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class WaitForFile(pl.Callback):
+    """Hold training at its start until ``path`` exists (at most ``timeout_s``): a run kept busy while a test acts."""
+
+    def __init__(self, path: str, timeout_s: float = 300.0):
+        self.path, self.timeout_s = path, timeout_s
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while not Path(self.path).exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
