@@ -181,5 +181,5 @@ def collapse_signals_png(epochs: list[dict], steps: list[dict], prototypes: int,
         ax.legend(fontsize=7)
     if panels[-1][0].startswith("kNN"):
         axes[0][-1].set_ylim(0, 1)
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.03)
     return _save(fig, Path(path))

@@ -123,6 +123,9 @@ class DinoSettings:
     Attributes:
         prototypes: K, the width of the head's last layer (the loss of a uniform teacher is ln K).
         hidden_dim, bottleneck_dim: the projection MLP's widths.
+        head_batch_norm: BatchNorm after the head's hidden layers. A CNN's pooled ReLU features are nearly alike
+            for every image at initialisation, so after centring the teacher starts (and stays) near uniform without
+            it; DINO's ViTs train without.
         student_temp: the student's softmax temperature.
         teacher_temp_start, teacher_temp: the teacher's temperature warms linearly from the first to the second
             over ``teacher_temp_warmup`` (a share of the training steps), then stays.
@@ -137,6 +140,7 @@ class DinoSettings:
     prototypes: int
     hidden_dim: int
     bottleneck_dim: int
+    head_batch_norm: bool
     student_temp: float
     teacher_temp_start: float
     teacher_temp: float
@@ -231,13 +235,15 @@ class DinoHead(nn.Module):
     """Projection head: MLP -> L2-normalised bottleneck -> cosine against ``prototypes`` unit vectors.
 
     The last layer is a weight-normalised linear layer with its norm fixed at 1 (DINO's ``norm_last_layer``):
-    each output is the cosine between the bottleneck and one prototype.
+    each output is the cosine between the bottleneck and one prototype. ``batch_norm`` puts BatchNorm after the
+    hidden layers (DINO's ``use_bn_in_head``).
     """
 
-    def __init__(self, in_dim: int, prototypes: int, hidden_dim: int, bottleneck_dim: int):
+    def __init__(self, in_dim: int, prototypes: int, hidden_dim: int, bottleneck_dim: int, batch_norm: bool = False):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
-                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        norm = (lambda: nn.BatchNorm1d(hidden_dim)) if batch_norm else nn.Identity
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), norm(), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
+                                 norm(), nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
         for m in self.mlp:
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -308,14 +314,14 @@ def embedding_std(features: torch.Tensor) -> float:
 
 
 _ADVICE = {
-    "uniform": "the teacher does not sharpen: lower method.dino.teacher_temp and method.dino.teacher_temp_start "
+    "uniform": "The teacher does not sharpen: lower method.dino.teacher_temp and method.dino.teacher_temp_start "
                "(0.04, or 0.02 on small data), or lower method.optimizer.lr; check that the teacher is an EMA copy "
                "(method.dino.momentum_start < 1)",
-    "constant": "one prototype takes every image (centring loses to sharpening): lower method.dino.center_momentum "
+    "constant": "One prototype takes every image (centring loses to sharpening): lower method.dino.center_momentum "
                 "(0.9), raise method.dino.teacher_temp, lower method.optimizer.lr or raise loader.batch_size",
-    "embedding": "the backbone gives every image the same embedding: lower method.optimizer.lr, raise "
+    "embedding": "The backbone gives every image the same embedding: lower method.optimizer.lr, raise "
                  "loader.batch_size, raise method.dino.crops.n_local or widen method.dino.crops.local_scale",
-    "not_finite": "the loss is not a finite number: lower method.optimizer.lr or method.dino.clip_grad",
+    "not_finite": "The loss is not a finite number: lower method.optimizer.lr or method.dino.clip_grad",
 }
 
 
@@ -350,7 +356,7 @@ class CollapseGuard:
     def step(self, s: dict[str, float], where: str) -> None:
         """Record one step's signals; raises :class:`CollapseError` (when ``stop``) at ``patience`` steps."""
         if not math.isfinite(s["loss"]):
-            raise CollapseError(f"DINO stopped at {where}: the loss is {s['loss']}; {_ADVICE['not_finite']}",
+            raise CollapseError(f"DINO stopped at {where}: the loss is {s['loss']}. {_ADVICE['not_finite']}",
                                 "not_finite")
         self.epoch_steps += 1
         for name, bad in self.collapsed(s).items():
@@ -379,7 +385,7 @@ class CollapseGuard:
             "embedding": f"the std of the L2-normalised embeddings is {s['embedding_std']:.2e} (healthy about "
                          f"1/sqrt({self.embed_dim}) = {healthy:.3f}): the embeddings collapsed",
         }[name]
-        raise CollapseError(f"DINO collapsed at {where}: {value} for {how_long}. {_ADVICE[name]} "
+        raise CollapseError(f"DINO collapsed at {where}: {value}, for {how_long}. {_ADVICE[name]} "
                             f"(method.dino.collapse.stop=false records the signals without stopping)", name)
 
 
@@ -440,9 +446,9 @@ class DinoModule(pl.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.meta = meta or {}
         dim = int(backbone.num_features)
-        self.student = nn.ModuleDict({"backbone": backbone, "head": DinoHead(dim, settings.prototypes,
-                                                                              settings.hidden_dim,
-                                                                              settings.bottleneck_dim)})
+        head = DinoHead(dim, settings.prototypes, settings.hidden_dim, settings.bottleneck_dim,
+                        settings.head_batch_norm)
+        self.student = nn.ModuleDict({"backbone": backbone, "head": head})
         self.teacher = copy.deepcopy(self.student)
         check_separate(self.student, self.teacher)
         for p in self.teacher.parameters():
