@@ -9,6 +9,7 @@ import pytest
 from omegaconf import OmegaConf, open_dict
 
 from fmtransfer.adapters.calibration import Strategy
+from fmtransfer.adapters.regional import RegionalPretrainSettings
 from fmtransfer.adapters.settings import AdapterSettings, AdaptSettings, CalibrationSettings
 from fmtransfer.config import build_dataclass, config_dir, require
 from fmtransfer.errors import ConfigError
@@ -17,7 +18,7 @@ from fmtransfer.export.quantize import Quantize
 from fmtransfer.export.settings import ExportCalibration, ExportSettings, KeepFp32, LatencySettings
 from fmtransfer.tasks.adapt import adapt, validate_adapt
 from fmtransfer.tasks.export import export, export_settings
-from fmtransfer.tasks.pipeline import PipelineSettings, RegionCalibration, Sweep
+from fmtransfer.tasks.pipeline import PipelineSettings, RegionalSwitch, RegionCalibration, Sweep
 from tests.conftest import make_cfg
 
 
@@ -77,7 +78,8 @@ def _without(cfg, key: str):
 
 
 SETTINGS = [ExportSettings, ExportCalibration, KeepFp32, LatencySettings, GateSettings,
-            AdaptSettings, AdapterSettings, CalibrationSettings, PipelineSettings, RegionCalibration, Sweep]
+            AdaptSettings, AdapterSettings, CalibrationSettings, PipelineSettings, RegionCalibration, Sweep,
+            RegionalPretrainSettings, RegionalSwitch]
 
 
 @pytest.mark.parametrize("cls", SETTINGS, ids=lambda c: c.__name__)

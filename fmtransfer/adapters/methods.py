@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -252,9 +253,14 @@ def trainable_count(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def adapter_state(model: Classifier, method: AdapterMethod) -> dict[str, torch.Tensor]:
-    """What an adapter file holds: trainable weights, the head, and adapted BatchNorm statistics."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
+def adapter_state(model: Classifier, method: AdapterMethod, extra: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """What an adapter file holds: trainable weights, the head, and adapted BatchNorm statistics.
+
+    Args:
+        extra: names of ``model``'s parameters changed earlier and frozen since (regional pretraining's norms or last
+            block): they belong to the adapter as well.
+    """
+    names = {n for n, p in model.named_parameters() if p.requires_grad} | set(extra)
     names |= {f"head.{n}" for n, _ in model.head.named_parameters()}
     if method.norm_stats == "adapt":
         for mod_name, module in batchnorm_modules(model):

@@ -22,6 +22,8 @@ class Family:
             for transformers, whose activations (softmax, GELU, LayerNorm) lose accuracy under static ranges.
         signature: regex (full match) over state-dict keys that only this family's checkpoints have; it names
             the family of a checkpoint that does not fit the model it was given to.
+        blocks: regex (full match) over backbone module names of its repeated blocks, in network order; the last
+            match is the block regional pretraining unfreezes (``regional_pretrain.trainable=last_block``).
     """
 
     name: str
@@ -32,6 +34,7 @@ class Family:
     prompts: bool = False
     int8: str = "static"
     signature: str | None = None
+    blocks: str | None = None
 
     def matches(self, model_name: str) -> bool:
         return re.match(self.pattern, model_name) is not None
@@ -40,19 +43,20 @@ class Family:
 FAMILIES: tuple[Family, ...] = (
     Family("vit", r"^(vit_|deit|test_vit|eva|beit|flexivit|samvit)", takes_img_size=True, takes_patch_size=True,
            lora_targets=r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))", prompts=True, int8="dynamic",
-           signature=r"blocks\.\d+\.attn\.qkv\.weight"),
+           signature=r"blocks\.\d+\.attn\.qkv\.weight", blocks=r"blocks\.\d+"),
     Family("swin", r"^(swin|test_swin)", takes_img_size=True, int8="dynamic",
            lora_targets=r"layers\.\d+\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))",
-           signature=r"layers\.\d+\.blocks\.\d+\.attn\.relative_position_bias_table"),
+           signature=r"layers\.\d+\.blocks\.\d+\.attn\.relative_position_bias_table",
+           blocks=r"layers\.\d+\.blocks\.\d+"),
     Family("convnext", r"^(convnext|test_convnext)",
            lora_targets=r"stages\.\d+\.blocks\.\d+\.(conv_dw|mlp\.fc1|mlp\.fc2)",
-           signature=r"stages\.\d+\.blocks\.\d+\.conv_dw\.weight"),
+           signature=r"stages\.\d+\.blocks\.\d+\.conv_dw\.weight", blocks=r"stages\.\d+\.blocks\.\d+"),
     Family("resnet", r"^(resnet|resnext|wide_resnet|seresnet|test_resnet|resnetrs)",
            lora_targets=r"(conv1(\.\d+)?|layer\d+\.\d+\.(conv\d+|downsample\.\d+))",  # only convs are taken
-           signature=r"layer\d+\.\d+\.conv\d\.weight"),
+           signature=r"layer\d+\.\d+\.conv\d\.weight", blocks=r"layer\d+\.\d+"),
     Family("efficientnet", r"^(efficientnet|tf_efficientnet|mobilenet|test_efficientnet)",
            lora_targets=r"(conv_stem|blocks\.\d+\.\d+\.(conv_dw|conv_pw|conv_pwl|conv)|conv_head)",
-           signature=r"blocks\.\d+\.\d+\.conv_(dw|pw)\.weight"),
+           signature=r"blocks\.\d+\.\d+\.conv_(dw|pw)\.weight", blocks=r"blocks\.\d+\.\d+"),
 )
 GENERIC = Family("generic", r".*")
 

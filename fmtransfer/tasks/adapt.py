@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import io
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fmtransfer.adapters.artifact import ADAPTER_FILE, adapted_meta, save_adapter
 from fmtransfer.adapters.calibration import Strategy, select_diverse, select_random, select_stratified
@@ -46,6 +47,15 @@ from fmtransfer.tasks.common import (
     setup_fingerprint,
 )
 from fmtransfer.tasks.evaluate import score_model
+from fmtransfer.tasks.regional import (
+    Regional,
+    RegionalContext,
+    check_regional,
+    fit_for_crops,
+    regional_pretrain,
+    regional_settings,
+    verdict,
+)
 from fmtransfer.tasks.result import StageResult
 
 log = logging.getLogger(__name__)
@@ -70,7 +80,8 @@ _SETTINGS_KEYS = ("adapter", "calibration", "loss", "scheduler", "resume", "resu
                   "keep_checkpoints", "accelerator")
 # the config that makes a checkpoint this run's (with the data recipe, its content fingerprint and the base's
 # sha256): resume= refuses a checkpoint written with other values
-SETUP_KEYS = ("seed", "adapter", "calibration", "loss", "scheduler", "augment", "loader.batch_size")
+SETUP_KEYS = ("seed", "adapter", "calibration", "loss", "scheduler", "augment", "loader.batch_size",
+              *(f"regional_pretrain.{k}" for k in ("epochs", "trainable", "reuse", "optimizer", "scheduler", "dino")))
 
 
 @dataclass
@@ -98,6 +109,7 @@ class _Fitted:
     header: dict[str, Any]
     fit_seconds: float
     last_checkpoint: str
+    regional: Regional | None = None
 
 
 def adapt_settings(cfg: DictConfig) -> AdaptSettings:
@@ -116,6 +128,7 @@ def validate_adapt(cfg: DictConfig) -> tuple[AdaptSettings, Recipe, AdapterMetho
     method: AdapterMethod = build(settings.adapter.method, "adapter.method")
     if recipe.task == "regression" and "CrossEntropy" in str(settings.loss.get("_target_")):
         raise ConfigError(f"data recipe {recipe.name!r} is a regression task: set loss._target_=torch.nn.HuberLoss")
+    check_regional(regional_settings(cfg), method, cfg.loader.batch_size)
     return settings, recipe, method
 
 
@@ -135,7 +148,11 @@ def adapt(cfg: DictConfig) -> StageResult:
         zero_shot = _zero_shot(inputs, settings, out)
         files["calibration"] = _calibrate(inputs, settings, out)
         fitted = _fit(cfg, settings, inputs, record, out)
-        files["adapter"] = save_adapter(out / ADAPTER_FILE, adapter_state(inputs.model, method), fitted.header)
+        extra = fitted.regional.extra if fitted.regional else ()  # what regional pretraining changed, now frozen
+        files["adapter"] = save_adapter(out / ADAPTER_FILE, adapter_state(inputs.model, method, extra), fitted.header)
+        files.update(fitted.regional.files if fitted.regional else {})
+        if fitted.regional and regional_settings(cfg).compare:
+            fitted.regional.without = _without_regional(cfg, settings, inputs, record, out)
         result = _record(cfg, settings, inputs, fitted, zero_shot, files, record, out)
     return result
 
@@ -201,7 +218,13 @@ def _fit(cfg: DictConfig, settings: AdaptSettings, inputs: _Inputs, record: RunR
     # depend on what ran earlier in this process (the pipeline's previous stages)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model.head, head_note = region_head(model.head, base_meta["classes"], table.classes, method.reuse_head)
+    regional = regional_settings(cfg)
+    if regional.enabled:
+        fit_for_crops(model, base_meta, regional)
     method.attach(model, backbone_name)
+    pretrained = (regional_pretrain(RegionalContext(cfg, dm, base_meta, inputs.base_path, out, record,
+                                                    settings.accelerator, allow_unfinished(cfg), inputs.resume),
+                                    regional, model, method) if regional.enabled else None)
     for p in model.head.parameters():
         p.requires_grad = True
     trainable, total = trainable_count(model)
@@ -216,6 +239,7 @@ def _fit(cfg: DictConfig, settings: AdaptSettings, inputs: _Inputs, record: RunR
         "trainable_parameters": trainable, "total_parameters": total,
         "lineage": {"run_id": record.data["run_id"], "run_dir": str(out.resolve()), "recipe": recipe.name,
                     "data_fingerprint": table.fingerprint},
+        **({"regional_pretrain": pretrained.record} if pretrained else {}),
     }
     meta = adapted_meta(base_meta, header)
 
@@ -245,7 +269,7 @@ def _fit(cfg: DictConfig, settings: AdaptSettings, inputs: _Inputs, record: RunR
     with metrics_history(out, resuming=inputs.resume is not None):
         trainer.fit(module, train_dataloaders=dm.dataloader("train", shuffle=True),
                     ckpt_path=str(inputs.resume) if inputs.resume else None, weights_only=True)
-    return _Fitted(meta, header, time.perf_counter() - started, ckpt.last_model_path)
+    return _Fitted(meta, header, time.perf_counter() - started, ckpt.last_model_path, pretrained)
 
 
 def _record(cfg: DictConfig, settings: AdaptSettings, inputs: _Inputs, fitted: _Fitted,
@@ -273,6 +297,7 @@ def _record(cfg: DictConfig, settings: AdaptSettings, inputs: _Inputs, fitted: _
         "adapter_to_base": adapter_bytes / base_bytes, "fit_seconds": round(fitted.fit_seconds, 2),
         "zero_shot": zero_shot, "test": {k: v for k, v in test.items() if k != "files"},
         "val": {k: v for k, v in val.items() if k != "files"} if val else None,
+        "regional_pretrain": _regional_metrics(model, fitted.regional, recipe.task, test, val),
     }
     write_json_atomic(out / "metrics.json", metrics)
     outputs = {**files, "metrics": out / "metrics.json", **test["files"],
@@ -284,6 +309,49 @@ def _record(cfg: DictConfig, settings: AdaptSettings, inputs: _Inputs, fitted: _
     elif (out / "checkpoints").is_dir():
         shutil.rmtree(out / "checkpoints")  # whole-model resume state, useless once the adapter exists
     return StageResult("adapt", out, metrics, {role: Path(path) for role, path in outputs.items()})
+
+
+def _without_regional(cfg: DictConfig, settings: AdaptSettings, inputs: _Inputs, record: RunRecord,
+                      out: Path) -> dict[str, Any]:
+    """The same adapter fitted without regional pretraining (a fresh base, the same calibration set, seed and steps),
+    scored on val and test in ``without_regional/``: what regional pretraining is measured against.
+
+    Returns:
+        ``{"val": overall metrics or None, "test": overall metrics}``.
+    """
+    plain = copy.deepcopy(cfg)
+    with open_dict(plain):
+        plain.regional_pretrain.epochs, plain.regional_pretrain.reuse = 0, None
+        plain.logger = None  # logs/metrics.csv stays the saved adapter's
+    folder = out / "without_regional"
+    base = load_model_or_adapted(cfg.base, allow_unfinished=allow_unfinished(cfg))
+    other = dataclasses.replace(inputs, model=base.model, method=build(settings.adapter.method, "adapter.method"),
+                                resume=None)
+    fitted = _fit(plain, settings, other, record, folder)
+    other.model.eval()
+    title = f"{other.method.name} ({inputs.size} labels) on {inputs.recipe.name}, without regional pretraining"
+    scores = {split: score_model(other.model, fitted.meta, inputs.recipe, split=split, out_dir=folder,
+                                 datamodule=inputs.dm, accelerator=settings.accelerator, title=f"{title} {split}")
+              for split in ("val", "test") if split == "test" or inputs.dm.split_size("val")}
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    record.add_output(scores["test"]["files"]["predictions"], "without_regional_predictions")
+    return {split: scores[split]["overall"] if split in scores else None for split in ("val", "test")}
+
+
+def _regional_metrics(model: Classifier, regional: Regional | None, task: str, test: dict[str, Any],
+                      val: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What regional pretraining did, the bytes its frozen extras (norms, last block) add to the adapter file and,
+    when the adapter was also fitted without it, whether it helped."""
+    if regional is None:
+        return None
+    params = dict(model.named_parameters())
+    extra = [params[n] for n in regional.extra]
+    metrics = {**regional.record, "extra_parameters": sum(p.numel() for p in extra),
+               "extra_bytes": sum(p.numel() * p.element_size() for p in extra)}
+    if regional.without is not None:
+        with_ = {"val": val["overall"] if val else None, "test": test["overall"]}
+        metrics["comparison"] = verdict(task, with_, regional.without)
+    return metrics
 
 
 def _calibration_csv(table, rows: np.ndarray) -> str:

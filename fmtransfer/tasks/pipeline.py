@@ -17,6 +17,7 @@ from typing import Any, Literal
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fmtransfer.adapters import check_method_fits
+from fmtransfer.adapters.regional import REGIONAL_METHODS
 from fmtransfer.config import build_dataclass, compose_stage, require, to_plain
 from fmtransfer.data import build_datamodule, load_recipe
 from fmtransfer.errors import ConfigError
@@ -55,6 +56,22 @@ class RegionCalibration:
 
 
 @dataclass(frozen=True)
+class RegionalSwitch:
+    """``regional_pretrain``: the region's adapter again at every sweep size, after ``epochs`` of regional DINO
+    pretraining (0: off)."""
+
+    epochs: int
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ConfigError(f"regional_pretrain.epochs={self.epochs} must be >= 0 (0: off)")
+
+
+# adapt keys the pipeline sets itself for the runs with regional pretraining (and leaves unset for the others)
+_REGIONAL_KEYS = ("regional_pretrain.epochs", "regional_pretrain.reuse", "regional_pretrain.compare")
+
+
+@dataclass(frozen=True)
 class PipelineSettings:
     """The pipeline's own keys (configs/pipeline.yaml, which holds their defaults); the groups it passes on
     are checked as its steps' settings.
@@ -69,6 +86,7 @@ class PipelineSettings:
         pretrain_curated: pretrain a second model on the curated subset.
         pretrain_curated_steps: equal (as many optimisation steps as the full pretraining) or epochs (as many
             epochs).
+        regional_pretrain: the region's adapter with regional pretraining too, for the with / without comparison.
     """
 
     adapter: str
@@ -79,6 +97,25 @@ class PipelineSettings:
     curate_global: bool
     pretrain_curated: bool
     pretrain_curated_steps: Literal["equal", "epochs"]
+    regional_pretrain: RegionalSwitch
+
+    def __post_init__(self) -> None:
+        if not self.regional_pretrain.epochs:
+            return
+        if self.adapter not in REGIONAL_METHODS:
+            raise ConfigError(f"regional_pretrain.epochs={self.regional_pretrain.epochs} needs the region's adapter to "
+                              f"be {' or '.join(REGIONAL_METHODS)}, not adapter={self.adapter}")
+        for override in self.adapt_overrides:
+            if override.split("=")[0].lstrip("+~") in _REGIONAL_KEYS:
+                raise ConfigError(f"adapt_overrides: {override!r} would apply to every adapt run; set the pipeline's "
+                                  f"regional_pretrain.epochs instead (the runs with regional pretraining are its own)")
+
+    def regional_runs(self) -> list[tuple[str, int]]:
+        """(adapter, size) of the runs with regional pretraining: the region's adapter at every size."""
+        if not self.regional_pretrain.epochs:
+            return []
+        sizes = dict.fromkeys([*(int(n) for n in self.sweep.sizes), self.calibration.size])
+        return [(self.adapter, n) for n in sizes]
 
     def adapt_runs(self) -> list[tuple[str, int]]:
         """(adapter, size) of every adapt run: the sweep, plus the region's own if not in it."""
@@ -157,6 +194,11 @@ def _adapt_step(settings: PipelineSettings, adapter: str, size: int) -> str:
     return f"adapt/{settings.adapt_runs().index((adapter, size))}_{adapter}_n{size}"
 
 
+def _regional_step(settings: PipelineSettings, adapter: str, size: int) -> str:
+    """In a folder of their own: ``plan`` reads ``adapt/``, one curve per method, without these runs."""
+    return f"adapt_regional/{settings.regional_runs().index((adapter, size))}_{adapter}_n{size}"
+
+
 def compose_steps(cfg: DictConfig, settings: PipelineSettings, out: Path) -> Steps:
     """Every step's config, composed before anything runs."""
     require(cfg, "region", "split", "accelerator", "export", "curation", *TRAINING_KEYS)
@@ -173,12 +215,21 @@ def compose_steps(cfg: DictConfig, settings: PipelineSettings, out: Path) -> Ste
         steps.compose("curate", "curate", nodes=_nodes(cfg, "seed", "accelerator", "data", "loader", "curation"))
         if settings.pretrain_curated:
             steps.compose("pretrain_curated", "pretrain", nodes=_nodes(cfg, *TRAINING_KEYS, resolve=False))
+    def adapt_overrides(adapter: str, size: int) -> list[str]:
+        return [f"adapter={adapter}", f"calibration.size={size}", f"calibration.strategy={settings.calibration.strategy}",
+                f"seed={cfg.seed}", *settings.adapt_overrides]
+
+    adapt_nodes = {**region, **_nodes(cfg, "logger", "deterministic", resolve=False)}
     for adapter, size in settings.adapt_runs():
-        steps.compose(_adapt_step(settings, adapter, size), "adapt",
-                      [f"adapter={adapter}", f"calibration.size={size}",
-                       f"calibration.strategy={settings.calibration.strategy}", f"seed={cfg.seed}",
-                       *settings.adapt_overrides],
-                      nodes={**region, **_nodes(cfg, "logger", "deterministic", resolve=False)})
+        steps.compose(_adapt_step(settings, adapter, size), "adapt", adapt_overrides(adapter, size), nodes=adapt_nodes)
+    for i, (adapter, size) in enumerate(settings.regional_runs()):
+        # the first run pretrains; the others take its pretraining (the same base, method, data and seed)
+        first = out / _regional_step(settings, *settings.regional_runs()[0])
+        regional = f"regional_pretrain.epochs={settings.regional_pretrain.epochs}" if i == 0 else \
+            f"regional_pretrain.reuse={first}"
+        # compare=false: the run without it is the sweep's own
+        steps.compose(_regional_step(settings, adapter, size), "adapt",
+                      [*adapt_overrides(adapter, size), regional, "regional_pretrain.compare=false"], nodes=adapt_nodes)
     steps.compose("plan", "plan", nodes={"sweep": str(out / "adapt")})
     if settings.export_region_model:
         steps.compose("export", "export", nodes={**_nodes(cfg, "seed", "loader", "export"), **region})
@@ -190,7 +241,7 @@ def _check(steps: Steps, settings: PipelineSettings) -> None:
     configs = steps.configs
     validate(configs["pretrain"])
     for name in configs:
-        if name.startswith("adapt/"):
+        if name.startswith(("adapt/", "adapt_regional/")):
             validate_adapt(configs[name])
     region = load_recipe(configs["zero_shot"].data)
     pool = build_datamodule(region, configs["zero_shot"].loader).split_size("train")
@@ -224,7 +275,7 @@ def _run(steps: Steps, settings: PipelineSettings) -> GateFailed | None:
                 produced["trainer.max_epochs"] = epochs_for_steps(pre.metrics["global_step"],
                                                                   curated.metrics["selected"], batch_size)
             steps.run("pretrain_curated", produced)
-    for name in [n for n in steps.configs if n.startswith("adapt/")]:
+    for name in [n for n in steps.configs if n.startswith(("adapt/", "adapt_regional/"))]:
         steps.run(name, {"base": str(pre.run_dir)})
     steps.run("plan")
     if "export" in steps.configs:
@@ -242,8 +293,12 @@ def _report(steps: Steps, settings: PipelineSettings, record: RunRecord, rejecte
     pre, zero, planned = results["pretrain"], results["zero_shot"], results["plan"]
     region = results[_adapt_step(settings, settings.adapter, settings.calibration.size)]
     curated, curated_pre, exported = results.get("curate"), results.get("pretrain_curated"), results.get("export")
+    regional = {size: (results[_adapt_step(settings, adapter, size)], results[_regional_step(settings, adapter, size)])
+                for adapter, size in settings.regional_runs()}
     sections = [("Setup", _setup(pre, zero, region)),
-                ("Results", _results(pre, curated, curated_pre, zero, region)),
+                ("Results", _results(pre, curated, curated_pre, zero, region,
+                                     regional.get(settings.calibration.size, (None, None))[1])),
+                *([("Regional pretraining", _regional_section(regional, pre.metrics["task"]))] if regional else []),
                 *(curated.sections if curated else []), *planned.sections]
     if exported is not None:
         sections += [(heading, body if rejected is None else f"**Rejected**: {rejected}\n\n{body}")
@@ -252,6 +307,7 @@ def _report(steps: Steps, settings: PipelineSettings, record: RunRecord, rejecte
         [f"- pretrain: `{pre.run_dir}`", f"- zero-shot: `{zero.run_dir}`",
          *([f"- curation: `{curated.outputs['manifest']}`"] if curated else []),
          f"- region adapter: `{region.outputs['adapter']}`", f"- adaptation sweep: `{steps.out / 'adapt'}`",
+         *([f"- with regional pretraining: `{steps.out / 'adapt_regional'}`"] if regional else []),
          f"- plan: `{planned.run_dir}`",
          *([f"- edge export: rejected, `{exported.run_dir / 'rejected'}`" if rejected is not None
             else f"- edge export: `{exported.outputs['model']}`"] if exported else [])])))
@@ -284,7 +340,7 @@ def _setup(pre: StageResult, zero: StageResult, region: StageResult) -> str:
 
 
 def _results(pre: StageResult, curated: StageResult | None, curated_pre: StageResult | None, zero: StageResult,
-             region: StageResult) -> str:
+             region: StageResult, region_regional: StageResult | None = None) -> str:
     pm, zm, am = pre.metrics, zero.metrics, region.metrics
     rows = metric_rows(f"global {pm['backbone']}", pm["recipe"], "test", pm["test"])
     if curated and curated_pre:
@@ -294,4 +350,35 @@ def _results(pre: StageResult, curated: StageResult | None, curated_pre: StageRe
     rows += metric_rows(f"global {pm['backbone']}, zero-shot", zm["recipe"], zm["split"], zm)
     rows += metric_rows(f"+ {am['method']} adapter, {am['calibration']['size']} labels", am["recipe"], "test",
                         am["test"])
+    if region_regional is not None:
+        rm = region_regional.metrics
+        rows += metric_rows(f"+ {rm['method']} adapter, {rm['calibration']['size']} labels, after regional "
+                            f"pretraining ({rm['regional_pretrain']['epochs']} DINO epochs)", rm["recipe"], "test",
+                            rm["test"])
     return results_table(rows, pm["task"])
+
+
+def _regional_section(runs: dict[int, tuple[StageResult, StageResult]], task: str) -> str:
+    """The region's adapter without and with regional pretraining at every size, what it cost, and whether it
+    helped."""
+    key = "accuracy" if task == "classification" else "r2"
+    lines = [f"| adapter | labels | test {key} without | with regional pretraining | change | adapter MB without | "
+             f"with |", "|---|---:|---:|---:|---:|---:|---:|"]
+    worse = []
+    for size, (without, with_) in sorted(runs.items()):
+        a, b = without.metrics["test"]["overall"][key], with_.metrics["test"]["overall"][key]
+        worse += [size] if b < a else []
+        lines.append(f"| {with_.metrics['method']} | {size} | {a:.4f} | {b:.4f} | {b - a:+.4f} | "
+                     f"{without.metrics['adapter_bytes'] / 1e6:.3f} | {with_.metrics['adapter_bytes'] / 1e6:.3f} |")
+    first = runs[min(runs)][1].metrics["regional_pretrain"]
+    knn = first["feature_knn_val"]
+    cost = (f"DINO on the region's {first['images']} train images, labels unused: {first['epochs']} epochs, "
+            f"{first['steps']} steps, {first['seconds']:.0f} s, {first['trainable_parameters']} parameters trained "
+            f"(the adapter's own + {first['trainable']}); trained once and reused at every size.")
+    if knn["before"] is not None:
+        cost += (f" kNN accuracy of the features on the val split (the {min(runs)} calibration samples as the bank): "
+                 f"{knn['before']:.3f} before, {knn['after']:.3f} after.")
+    verdict = (f"**Regional pretraining lowered the adapter's test {key} at {', '.join(map(str, worse))} labels**: with "
+               f"these settings it does not help on this region." if worse else
+               f"Regional pretraining did not lower the adapter's test {key} at any size.")
+    return "\n".join([*lines, "", cost, "", verdict])
