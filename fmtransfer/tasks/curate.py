@@ -22,6 +22,7 @@ from fmtransfer.config import build_dataclass, require, run_dir
 from fmtransfer.curation.curate import Curation, CurationSettings, curate_embeddings, largest_share
 from fmtransfer.curation.embed import embed_split, load_embeddings
 from fmtransfer.data import RecipeDataModule, build_datamodule, load_recipe
+from fmtransfer.data.sources import read_source
 from fmtransfer.errors import ConfigError, DataError
 from fmtransfer.lineage import RunRecord, sha256_file, write_json_atomic, write_text_atomic
 from fmtransfer.plots import cluster_sizes_png, pca_map_png
@@ -43,7 +44,7 @@ def _pool_embeddings(cfg: DictConfig, record: RunRecord, out: Path, recipe,
     """The split's embeddings (computed, resumed or precomputed), the table rows they belong to, and the table."""
     split = cfg.curation.split
     if cfg.curation.embeddings:
-        table = build_datamodule(recipe, cfg.loader, output_dir=out).prepare()
+        table = build_datamodule(recipe, cfg.loader, output_dir=out, require_labels=False).prepare()
         x, ids = load_embeddings(cfg.curation.embeddings)
         record.add_input(cfg.curation.embeddings, "embeddings")
         index = {str(i): r for r, i in enumerate(table.ids)}
@@ -65,7 +66,9 @@ def _embed(cfg: DictConfig, out: Path, recipe, record: RunRecord | None, rank: i
         raise ConfigError("pass base=<model run dir or checkpoint> (its backbone embeds the data) "
                           "or curation.embeddings=<file.npy>")
     loaded = load_model_or_adapted(cfg.base, allow_unfinished=allow_unfinished(cfg))
-    dm = build_datamodule(recipe, cfg.loader, model_meta=loaded.meta, output_dir=out)
+    # curation balances by cluster, not by label: an unlabelled pool is what it exists to feed to self-supervised
+    # pretraining
+    dm = build_datamodule(recipe, cfg.loader, model_meta=loaded.meta, output_dir=out, require_labels=False)
     reuse = None
     if cfg.resume:  # read from there, written here: the earlier run's files and record stay as they were
         reuse = Path(cfg.resume).expanduser() / "embeddings"
@@ -98,6 +101,17 @@ def _identity(loaded) -> dict[str, Any]:
             "preprocess": loaded.meta["preprocess"]}
 
 
+def _check_strata(settings: CurationSettings, recipe) -> None:
+    """``stratify_by=label`` needs labels: refused for an unlabelled source before the base is loaded (listing the
+    source says so without decoding an image)."""
+    if settings.stratify_by != "label":
+        return
+    unlabelled = read_source(recipe).unlabelled
+    if unlabelled:
+        raise ConfigError(f"curation.stratify_by=label, but data recipe {recipe.name!r} has no labels: {unlabelled}; "
+                          f"set curation.stratify_by=null (balanced by cluster only) or region")
+
+
 def curate(cfg: DictConfig) -> StageResult:
     """Curate ``cfg.curation.split`` of ``cfg.data``; see the module docstring.
 
@@ -111,6 +125,7 @@ def curate(cfg: DictConfig) -> StageResult:
     if cfg.curation.embed.dtype not in ("float32", "float16"):
         raise ConfigError(f"curation.embed.dtype={cfg.curation.embed.dtype!r}: choose float32 or float16")
     recipe = load_recipe(cfg.data)
+    _check_strata(settings, recipe)
     rank, world = rank_and_world()
     if world > 1:  # said out loud: the environment, not the command line, switched this on
         role = "then assembles every shard and curates" if rank == 0 else "then stops; rank 0 curates"
@@ -143,6 +158,8 @@ def curate(cfg: DictConfig) -> StageResult:
 
 
 def _label(table, row: int) -> str:
+    if table.unlabelled:
+        return ""
     t = table.targets[row]
     return table.classes[int(t)] if table.classes else f"{float(t):.6g}"
 
@@ -189,7 +206,8 @@ def _metrics(result: Curation, rows: np.ndarray, table, settings: CurationSettin
         per_class = {c: {"pool": int((table.targets[rows] == i).sum()),
                          "curated": int((table.targets[rows[result.selected]] == i).sum())}
                      for i, c in enumerate(table.classes)}
-    return {"stage": "curate", "recipe": recipe, "split": split, "pool": n, "selected": int(len(result.selected)),
+    return {"stage": "curate", "recipe": recipe, "split": split, "labelled": not table.unlabelled,
+            "pool": n, "selected": int(len(result.selected)),
             "fraction": len(result.selected) / n, "duplicates_removed": int((~result.kept).sum()),
             "duplicate_groups": int(len(np.unique(result.representative[~result.kept]))),
             "levels": settings.levels, "settings": {k: v for k, v in vars(settings).items()},
@@ -206,7 +224,9 @@ def _summary(m: dict[str, Any]) -> str:
              f"near-duplicates removed in {m['duplicate_groups']} groups.", "",
              f"The largest 10% of the {m['levels'][0]} finest clusters hold {share['pool']:.1%} of the pool and "
              f"{share['curated']:.1%} of the curated subset.", ""]
-    if m["per_class"]:
+    if not m["labelled"]:
+        lines.append("The pool has no labels: it was balanced by cluster only, and there are no per-class counts.")
+    elif m["per_class"]:
         lines += ["| class | pool | curated |", "|---|---:|---:|"]
         lines += [f"| {c} | {v['pool']} | {v['curated']} |" for c, v in m["per_class"].items()]
     return "\n".join(lines).strip()
