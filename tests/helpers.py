@@ -31,3 +31,15 @@ class WaitForFile(pl.Callback):
         deadline = time.monotonic() + self.timeout_s
         while not Path(self.path).exists() and time.monotonic() < deadline:
             time.sleep(0.1)
+
+
+class StopAfterEpoch(pl.Callback):
+    """Stop training after ``epochs`` epochs of a run planned for more (its checkpoint written, its schedules sized
+    for the plan): a run that died at an epoch's end, in process."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True

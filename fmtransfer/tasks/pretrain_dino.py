@@ -31,18 +31,26 @@ from fmtransfer.models.module import EpochSeed
 from fmtransfer.plots import collapse_signals_png, training_curves_png
 from fmtransfer.ranks import rank_and_world
 from fmtransfer.tasks.common import (
+    SetupFingerprint,
     TrainThroughput,
     build_logger,
     build_trainer,
+    check_resume_setup,
     checkpoint_callback,
     extra_callbacks,
+    metrics_history,
     resolve_resume,
     run_dir,
+    setup_fingerprint,
 )
 from fmtransfer.tasks.evaluate import score_features
 from fmtransfer.tasks.result import StageResult
 
 SELF_SUPERVISED = "self_supervised"
+# the config that makes a checkpoint this run's (with the data recipe and its content fingerprint): resume= refuses
+# a checkpoint written with other values. `method` holds every DINO setting (crops, temperatures, momenta, head)
+# besides the optimiser and schedule; DINO reads no `augment`
+DINO_SETUP_KEYS = ("seed", "backbone", "method", "loader.batch_size")
 
 
 def is_self_supervised(cfg: DictConfig) -> bool:
@@ -57,7 +65,8 @@ def dino_settings(cfg: DictConfig) -> DinoSettings:
 
 def validate_dino(cfg: DictConfig) -> tuple[Recipe, BackboneSpec, DinoSettings]:
     """Every check that needs no data: keys, recipe, backbone, settings, batch size against centring."""
-    require(cfg, "seed", "data", "backbone", "method.optimizer", "method.scheduler", "trainer", "loader", "resume")
+    require(cfg, "seed", "data", "backbone", "method.optimizer", "method.scheduler", "trainer", "loader", "resume",
+            "resume_force")
     recipe = load_recipe(cfg.data)
     spec = backbone_spec(cfg.backbone)
     if int(spec.in_chans) != recipe.channels:
@@ -142,6 +151,10 @@ def pretrain_dino(cfg: DictConfig) -> StageResult:
         table = dm.prepare()
         check_pool(dm, settings)
         record.set_data(recipe.name, recipe.to_dict(), table.fingerprint)
+        setup = setup_fingerprint(cfg, DINO_SETUP_KEYS, recipe, table.fingerprint)
+        if resume is not None:  # before anything trains: a checkpoint of another setup continues another run
+            record.set("resume_differs", check_resume_setup(resume, setup, bool(cfg.resume_force),
+                                                            f"resume={cfg.resume}"))
         if spec.checkpoint:
             record.add_input(spec.checkpoint, "backbone_checkpoint")
         if resume is not None:
@@ -165,13 +178,15 @@ def pretrain_dino(cfg: DictConfig) -> StageResult:
         throughput = TrainThroughput()
         # no val/loss to monitor: keep last.ckpt
         ckpt = checkpoint_callback(OmegaConf.merge(cfg, {"checkpoint": {"monitor": None}}), out / "checkpoints")
-        trainer = build_trainer(cfg, callbacks=[ckpt, EpochSeed(cfg.seed), throughput, *extra_callbacks(cfg)],
-                                logger=build_logger(cfg), default_root_dir=out)
+        callbacks = [ckpt, SetupFingerprint(setup, record.data["run_id"]), EpochSeed(cfg.seed), throughput,
+                     *extra_callbacks(cfg)]
+        trainer = build_trainer(cfg, callbacks=callbacks, logger=build_logger(cfg), default_root_dir=out)
         record.set("trainable_parameters", sum(p.numel() for p in module.student.parameters()))
         started = time.perf_counter()
         try:
-            trainer.fit(module, train_dataloaders=dm.dataloader("train", shuffle=True),
-                        ckpt_path=str(resume) if resume else None, weights_only=True)
+            with metrics_history(out, resuming=resume is not None):  # a resumed run keeps the rows logged before
+                trainer.fit(module, train_dataloaders=dm.dataloader("train", shuffle=True),
+                            ckpt_path=str(resume) if resume else None, weights_only=True)
         except CollapseError as e:
             files = _record_signals(out, module, spec, recipe, {"collapsed": {"signal": e.signal, "error": str(e)}})
             for role, path in files.items():
