@@ -6,9 +6,15 @@ matrices apply to them unchanged.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from fmtransfer.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+# below this many images of a class (the median class) a leave-one-out kNN accuracy is noisy and biased low
+LOO_MIN_PER_CLASS = 10
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -54,15 +60,50 @@ def knn_scores(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, n
     return out
 
 
+def knn_loo_k(labels: np.ndarray, k: int) -> int:
+    """The k a leave-one-out vote over ``labels`` uses: ``k``, capped at half of what the median class holds besides
+    the left-out image (at least 1).
+
+    With k near a class's size the vote becomes a count of the classes among the neighbours, and the left-out
+    image's own class always has one image fewer than the others: embeddings that tell nothing apart then score 0
+    instead of chance (40 images of 10 classes, k=20). A class of one image is left out of the median: it is never
+    scored (:func:`knn_loo_accuracy`).
+    """
+    counts = np.bincount(np.asarray(labels, dtype=np.int64))
+    counts = counts[counts >= 2]
+    if not len(counts):
+        return 1
+    return max(1, min(int(k), (int(np.median(counts)) - 1) // 2))
+
+
 def knn_loo_accuracy(features: np.ndarray, labels: np.ndarray, k: int = 20, temperature: float = 0.07) -> float:
     """Leave-one-out kNN accuracy of one labelled set: each sample classified by the votes of the others.
 
     features: (n, d); labels: (n,) class indices. It needs no second split, so an export can score an embedding
-    model on its gate split alone.
+    model on its gate split alone. ``k`` is capped by :func:`knn_loo_k`; an image that is alone in its class has
+    no neighbour of its own to find, so it votes but is not scored.
+
+    Raises:
+        DataError: no class holds two images (nothing can be scored). Fewer than ``LOO_MIN_PER_CLASS`` images in
+            the median class is a warning: the score is then noisy and biased low (chance is (c-1)/(n-1) for
+            classes of c among n images, below 1/classes).
     """
     labels = np.asarray(labels, dtype=np.int64)
-    scores = knn_scores(features, labels, features, int(labels.max()) + 1, k, temperature, exclude_self=True)
-    return float((scores.argmax(1) == labels).mean())
+    counts = np.bincount(labels)
+    scored = counts[labels] >= 2
+    n_classes = int((counts > 0).sum())
+    if not scored.any():
+        raise DataError(f"kNN leave-one-out: the split is too small to score: {len(labels)} images of {n_classes} "
+                        f"classes, none with a second image; it needs at least 2 images of a class (better "
+                        f"{LOO_MIN_PER_CLASS} or more): use a larger split or recipe")
+    k_used = knn_loo_k(labels, k)
+    typical = int(np.median(counts[counts >= 2]))
+    if typical < LOO_MIN_PER_CLASS:
+        log.warning(f"kNN leave-one-out on {len(labels)} images of {n_classes} classes, about {typical} images per "
+                    f"class (k={k_used}): fewer than {LOO_MIN_PER_CLASS} a class makes the score noisy and biased "
+                    f"low (chance about {(typical - 1) / max(1, len(labels) - 1):.3f}); use a larger split")
+    scores = knn_scores(features, labels, features, int(labels.max()) + 1, k_used, temperature, exclude_self=True)
+    return float((scores.argmax(1) == labels)[scored].mean())
 
 
 def linear_probe_scores(train: np.ndarray, train_labels: np.ndarray, queries: np.ndarray, num_classes: int,
