@@ -105,15 +105,14 @@ def _patch_size(backbone) -> int | None:
 
 def _student_backbone(spec: BackboneSpec, recipe: Recipe, settings: DinoSettings):
     """The student's backbone and the crop plan; a ViT takes local views of another size through timm's
-    ``dynamic_img_size`` (the saved architecture stays ``spec``: the weights are the same)."""
-    backbone = create_backbone(spec)
+    ``dynamic_img_size`` (the saved architecture stays ``spec``: the weights are the same). Built once, so brought
+    weights are read and fitted once."""
+    built = spec
+    if settings.crops.n_local and family_of(spec.name).takes_img_size:
+        built = dataclasses.replace(spec, kwargs={**spec.kwargs, "dynamic_img_size": True})
+    backbone = create_backbone(built)
     check_input_size(backbone, spec, recipe.image_size, recipe.channels)
     plan = plan_crops(settings.crops, recipe.image_size, _patch_size(backbone))
-    if settings.crops.n_local and family_of(spec.name).takes_img_size:
-        dynamic = dataclasses.replace(spec, kwargs={**spec.kwargs, "dynamic_img_size": True})
-        state = backbone.state_dict()
-        backbone = create_backbone(dynamic)
-        backbone.load_state_dict(state)
     _check_crop_sizes(backbone, spec, plan, settings, recipe.channels)
     return backbone, plan
 
@@ -202,7 +201,9 @@ def pretrain_dino(cfg: DictConfig) -> StageResult:
         per_epoch = throughput.per_epoch
         metrics = {
             "stage": "pretrain", "method": "dino", "task": meta["task"], "backbone": spec.name,
-            "recipe": recipe.name, "epochs": trainer.current_epoch, "global_step": trainer.global_step,
+            "recipe": recipe.name,
+            "backbone_weights": meta["backbone_weights"],  # where the initial weights came from, what was adapted
+            "epochs": trainer.current_epoch, "global_step": trainer.global_step,
             "fit_seconds": round(fit_seconds, 2),
             "train_images_per_s": {"median": statistics.median(per_epoch) if per_epoch else None,
                                    "per_epoch": [round(v, 1) for v in per_epoch]},
