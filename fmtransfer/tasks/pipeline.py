@@ -29,6 +29,7 @@ from fmtransfer.tasks.evaluate import evaluate
 from fmtransfer.tasks.export import GateFailed, export, export_settings
 from fmtransfer.tasks.plan import plan
 from fmtransfer.tasks.pretrain import epochs_for_steps, pretrain, validate
+from fmtransfer.tasks.pretrain_dino import is_self_supervised
 from fmtransfer.tasks.report import metric_rows, results_table, write_report
 from fmtransfer.tasks.result import StageResult
 
@@ -239,6 +240,10 @@ def compose_steps(cfg: DictConfig, settings: PipelineSettings, out: Path) -> Ste
 def _check(steps: Steps, settings: PipelineSettings) -> None:
     """Every step's own checks, and the sizes against the data: all that can fail, before anything trains."""
     configs = steps.configs
+    if is_self_supervised(configs["pretrain"]):  # its zero-shot score, report and curated pretraining read a head
+        raise ConfigError("pipeline method=dino: the pipeline scores the global model's head, and a self-supervised "
+                          "model has none; run fmtransfer pretrain method=dino, then evaluate model=<run> "
+                          "protocol=knn, curate base=<run> and adapt base=<run> on their own")
     validate(configs["pretrain"])
     for name in configs:
         if name.startswith(("adapt/", "adapt_regional/")):
