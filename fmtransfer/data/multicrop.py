@@ -73,13 +73,30 @@ class MultiCrop(nn.Module):
     def n_views(self) -> int:
         return len(self.views)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
-        """x: (N, C, H, W) normalised images -> one (N, C, h, w) tensor per view, the two global views first."""
-        return [self._view(x, view, generator) for view in self.views]
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                keys: list[int] | None = None) -> list[torch.Tensor]:
+        """x: (N, C, H, W) normalised images -> one (N, C, h, w) tensor per view, the two global views first.
 
-    def _view(self, x: torch.Tensor, view: ViewSpec, generator: torch.Generator | None) -> torch.Tensor:
+        Random numbers come from ``generator`` in batch order, or, given ``keys`` (one seed per image), from each
+        image's own generator: then an image's views do not depend on its batch or on the process it went to, so
+        one process and several data-parallel ones crop alike.
+        """
+        per_image = self._per_image_draws(keys) if keys is not None else None
+        if per_image is not None and len(per_image) != x.shape[0]:
+            raise ValueError(f"MultiCrop: {len(per_image)} keys for a batch of {x.shape[0]} images")
+        return [self._view(x, view, generator, None if per_image is None else per_image[:, i])
+                for i, view in enumerate(self.views)]
+
+    def _per_image_draws(self, keys: list[int]) -> torch.Tensor:
+        """(N, views, 10) uniform numbers: the 9 of a view's crop and jitter, then its blur sigma."""
+        return torch.stack([torch.rand(self.n_views, 10, generator=torch.Generator().manual_seed(int(k)))
+                            for k in keys]) if len(keys) else torch.empty(0, self.n_views, 10)
+
+    def _view(self, x: torch.Tensor, view: ViewSpec, generator: torch.Generator | None,
+              drawn: torch.Tensor | None = None) -> torch.Tensor:
         n = x.shape[0]
-        u = torch.rand(n, 9, generator=generator)  # drawn on the CPU: identical whatever the device
+        # drawn on the CPU: identical whatever the device
+        u = torch.rand(n, 9, generator=generator) if drawn is None else drawn[:, :9]
         out = _resized_crop(x, view, u[:, :4], u[:, 4] < self.hflip)
         shift = (u[:, 5] * 2 - 1) * self.brightness
         factor = 1 + (u[:, 6] * 2 - 1) * self.contrast
@@ -88,7 +105,7 @@ class MultiCrop(nn.Module):
         if x.shape[1] == 3:
             grey = (u[:, 7] < view.grey).view(n, 1, 1, 1).to(out.device)
             out = torch.where(grey, out.mean(dim=1, keepdim=True).expand_as(out), out)
-        return _blur(out, u[:, 8] < view.blur, generator)
+        return _blur(out, u[:, 8] < view.blur, generator, None if drawn is None else drawn[:, 9])
 
 
 def _resized_crop(x: torch.Tensor, view: ViewSpec, u: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
@@ -109,15 +126,19 @@ def _resized_crop(x: torch.Tensor, view: ViewSpec, u: torch.Tensor, flip: torch.
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def _blur(x: torch.Tensor, which: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """A Gaussian blur of the images ``which`` selects, sigma drawn per image from 0.1-2 px at 224 px."""
+def _blur(x: torch.Tensor, which: torch.Tensor, generator: torch.Generator | None,
+          drawn: torch.Tensor | None = None) -> torch.Tensor:
+    """A Gaussian blur of the images ``which`` selects, sigma drawn per image from 0.1-2 px at 224 px (from
+    ``generator``, or ``drawn``: one uniform number per image of the batch)."""
     rows = torch.nonzero(which).flatten()
     if not len(rows):
         return x
     n, c, h, w = x.shape
     side = min(h, w) / _REFERENCE_SIDE
-    sigma = (0.1 + torch.rand(len(rows), generator=generator) * 1.9) * side
-    radius = max(1, math.ceil(3 * float(sigma.max())))
+    u = torch.rand(len(rows), generator=generator) if drawn is None else drawn[rows]
+    sigma = (0.1 + u * 1.9) * side
+    # from the largest sigma a view may draw, not this batch's: an image's blur must not depend on its batch
+    radius = max(1, math.ceil(3 * 2.0 * side))
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
     kernel = torch.exp(-(offsets[None] ** 2) / (2 * sigma[:, None] ** 2))
     kernel = (kernel / kernel.sum(1, keepdim=True)).to(x)  # (m, taps)

@@ -143,7 +143,12 @@ class RunRecord:
 
     # --- writing -------------------------------------------------------------------------------
     def write(self) -> Path:
-        return write_json_atomic(self.run_dir / RUN_FILE, self.data)
+        """Write ``run.json``; the other ranks of a launched data-parallel job leave it to rank 0 (theirs would
+        replace rank 0's, and list it as a previous attempt)."""
+        path = self.run_dir / RUN_FILE
+        if lock.launched_non_zero_rank():
+            return path
+        return write_json_atomic(path, self.data)
 
     def __enter__(self) -> RunRecord:
         self._locked = lock.acquire(self.run_dir, self.data["stage"])

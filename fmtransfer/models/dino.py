@@ -277,40 +277,76 @@ class DinoLoss(nn.Module):
             ``teacher_mean_entropy`` (entropy of their batch mean: low when one prototype takes every image) and
             ``kl`` (KL(teacher || student), the loss minus the teacher's entropy).
         """
-        probs = [F.softmax((t - self.center) / teacher_temp, dim=-1) for t in teacher]
-        log_student = [F.log_softmax(s / self.student_temp, dim=-1) for s in student]
-        total, pairs = student[0].new_zeros(()), 0
-        for i, p in enumerate(probs):
-            for j, log_q in enumerate(log_student):
-                if i == j:  # a view is never its own target
-                    continue
-                total = total + torch.sum(-p * log_q, dim=-1).mean()
-                pairs += 1
-        loss = total / pairs
-        with torch.no_grad():
-            p_all = torch.cat(probs).float()
-            entropy = float(-(p_all * torch.log(p_all.clamp_min(1e-12))).sum(-1).mean())
-            mean = p_all.mean(0)
-            mean_entropy = float(-(mean * torch.log(mean.clamp_min(1e-12))).sum())
-        return loss, {"teacher_entropy": entropy, "teacher_mean_entropy": mean_entropy,
-                      "kl": float(loss.detach()) - entropy}
+        # in float32 whatever the trainer's precision: at temperature 0.04 bf16's 8-bit mantissa turns the
+        # sharpened softmax into a near one-hot of rounding noise
+        with torch.autocast(device_type=student[0].device.type, enabled=False):
+            probs = [F.softmax((t.float() - self.center) / teacher_temp, dim=-1) for t in teacher]
+            log_student = [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student]
+            total, pairs = student[0].new_zeros((), dtype=torch.float32), 0
+            for i, p in enumerate(probs):
+                for j, log_q in enumerate(log_student):
+                    if i == j:  # a view is never its own target
+                        continue
+                    total = total + torch.sum(-p * log_q, dim=-1).mean()
+                    pairs += 1
+            loss = total / pairs
+        return loss, self._signals(loss, torch.cat(probs))
+
+    @staticmethod
+    @torch.no_grad()
+    def _signals(loss: torch.Tensor, probs: torch.Tensor) -> dict[str, float]:
+        """The signals over the global batch (every process of a data-parallel run gets the same numbers, so the
+        collapse guard stops all of them at the same step): each process's batch is the same size (Lightning's
+        DistributedSampler pads), so means over processes are means over the global batch."""
+        entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
+        local = torch.cat([loss.detach().float().view(1), entropy.view(1), probs.mean(0)])
+        merged = all_reduce_mean(local)
+        mean = merged[2:]
+        mean_entropy = float(-(mean * torch.log(mean.clamp_min(1e-12))).sum())
+        loss_all, entropy_all = float(merged[0]), float(merged[1])
+        return {"loss": loss_all, "teacher_entropy": entropy_all, "teacher_mean_entropy": mean_entropy,
+                "kl": loss_all - entropy_all}
 
     @torch.no_grad()
     def update_center(self, teacher: torch.Tensor) -> None:
         """teacher: (N, K) raw teacher outputs of this step."""
-        batch_mean = teacher.float().mean(0, keepdim=True)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(batch_mean)
-            batch_mean /= torch.distributed.get_world_size()
+        batch_mean = all_reduce_mean(teacher.float().mean(0, keepdim=True))  # every process keeps one centre
         self.center.mul_(self.center_momentum).add_(batch_mean * (1 - self.center_momentum))
 
 
-def embedding_std(features: torch.Tensor) -> float:
-    """Std over the batch of L2-normalised features, averaged over dimensions (healthy ~1/sqrt(d), collapsed 0).
+def distributed_world() -> int:
+    """Processes of the running data-parallel job (1 outside one)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
-    features: (N, d).
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """``x`` summed over the processes of a data-parallel run (``x`` itself in a single process)."""
+    if distributed_world() > 1:
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+    return x
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """``x`` averaged over the processes of a data-parallel run (``x`` itself in a single process)."""
+    return all_reduce_sum(x) / distributed_world()
+
+
+@torch.no_grad()
+def embedding_std(features: torch.Tensor) -> float:
+    """Std over the (global) batch of L2-normalised features, averaged over dimensions (healthy ~1/sqrt(d),
+    collapsed 0).
+
+    features: (N, d), this process's share of the batch.
     """
-    return float(F.normalize(features.detach().float(), dim=-1).std(0).mean())
+    z = F.normalize(features.detach().float(), dim=-1).double()
+    n = z.new_tensor([z.shape[0]])
+    total = all_reduce_sum(torch.cat([z.sum(0), (z * z).sum(0), n]))
+    d = z.shape[1]
+    count = total[-1]
+    var = (total[d:2 * d] - total[:d] ** 2 / count) / (count - 1).clamp_min(1)
+    return float(var.clamp_min(0).sqrt().mean())
 
 
 _ADVICE = {
@@ -474,7 +510,7 @@ class DinoModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x = batch[0]
-        views = self.crops(x, generator=self._generator)
+        views = self.crops(x, generator=self._generator, keys=self._crop_keys(batch))
         temp = self.settings.teacher_temperature(self._progress())
         with torch.no_grad():
             t_features = self.teacher["backbone"](torch.cat(views[:2]))
@@ -482,11 +518,21 @@ class DinoModule(pl.LightningModule):
         s_out = self._student(views)
         loss, signals = self.loss_fn(list(s_out.chunk(len(views))), list(t_out.chunk(2)), temp)
         self.loss_fn.update_center(t_out)
-        signals.update(loss=float(loss.detach()), embedding_std=embedding_std(t_features), teacher_temp=temp)
+        signals.update(embedding_std=embedding_std(t_features), teacher_temp=temp)
         self._steps.append(signals)
         self.guard.step(signals, f"epoch {self.current_epoch + 1}, step {self.global_step + 1}")
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(x))
+        # the loss over the global batch (signals["loss"]); the returned one is this process's, which DDP's
+        # gradient averaging turns into the global batch's gradient
+        self.log("train/loss", signals["loss"], on_step=True, on_epoch=True, prog_bar=True, batch_size=len(x))
         return loss
+
+    def _crop_keys(self, batch) -> list[int] | None:
+        """One crop seed per image from (seed, epoch, the image's table row): an image gets the same views
+        whichever batch position or process it lands in (None: a batch without row ids, cropped in batch order)."""
+        if len(batch) < 3 or not torch.is_tensor(batch[2]):
+            return None
+        return [int(np.random.SeedSequence([self.seed, self.current_epoch, int(row)]).generate_state(1)[0])
+                for row in batch[2].tolist()]
 
     def _student(self, views: list[torch.Tensor]) -> torch.Tensor:
         """Student outputs of every view, in view order; views of one size go through the backbone together."""
@@ -522,7 +568,10 @@ class DinoModule(pl.LightningModule):
                       healthy_std=1 / math.sqrt(int(self.student["backbone"].num_features)))
         record["loss_over_ln_prototypes"] = record["loss"] / record["ln_prototypes"]
         if self.knn is not None:
-            record["knn_val_accuracy"] = self.knn.accuracy(self.teacher_backbone, self.device)
+            # rank 0 scores (the teacher is the same on every rank) and tells the others: the records, and what
+            # a callback may decide from them, stay identical on every rank
+            accuracy = self.knn.accuracy(self.teacher_backbone, self.device) if self.trainer.is_global_zero else 0.0
+            record["knn_val_accuracy"] = float(self.trainer.strategy.broadcast(accuracy, src=0))
             self.log("val/knn_acc", record["knn_val_accuracy"], prog_bar=True)
         self.history.append(record)
         self.log_dict({f"dino/{k}": record[k] for k in ("teacher_entropy", "teacher_mean_entropy", "kl",

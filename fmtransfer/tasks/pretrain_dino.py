@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from lightning_fabric.utilities.distributed import DistributedSamplerWrapper
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
 
 from fmtransfer.config import build, build_dataclass, require
 from fmtransfer.data import Preprocess, RecipeDataModule, build_datamodule, load_recipe
@@ -143,8 +145,10 @@ def pretrain_dino(cfg: DictConfig) -> StageResult:
     recipe, spec, settings = validate_dino(cfg)
     rank_and_world()
     resume = resolve_resume(cfg.resume)
-    student, plan = _student_backbone(spec, recipe, settings)
+    # before the backbone: its initial weights must not depend on what this process drew before (a
+    # data-parallel run's rank 0 and a single process start alike)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    student, plan = _student_backbone(spec, recipe, settings)
     dm = build_datamodule(recipe, cfg.loader, seed=cfg.seed, output_dir=out, require_labels=False)
     with RunRecord("pretrain", out, cfg) as record:
         table = dm.prepare()
@@ -184,14 +188,18 @@ def pretrain_dino(cfg: DictConfig) -> StageResult:
         started = time.perf_counter()
         try:
             with metrics_history(out, resuming=resume is not None):  # a resumed run keeps the rows logged before
-                trainer.fit(module, train_dataloaders=dm.dataloader("train", shuffle=True),
+                trainer.fit(module, train_dataloaders=_per_process(dm.dataloader("train", shuffle=True), trainer),
                             ckpt_path=str(resume) if resume else None, weights_only=True)
-        except CollapseError as e:
+        except CollapseError as e:  # raised on every rank at the same step (the signals are global)
+            if not trainer.is_global_zero:
+                raise
             files = _record_signals(out, module, spec, recipe, {"collapsed": {"signal": e.signal, "error": str(e)}})
             for role, path in files.items():
                 record.add_output(path, role)
             raise
         fit_seconds = time.perf_counter() - started
+        if not trainer.is_global_zero:  # the model, scores and metrics are rank 0's to write
+            return StageResult("pretrain", out, {"stage": "pretrain", "rank": trainer.global_rank}, {})
 
         model = Classifier(module.teacher_backbone, 0).eval()
         files = dict(zip(("weights", "model"), save_model(model, meta, out)))
@@ -218,6 +226,18 @@ def pretrain_dino(cfg: DictConfig) -> StageResult:
         for role, path in outputs.items():
             record.add_output(path, role)
     return StageResult("pretrain", out, metrics, {role: Path(path) for role, path in outputs.items()})
+
+
+def _per_process(loader: DataLoader, trainer: pl.Trainer) -> DataLoader:
+    """Under data parallelism, process r takes every world-th image of the one-process order (the run's seeded
+    shuffle): the processes' batches together are the one-process batch of the same global size, which is what
+    makes a run on N processes train like one (Lightning's own sampler would shuffle that order again)."""
+    if trainer.world_size == 1:
+        return loader
+    sampler = DistributedSamplerWrapper(loader.sampler, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                        shuffle=False)
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
+                      persistent_workers=loader.persistent_workers, drop_last=loader.drop_last)
 
 
 def _knn_ready(dm: RecipeDataModule) -> bool:
