@@ -6,9 +6,11 @@ import copy
 import csv
 import dataclasses
 import io
+import json
 import logging
 import math
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +27,11 @@ from fmtransfer.adapters.loading import allow_unfinished, load_model_or_adapted
 from fmtransfer.adapters.methods import AdapterMethod, adapter_state, check_method_fits, trainable_count
 from fmtransfer.adapters.settings import AdaptSettings
 from fmtransfer.config import build, build_dataclass, require, to_plain
-from fmtransfer.data import Recipe, RecipeDataModule, build_datamodule, load_recipe
+from fmtransfer.data import Preprocess, Recipe, RecipeDataModule, build_datamodule, load_recipe
 from fmtransfer.errors import ConfigError
 from fmtransfer.lineage import RunRecord, write_json_atomic, write_text_atomic
-from fmtransfer.models.classifier import Classifier
+from fmtransfer.models.backbone import backbone_spec, check_input_size, create_backbone
+from fmtransfer.models.classifier import META_FILE, Classifier, model_meta, save_model
 from fmtransfer.models.inference import embed
 from fmtransfer.models.module import EpochSeed, SupervisedModule
 from fmtransfer.ranks import rank_and_world
@@ -76,6 +79,7 @@ def choose_calibration(dm: RecipeDataModule, model, strategy: Strategy, size: in
     return pool[pick]
 
 
+BASE_DIR = "base"  # base=null: the base made from brought weights, in the run dir
 _SETTINGS_KEYS = ("adapter", "calibration", "loss", "scheduler", "resume", "resume_force", "checkpoints",
                   "keep_checkpoints", "accelerator")
 # the config that makes a checkpoint this run's (with the data recipe, its content fingerprint and the base's
@@ -99,6 +103,7 @@ class _Inputs:
     resume: Path | None
     setup: dict[str, Any]
     resume_differs: list[str] | None
+    brought: Path | None = None  # base=null: the base's files, staged until the run holds its dir
 
 
 @dataclass
@@ -144,6 +149,7 @@ def adapt(cfg: DictConfig) -> StageResult:
     out = run_dir(cfg)
     with RunRecord("adapt", out, cfg) as record:  # holds the run dir's lock: every file is written under it
         files = inputs.dm.write_manifests(out / "data")
+        files.update(_place_brought_base(inputs, record))
         _record_inputs(record, inputs)
         zero_shot = _zero_shot(inputs, settings, out)
         files["calibration"] = _calibrate(inputs, settings, out)
@@ -160,26 +166,78 @@ def adapt(cfg: DictConfig) -> StageResult:
 def _load_inputs(cfg: DictConfig, settings: AdaptSettings, recipe: Recipe, method: AdapterMethod) -> _Inputs:
     """The base and the region's data, with the checks that need them (method vs backbone, the recipe's fit, the
     calibration size against the train split)."""
-    base = load_model_or_adapted(cfg.base, allow_unfinished=allow_unfinished(cfg))
-    base_path, model, base_meta = base.path, base.model, base.meta
-    check_method_fits(method.name, base_meta["backbone"]["name"])
-    dm = build_datamodule(recipe, cfg.loader, model_meta=base_meta, seed=cfg.seed)
-    pool = len(dm.prepare().indices("train"))
-    size = pool if settings.calibration.size is None else settings.calibration.size
-    if size > pool:
-        raise ConfigError(f"calibration.size={size} is larger than the train split of {recipe.name!r} ({pool} "
-                          f"samples; val and test are never used for calibration)")
-    resume = resolve_resume(settings.resume)
-    setup = setup_fingerprint(cfg, SETUP_KEYS, recipe, dm.prepare().fingerprint,
-                              **{"base.sha256": base_meta["weights_sha256"]})
-    differs = (check_resume_setup(resume, setup, settings.resume_force, f"resume={settings.resume}")
-               if resume is not None else None)
-    return _Inputs(recipe, method, base_path, model, base_meta, dm, size, resume, setup, differs)
+    brought = None
+    if cfg.base is None:
+        base_path, model, base_meta, brought = _brought_base(cfg, recipe)
+    else:
+        base = load_model_or_adapted(cfg.base, allow_unfinished=allow_unfinished(cfg))
+        base_path, model, base_meta = base.path, base.model, base.meta
+    try:
+        check_method_fits(method.name, base_meta["backbone"]["name"])
+        dm = build_datamodule(recipe, cfg.loader, model_meta=base_meta, seed=cfg.seed)
+        pool = len(dm.prepare().indices("train"))
+        size = pool if settings.calibration.size is None else settings.calibration.size
+        if size > pool:
+            raise ConfigError(f"calibration.size={size} is larger than the train split of {recipe.name!r} ({pool} "
+                              f"samples; val and test are never used for calibration)")
+        resume = resolve_resume(settings.resume)
+        setup = setup_fingerprint(cfg, SETUP_KEYS, recipe, dm.prepare().fingerprint,
+                                  **{"base.sha256": base_meta["weights_sha256"]})
+        differs = (check_resume_setup(resume, setup, settings.resume_force, f"resume={settings.resume}")
+                   if resume is not None else None)
+        return _Inputs(recipe, method, base_path, model, base_meta, dm, size, resume, setup, differs, brought)
+    except BaseException:
+        if brought is not None:  # the staged base of a run that stops here
+            shutil.rmtree(brought, ignore_errors=True)
+        raise
+
+
+def _brought_base(cfg: DictConfig, recipe: Recipe) -> tuple[Path, Classifier, dict[str, Any], Path]:
+    """``base=null``: the foundation weights the user brings (``backbone.pretrained`` / ``backbone.checkpoint``,
+    fitted to the recipe by the backbone factory) as a head-less base, saved sealed in a staging folder.
+
+    Returns:
+        the base's final path (``<run dir>/base/model.json``), the model, its header and the staging folder.
+    """
+    if "backbone" not in cfg:
+        raise ConfigError("base=null adapts over foundation weights you bring: pass backbone=<name> with "
+                          "backbone.pretrained=true or backbone.checkpoint=<file>, or base=<run dir or model>")
+    spec = backbone_spec(cfg.backbone)
+    if not spec.pretrained and not spec.checkpoint:
+        raise ConfigError(f"base=null with backbone={spec.name} names no weights: an adapter over a random backbone "
+                          f"learns little; set backbone.pretrained=true or backbone.checkpoint=<file>")
+    if int(spec.in_chans) != recipe.channels:
+        raise ConfigError(f"backbone.in_chans={spec.in_chans} does not fit data recipe {recipe.name!r}, whose images "
+                          f"have data.channels={recipe.channels}; set backbone.in_chans={recipe.channels}")
+    backbone = create_backbone(spec)
+    check_input_size(backbone, spec, recipe.image_size, recipe.channels)
+    model = Classifier(backbone, 0)
+    meta = model_meta(model, spec, task=recipe.task, classes=None, preprocess=Preprocess.from_recipe(recipe),
+                      recipe=recipe.name, made_by="adapt base=null")
+    staging = Path(tempfile.mkdtemp(prefix="fmtransfer-base-"))
+    _, header = save_model(model, meta, staging)
+    log.info("base=null: a head-less %s base from %s weights (%s)", spec.name,
+             (meta["backbone_weights"] or {}).get("source"), (meta["backbone_weights"] or {}).get("location"))
+    return run_dir(cfg) / BASE_DIR / META_FILE, model.eval(), json.loads(header.read_text()), staging
+
+
+def _place_brought_base(inputs: _Inputs, record: RunRecord) -> dict[str, Path]:
+    """``base=null``: move the staged base into ``<run dir>/base/`` (the adapter's header names it there)."""
+    if inputs.brought is None:
+        return {}
+    folder = inputs.base_path.parent
+    shutil.rmtree(folder, ignore_errors=True)  # an earlier attempt's, in this run dir
+    shutil.move(str(inputs.brought), str(folder))
+    location = (inputs.meta["backbone_weights"] or {}).get("location")
+    if location and Path(location).is_file():  # a local checkpoint (timm's hub weights are named, not a file here)
+        record.add_input(location, "backbone_checkpoint")
+    return {"base_weights": folder / inputs.meta["weights"], "base_model": inputs.base_path}
 
 
 def _record_inputs(record: RunRecord, inputs: _Inputs) -> None:
     record.add_input(inputs.base_path, "base")
-    if (parent := model_run_dir(inputs.base_path, inputs.meta)) is not None:
+    # a base=null base lives in this run's dir: this run is not its own parent
+    if inputs.brought is None and (parent := model_run_dir(inputs.base_path, inputs.meta)) is not None:
         record.add_parent(parent)
     recipe = inputs.recipe
     record.set_data(recipe.name, recipe.to_dict(), inputs.dm.prepare().fingerprint)
