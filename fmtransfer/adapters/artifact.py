@@ -21,7 +21,7 @@ from torch import nn
 
 from fmtransfer.adapters.methods import AdapterMethod, method_from_description
 from fmtransfer.errors import ArtifactError, ConfigError
-from fmtransfer.lineage.io import HEADER_DIGEST, atomic_path, header_sha256, seal_header
+from fmtransfer.lineage.io import HEADER_DIGEST, atomic_path, seal_header, verify_header
 from fmtransfer.models.classifier import Classifier
 
 ADAPTER_FORMAT = "fmtransfer.adapter"
@@ -87,15 +87,8 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
 
 
 def _check_digest(header: dict[str, Any], path: Path) -> None:
-    recorded = header.get(HEADER_DIGEST)
-    if recorded is None:
-        raise ArtifactError(f"adapter {path} has no {HEADER_DIGEST} (format_version {header.get('format_version')}, "
-                            f"written before adapter headers were hashed), so its base and classes cannot be "
-                            f"verified; re-create it with `fmtransfer adapt base=<its base> ...`")
-    if recorded != header_sha256(header):
-        raise ArtifactError(f"adapter {path}: its header (base, classes, method, ...) does not match the "
-                            f"{HEADER_DIGEST} it was written with; it was edited after the file was written, "
-                            f"refusing it")
+    verify_header(header, f"adapter {path}", "base, classes, method, ...",
+                  "re-create it with `fmtransfer adapt base=<its base> ...`")
 
 
 # header entries every reader relies on: (key, type, what it is)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from fmtransfer.errors import ArtifactError
-from fmtransfer.lineage.io import HEADER_DIGEST, header_sha256, sha256_file
+from fmtransfer.lineage.io import HEADER_DIGEST, header_sha256, sha256_file, verify_header
 
 METADATA_KEY = "fmtransfer"
 ONNX_FORMAT = "fmtransfer.onnx"
@@ -165,13 +165,7 @@ def read_metadata(path: Path, props: dict[str, str]) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != ONNX_FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise ArtifactError(f"{path}: metadata format {found!r}, expected {ONNX_FORMAT!r}")
-    if meta.get(HEADER_DIGEST) is None:
-        raise ArtifactError(f"{path}: its metadata has no {HEADER_DIGEST} (format_version "
-                            f"{meta.get('format_version')}, exported before metadata was hashed), so its classes and "
-                            f"preprocessing cannot be verified; re-export it with `fmtransfer export`")
-    if meta[HEADER_DIGEST] != header_sha256(meta):
-        raise ArtifactError(f"{path}: its metadata (classes, preprocessing, gates, ...) does not match the "
-                            f"{HEADER_DIGEST} it was exported with; it was edited, refusing to load it")
+    verify_header(meta, str(path), "classes, preprocessing, gates, ...", "re-export it with `fmtransfer export`")
     edited = [k for k in READABLE_KEYS if k in props and not _agrees(props[k], meta.get(k))]
     if edited:
         raise ArtifactError(f"{path}: its readable metadata {edited} disagrees with the hashed metadata; it was "

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fmtransfer.errors import ArtifactError
+
 _CHUNK = 1 << 20
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -60,6 +62,27 @@ def seal_header(header: dict[str, Any], key: str = HEADER_DIGEST) -> dict[str, A
     """
     plain = json.loads(canonical_json({k: v for k, v in header.items() if k != key}))
     return {**plain, key: header_sha256(plain, key)}
+
+
+def verify_header(header: dict[str, Any], what: str, covers: str, remake: str) -> None:
+    """Refuse a header that is not the one its artifact was written with, or that was never sealed.
+
+    Args:
+        header: the artifact's JSON header, as read.
+        what: the artifact as messages name it (``"model <path>"``, ``"adapter <path>"``, an ONNX path).
+        covers: what the digest protects, for the message (``"classes, preprocessing, ..."``).
+        remake: how to re-create an artifact written before headers were hashed (a command to run).
+
+    Raises:
+        ArtifactError: the digest is missing or does not match.
+    """
+    recorded = header.get(HEADER_DIGEST)
+    if recorded is None:
+        raise ArtifactError(f"{what} has no {HEADER_DIGEST} (format_version {header.get('format_version')}, "
+                            f"written before headers were hashed), so its {covers} cannot be verified; {remake}")
+    if recorded != header_sha256(header):
+        raise ArtifactError(f"{what}: its header ({covers}) does not match the {HEADER_DIGEST} it was written "
+                            f"with; it was edited after it was written, refusing it")
 
 
 @contextlib.contextmanager

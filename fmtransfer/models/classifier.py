@@ -17,11 +17,10 @@ from torch import nn
 from fmtransfer.data.preprocess import Preprocess
 from fmtransfer.errors import ArtifactError
 from fmtransfer.lineage.io import (
-    HEADER_DIGEST,
     atomic_path,
-    header_sha256,
     seal_header,
     sha256_file,
+    verify_header,
     write_json_atomic,
 )
 from fmtransfer.models.backbone import BackboneSpec, create_backbone, read_state_dict, weights_record
@@ -186,16 +185,8 @@ def check_model_header(meta: dict[str, Any], path: str | Path) -> None:
     Raises:
         ArtifactError: naming the file, and how to re-create it for a header written before headers were hashed.
     """
-    recorded = meta.get(HEADER_DIGEST)
-    if recorded is None:
-        raise ArtifactError(f"model {path} has no {HEADER_DIGEST} (format_version {meta.get('format_version')}, "
-                            f"written before model headers were hashed), so its classes and preprocessing cannot be "
-                            f"verified; re-create it (`fmtransfer pretrain`, or `fmtransfer merge` for a merged "
-                            f"adapter)")
-    if recorded != header_sha256(meta):
-        raise ArtifactError(f"model {path}: its header (classes, preprocessing, architecture, ...) does not match "
-                            f"the {HEADER_DIGEST} it was written with; it was edited after it was written, refusing "
-                            f"it")
+    verify_header(meta, f"model {path}", "classes, preprocessing, architecture, ...",
+                  "re-create it (`fmtransfer pretrain`, or `fmtransfer merge` for a merged adapter)")
 
 
 def build_classifier(meta: dict[str, Any]) -> Classifier:

@@ -24,6 +24,7 @@ from torch import nn
 from fmtransfer.data.multicrop import MultiCrop
 from fmtransfer.errors import ConfigError, FmtError
 from fmtransfer.models.probes import knn_scores
+from fmtransfer.models.schedules import lightning_optimizers
 
 
 class CollapseError(FmtError):
@@ -579,12 +580,8 @@ class DinoModule(pl.LightningModule):
         self.guard.end_epoch(record, f"the end of epoch {self.current_epoch + 1}")
 
     def configure_optimizers(self):
-        params = [p for p in self.student.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer, total_steps=self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return lightning_optimizers(self.student.parameters(), self.optimizer_factory, self.scheduler_factory,
+                                    self.trainer.estimated_stepping_batches)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["fmtransfer"] = self.meta

@@ -14,6 +14,7 @@ from torchmetrics import MeanAbsoluteError, MetricCollection, R2Score
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from fmtransfer.models.classifier import Classifier
+from fmtransfer.models.schedules import lightning_optimizers
 
 STAGES = ("train", "val", "test")
 
@@ -115,12 +116,8 @@ class SupervisedModule(pl.LightningModule):
         self._epoch_end("test")
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer, total_steps=self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return lightning_optimizers(self.model.parameters(), self.optimizer_factory, self.scheduler_factory,
+                                    self.trainer.estimated_stepping_batches)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["fmtransfer"] = self.meta

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
+from typing import Any
 
+from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -21,3 +24,13 @@ def cosine_with_warmup(optimizer: Optimizer, total_steps: int, warmup_fraction: 
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return LambdaLR(optimizer, factor)
+
+
+def lightning_optimizers(params: Iterable[nn.Parameter], optimizer_factory: Callable[..., Optimizer],
+                         scheduler_factory: Callable[..., Any] | None, total_steps: int) -> Any:
+    """``configure_optimizers``' answer: the trainable ``params``' optimizer, and the schedule stepped every step."""
+    optimizer = optimizer_factory([p for p in params if p.requires_grad])
+    if scheduler_factory is None:
+        return optimizer
+    scheduler = scheduler_factory(optimizer, total_steps=total_steps)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -289,6 +289,22 @@ def check_resume_setup(checkpoint: Path, setup: dict[str, Any], force: bool, wha
     return differ
 
 
+def record_training_inputs(record: RunRecord, cfg: DictConfig, resume: Path | None, setup: dict[str, Any],
+                           checkpoint: str | None) -> None:
+    """What a training stage starts from, in its record: the brought backbone weights and the checkpoint it
+    resumes (after :func:`check_resume_setup`, so a checkpoint of another setup stops the run before it trains),
+    with that checkpoint's run as a parent."""
+    if resume is not None:
+        record.set("resume_differs", check_resume_setup(resume, setup, bool(cfg.resume_force), f"resume={cfg.resume}"))
+    if checkpoint:
+        record.add_input(checkpoint, "backbone_checkpoint")
+    if resume is not None:
+        record.add_input(resume, "resumed_from")
+        record.set("resumed_from", str(resume))
+        if (resume.parent.parent / RUN_FILE).is_file():
+            record.add_parent(resume.parent.parent)
+
+
 def _refuse_or_warn(problem: str, force: bool) -> None:
     if not force:
         raise ConfigError(f"{problem}; resume with the checkpoint's settings, start afresh without resume=, or "

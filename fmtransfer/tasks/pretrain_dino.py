@@ -37,10 +37,10 @@ from fmtransfer.tasks.common import (
     TrainThroughput,
     build_logger,
     build_trainer,
-    check_resume_setup,
     checkpoint_callback,
     extra_callbacks,
     metrics_history,
+    record_training_inputs,
     resolve_resume,
     run_dir,
     setup_fingerprint,
@@ -155,16 +155,7 @@ def pretrain_dino(cfg: DictConfig) -> StageResult:
         check_pool(dm, settings)
         record.set_data(recipe.name, recipe.to_dict(), table.fingerprint)
         setup = setup_fingerprint(cfg, DINO_SETUP_KEYS, recipe, table.fingerprint)
-        if resume is not None:  # before anything trains: a checkpoint of another setup continues another run
-            record.set("resume_differs", check_resume_setup(resume, setup, bool(cfg.resume_force),
-                                                            f"resume={cfg.resume}"))
-        if spec.checkpoint:
-            record.add_input(spec.checkpoint, "backbone_checkpoint")
-        if resume is not None:
-            record.add_input(resume, "resumed_from")
-            record.set("resumed_from", str(resume))
-            if (resume.parent.parent / "run.json").is_file():
-                record.add_parent(resume.parent.parent)
+        record_training_inputs(record, cfg, resume, setup, spec.checkpoint)
         labelled = _knn_ready(dm)
         headless = Classifier(student, 0)
         meta = model_meta(headless, spec, task=recipe.task, classes=None, preprocess=Preprocess.from_recipe(recipe),
