@@ -382,7 +382,7 @@ def _without_regional(cfg: DictConfig, settings: AdaptSettings, inputs: _Inputs,
         plain.regional_pretrain.epochs, plain.regional_pretrain.reuse = 0, None
         plain.logger = None  # logs/metrics.csv stays the saved adapter's
     folder = out / "without_regional"
-    base = load_model_or_adapted(cfg.base, allow_unfinished=allow_unfinished(cfg))
+    base = load_model_or_adapted(inputs.base_path, allow_unfinished=allow_unfinished(cfg))
     other = dataclasses.replace(inputs, model=base.model, method=build(settings.adapter.method, "adapter.method"),
                                 resume=None)
     fitted = _fit(plain, settings, other, record, folder)
