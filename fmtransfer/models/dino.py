@@ -493,6 +493,9 @@ class DinoModule(pl.LightningModule):
         self.loss_fn = DinoLoss(settings.prototypes, settings.student_temp, settings.center_momentum)
         self.guard = CollapseGuard(settings.collapse, settings.prototypes, dim)
         self.history: list[dict[str, float]] = []  # one record of signals per epoch
+        # the kNN accuracy of the starting weights (random or brought), scored before the first step: the run's
+        # own baseline, so the stage can say when pretraining did not help
+        self.initial_knn: float | None = None
         self._steps: list[dict[str, float]] = []
         self._generator = torch.Generator()
 
@@ -503,6 +506,12 @@ class DinoModule(pl.LightningModule):
     def _progress(self) -> float:
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer is not None else 1
         return min(1.0, self.global_step / total)
+
+    def on_train_start(self) -> None:
+        if self.knn is None or self.initial_knn is not None or self.global_step > 0:
+            return  # a resumed run keeps the baseline its checkpoint recorded
+        accuracy = self.knn.accuracy(self.teacher_backbone, self.device) if self.trainer.is_global_zero else 0.0
+        self.initial_knn = float(self.trainer.strategy.broadcast(accuracy, src=0))
 
     def on_train_epoch_start(self) -> None:
         self._generator.manual_seed(self.seed + self.current_epoch)
@@ -586,9 +595,11 @@ class DinoModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["fmtransfer"] = self.meta
         checkpoint["dino_history"] = self.history
+        checkpoint["dino_initial_knn"] = self.initial_knn
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.history = list(checkpoint.get("dino_history", []))
+        self.initial_knn = checkpoint.get("dino_initial_knn")
 
 
 def check_separate(student: nn.Module, teacher: nn.Module) -> None:

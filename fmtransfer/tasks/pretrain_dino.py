@@ -10,6 +10,7 @@ when the recipe has labels), ``collapse_signals.png`` and, with labels, the kNN 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -53,6 +54,7 @@ SELF_SUPERVISED = "self_supervised"
 # a checkpoint written with other values. `method` holds every DINO setting (crops, temperatures, momenta, head)
 # besides the optimiser and schedule; DINO reads no `augment`
 DINO_SETUP_KEYS = ("seed", "backbone", "method", "loader.batch_size")
+log = logging.getLogger(__name__)
 
 
 def is_self_supervised(cfg: DictConfig) -> bool:
@@ -208,6 +210,7 @@ def pretrain_dino(cfg: DictConfig) -> StageResult:
                                    "per_epoch": [round(v, 1) for v in per_epoch]},
             "last_epoch": {k: float(v) for k, v in trainer.callback_metrics.items()},
             "test": ({"protocol": "knn", **{k: v for k, v in test.items() if k != "files"}} if test else None),
+            "knn_val": knn_verdict(module, spec.name),
             "data": dm.summary(),
         }
         files.update(_record_signals(out, module, spec, recipe, metrics))
@@ -229,6 +232,24 @@ def _per_process(loader: DataLoader, trainer: pl.Trainer) -> DataLoader:
                                         shuffle=False)
     return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
                       persistent_workers=loader.persistent_workers, drop_last=loader.drop_last)
+
+
+def knn_verdict(module: DinoModule, backbone: str) -> dict[str, Any] | None:
+    """The teacher's kNN accuracy on the val split at the start (the starting weights: random, or brought) and at
+    the end; a run that did not raise it is a warning, since its model is no better a start than the one it began
+    from (None without labels)."""
+    start = module.initial_knn
+    end = module.history[-1].get("knn_val_accuracy") if module.history else None
+    if start is None or end is None:
+        return None
+    helped = end > start
+    if helped:
+        log.info("DINO: kNN accuracy on the val split %.4f -> %.4f", start, end)
+    else:
+        log.warning("DINO did not help: the kNN accuracy on the val split is %.4f after pretraining and %.4f with the "
+                    "starting weights of %s; train longer (trainer.max_epochs), or change method.dino.* "
+                    "(teacher_temp, prototypes, momentum_start, crops) or method.optimizer.lr", end, start, backbone)
+    return {"initial": start, "final": end, "gain": end - start, "helped": helped}
 
 
 def _knn_ready(dm: RecipeDataModule) -> bool:

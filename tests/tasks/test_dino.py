@@ -49,6 +49,9 @@ def test_healthy_run_records_signals_and_saves_a_headless_teacher(dino_run):
         assert np.isfinite(signals[key]), key
     assert signals["ln_prototypes"] == pytest.approx(np.log(metrics["dino"]["prototypes"]))
     assert 0 <= signals["knn_val_accuracy"] <= 1
+    verdict = metrics["knn_val"]  # the starting weights' kNN, scored before the first step, against the end's
+    assert verdict["final"] == signals["knn_val_accuracy"] and 0 <= verdict["initial"] <= 1
+    assert verdict["helped"] == (verdict["final"] > verdict["initial"])
     assert metrics["test"]["protocol"] == "knn" and metrics["test"]["overall"]["n"] > 0
     assert (dino_run / "collapse_signals.png").is_file()
     model, meta = load_model(dino_run)
@@ -183,3 +186,20 @@ def test_export_releases_a_headless_model_as_an_embedding_model(cfg_factory, din
     assert onnx.meta["num_outputs"] == load_model(dino_run)[1]["embed_dim"]
     with pytest.raises(DataError, match="head-less backbone: it outputs embeddings"):
         predict_files(result.outputs["model"], _flat_folder(tmp_path / "new"), tmp_path / "p.csv")
+
+
+@pytest.mark.parametrize(("start", "end", "helped"), [(0.83, 0.78, False), (0.83, 0.83, False), (0.80, 0.91, True)])
+def test_a_run_that_did_not_raise_the_knn_accuracy_says_so(start, end, helped, caplog):
+    from types import SimpleNamespace
+
+    from fmtransfer.tasks.pretrain_dino import knn_verdict
+
+    module = SimpleNamespace(initial_knn=start, history=[{"knn_val_accuracy": 0.5}, {"knn_val_accuracy": end}])
+    with caplog.at_level("INFO", logger="fmtransfer.tasks.pretrain_dino"):
+        verdict = knn_verdict(module, "resnet18")
+    assert verdict == {"initial": start, "final": end, "gain": pytest.approx(end - start), "helped": helped}
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert bool(warned) is not helped
+    if warned:
+        assert f"{end:.4f} after pretraining and {start:.4f} with the starting weights of resnet18" in warned[0].message
+    assert knn_verdict(SimpleNamespace(initial_knn=None, history=[]), "resnet18") is None
