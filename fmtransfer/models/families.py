@@ -24,6 +24,9 @@ class Family:
             the family of a checkpoint that does not fit the model it was given to.
         blocks: regex (full match) over backbone module names of its repeated blocks, in network order; the last
             match is the block regional pretraining unfreezes (``regional_pretrain.trainable=last_block``).
+        zero_init_last: the constructor takes ``zero_init_last`` (timm zeroes each residual branch's last norm, so
+            a new network is its shortcut path alone: at small image sizes that path reads one corner pixel, and
+            every image gets the same features until training grows the branches).
     """
 
     name: str
@@ -35,6 +38,7 @@ class Family:
     int8: str = "static"
     signature: str | None = None
     blocks: str | None = None
+    zero_init_last: bool = False
 
     def matches(self, model_name: str) -> bool:
         return re.match(self.pattern, model_name) is not None
@@ -53,7 +57,7 @@ FAMILIES: tuple[Family, ...] = (
            signature=r"stages\.\d+\.blocks\.\d+\.conv_dw\.weight", blocks=r"stages\.\d+\.blocks\.\d+"),
     Family("resnet", r"^(resnet|resnext|wide_resnet|seresnet|test_resnet|resnetrs)",
            lora_targets=r"(conv1(\.\d+)?|layer\d+\.\d+\.(conv\d+|downsample\.\d+))",  # only convs are taken
-           signature=r"layer\d+\.\d+\.conv\d\.weight", blocks=r"layer\d+\.\d+"),
+           signature=r"layer\d+\.\d+\.conv\d\.weight", blocks=r"layer\d+\.\d+", zero_init_last=True),
     Family("efficientnet", r"^(efficientnet|tf_efficientnet|mobilenet|test_efficientnet)",
            lora_targets=r"(conv_stem|blocks\.\d+\.\d+\.(conv_dw|conv_pw|conv_pwl|conv)|conv_head)",
            signature=r"blocks\.\d+\.\d+\.conv_(dw|pw)\.weight", blocks=r"blocks\.\d+\.\d+"),

@@ -112,8 +112,14 @@ def _student_backbone(spec: BackboneSpec, recipe: Recipe, settings: DinoSettings
     ``dynamic_img_size`` (the saved architecture stays ``spec``: the weights are the same). Built once, so brought
     weights are read and fitted once."""
     built = spec
-    if settings.crops.n_local and family_of(spec.name).takes_img_size:
-        built = dataclasses.replace(spec, kwargs={**spec.kwargs, "dynamic_img_size": True})
+    family = family_of(spec.name)
+    if settings.crops.n_local and family.takes_img_size:
+        built = dataclasses.replace(spec, kwargs={**built.kwargs, "dynamic_img_size": True})
+    if family.zero_init_last and not (spec.pretrained or spec.checkpoint) and "zero_init_last" not in spec.kwargs:
+        # a new ResNet with zeroed residual branches gives every image the same features (on a 28x28 image its
+        # shortcut path reads one corner pixel): the EMA teacher then starts, and stays for hundreds of steps,
+        # uniform, and the loss sits at ln K. Normal initial branches give it something to sharpen.
+        built = dataclasses.replace(built, kwargs={**built.kwargs, "zero_init_last": False})
     backbone = create_backbone(built)
     check_input_size(backbone, spec, recipe.image_size, recipe.channels)
     plan = plan_crops(settings.crops, recipe.image_size, _patch_size(backbone))

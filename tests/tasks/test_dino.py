@@ -203,3 +203,22 @@ def test_a_run_that_did_not_raise_the_knn_accuracy_says_so(start, end, helped, c
     if warned:
         assert f"{end:.4f} after pretraining and {start:.4f} with the starting weights of resnet18" in warned[0].message
     assert knn_verdict(SimpleNamespace(initial_knn=None, history=[]), "resnet18") is None
+
+
+@pytest.mark.parametrize(("kwargs", "alike"), [([], False), (["+backbone.kwargs.zero_init_last=true"], True)])
+def test_a_new_resnet_student_tells_images_apart(cfg_factory, kwargs, alike):
+    """timm zeroes ResNet's residual branches; at 28x28 the shortcut path then reads one corner pixel and every image
+    gets the same features, so DINO's teacher starts uniform. The DINO student is built with normal branches
+    (what a user sets explicitly is kept)."""
+    import torch
+
+    from fmtransfer.tasks.pretrain_dino import _student_backbone, validate_dino
+
+    recipe, spec, settings = validate_dino(cfg_factory("pretrain", *DINO, "backbone=resnet18", *kwargs))
+    backbone, _ = _student_backbone(spec, recipe, settings)
+    images = torch.zeros(8, 1, 28, 28)  # a digit-like set: strokes in the middle, a blank border
+    images[:, :, 6:24, 6:24] = torch.rand(8, 1, 18, 18, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        features = backbone.eval()(images)
+    spread = float(features.std(0).mean())
+    assert (spread < 1e-6) if alike else (spread > 1e-3), spread
