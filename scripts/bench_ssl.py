@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +53,12 @@ sys.path.insert(0, str(ROOT))
 
 from fmtransfer.config import build, compose_stage  # noqa: E402
 from fmtransfer.data import build_datamodule, load_recipe  # noqa: E402
-from fmtransfer.models.backbone import create_backbone  # noqa: E402
-from fmtransfer.models.dino import DinoHead, DinoLoss, plan_crops  # noqa: E402
-from fmtransfer.models.families import family_of  # noqa: E402
+from fmtransfer.models.dino import DinoHead, DinoLoss  # noqa: E402
 from fmtransfer.models.probes import knn_scores, linear_probe_scores  # noqa: E402
 from fmtransfer.tasks.adapt import adapt  # noqa: E402
 from fmtransfer.tasks.evaluate import evaluate  # noqa: E402
 from fmtransfer.tasks.pretrain import pretrain  # noqa: E402
-from fmtransfer.tasks.pretrain_dino import validate_dino  # noqa: E402
+from fmtransfer.tasks.pretrain_dino import _student_backbone, validate_dino  # noqa: E402
 
 # vit_tiny: ViT-Tiny (5.5M, patch 4 at 28x28); tiny_vit: timm's 0.25M test ViT, for when ViT-Tiny's DINO is too slow
 ARCHS = {"resnet18": ["backbone=resnet18"], "vit_tiny": ["backbone=vit_tiny"], "tiny_vit": ["backbone=tiny_vit"]}
@@ -299,11 +297,9 @@ def plain_rate(cfg, epochs: int, batches: int) -> tuple[float, list[float]]:
     second (as :func:`framework_rate`) and the mean loss of every epoch."""
     recipe, spec, settings = validate_dino(cfg)
     torch.manual_seed(int(cfg.seed))
-    if settings.crops.n_local and family_of(spec.name).takes_img_size:  # local views: as the stage builds a ViT
-        spec = replace(spec, kwargs={**spec.kwargs, "dynamic_img_size": True})
-    backbone = create_backbone(spec)
-    patch = getattr(getattr(backbone, "patch_embed", None), "patch_size", None)
-    plan = plan_crops(settings.crops, recipe.image_size, int(patch[0]) if isinstance(patch, (tuple, list)) else patch)
+    # the stage's own student backbone and crop plan (a ViT with dynamic_img_size, a new ResNet's residual branches
+    # not zeroed): the same model, built the same way
+    backbone, plan = _student_backbone(spec, recipe, settings)
     crops = plan.build(settings.crops)
     head = DinoHead(int(backbone.num_features), settings.prototypes, settings.hidden_dim, settings.bottleneck_dim,
                     settings.head_batch_norm)
@@ -380,8 +376,7 @@ def throughput(bench: Bench) -> dict[str, Any]:
         rows[arch] = {"framework": statistics.median(fw), "plain": statistics.median(plain),
                       "ratio": statistics.median(fw) / statistics.median(plain), "framework_runs": fw,
                       "plain_runs": plain, "overrides": overrides,
-                      # same data order and crops, but not the same initial weights (the stage draws from torch's
-                      # RNG between building the backbone and the head), so the losses agree only roughly
+                      # the same computation: the same per-epoch losses (seed, weights, data order, crops)
                       "epoch_losses": losses}
     return rows
 
