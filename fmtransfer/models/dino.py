@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 
 from fmtransfer.data.multicrop import MultiCrop
 from fmtransfer.errors import ConfigError, FmtError
@@ -438,6 +439,16 @@ class KnnMonitor:
         self.bank_loader, self.val_loader = bank_loader, val_loader
         self.num_classes, self.settings = num_classes, settings
 
+    def _bank(self, loader: DataLoader) -> DataLoader:
+        """At most ``max_bank`` train images, drawn with a fixed seed (the same bank every epoch); the first ones
+        would do only for a shuffled table, and a recipe stored class by class then banks one class."""
+        n = len(loader.dataset)
+        if n <= self.settings.max_bank:
+            return loader
+        rows = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:self.settings.max_bank].sort().values
+        return DataLoader(Subset(loader.dataset, rows.tolist()), batch_size=loader.batch_size,
+                          num_workers=loader.num_workers, collate_fn=loader.collate_fn)
+
     @torch.no_grad()
     def _embed(self, backbone: nn.Module, loader, device, limit: int | None = None):
         feats, labels, n = [], [], 0
@@ -453,7 +464,7 @@ class KnnMonitor:
         was_training = backbone.training
         backbone.eval()
         try:
-            bank, bank_y = self._embed(backbone, self.bank_loader(), device, self.settings.max_bank)
+            bank, bank_y = self._embed(backbone, self._bank(self.bank_loader()), device)
             val, val_y = self._embed(backbone, self.val_loader(), device)
         finally:
             backbone.train(was_training)

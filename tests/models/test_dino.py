@@ -186,3 +186,17 @@ def test_knn_leave_one_out_never_counts_a_sample_as_its_own_neighbour():
     assert knn_loo_accuracy(feats, np.array([0, 0, 1, 1]), k=1) == 1.0
     # with itself as a neighbour every sample would be right; without, each pair votes for the other label
     assert knn_loo_accuracy(feats, np.array([0, 1, 0, 1]), k=1) == 0.0
+
+
+def test_knn_monitor_banks_a_sample_of_every_class_from_a_table_stored_class_by_class():
+    """A bank capped below the train split is a seeded sample, not the first rows (the first 30 here are all class
+    0, and every val image would be called 0)."""
+    from fmtransfer.models.dino import KnnMonitor, KnnSettings
+
+    labels = torch.tensor([0] * 50 + [1] * 50)
+    points = torch.stack([labels.float(), 1 - labels.float()], 1) + 0.01 * torch.randn(100, 2)
+    train = TensorDataset(points, labels, torch.arange(100))
+    val = TensorDataset(points[::5], labels[::5], torch.arange(20))
+    monitor = KnnMonitor(lambda: DataLoader(train, batch_size=16), lambda: DataLoader(val, batch_size=16), 2,
+                         KnnSettings(k=5, temperature=0.07, max_bank=30))
+    assert monitor.accuracy(torch.nn.Identity(), "cpu") == 1.0
