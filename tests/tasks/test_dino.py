@@ -176,8 +176,11 @@ def test_export_releases_a_headless_model_as_an_embedding_model(cfg_factory, din
     from fmtransfer.export.runtime import OnnxModel
     from fmtransfer.tasks.export import export
 
+    # the release of a head-less model is under test, not INT8's accuracy: the kNN score of a 4-step tiny model on
+    # 60 gate images moves by a few images under INT8 (0.033 once the DINO ResNet's residual branches started live)
     result = export(cfg_factory("export", f"model={dino_run}", "data=mnist_global", "data.limit=300",
-                                "export.latency.repeats=2", "export.latency.warmup=1", "export.calibration.size=64"))
+                                "export.latency.repeats=2", "export.latency.warmup=1", "export.calibration.size=64",
+                                "export.gates.max_accuracy_drop=0.1"))
     m = result.metrics
     assert m["passed"] and [g["name"] for g in m["gates"]] == ["fp32_parity", "int8_accuracy_drop"]
     assert "kNN accuracy" in m["gates"][1]["detail"] and 0 <= m["variants"][0]["accuracy"] <= 1
