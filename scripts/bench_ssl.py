@@ -58,7 +58,7 @@ from fmtransfer.models.probes import knn_scores, linear_probe_scores  # noqa: E4
 from fmtransfer.tasks.adapt import adapt  # noqa: E402
 from fmtransfer.tasks.evaluate import evaluate  # noqa: E402
 from fmtransfer.tasks.pretrain import pretrain  # noqa: E402
-from fmtransfer.tasks.pretrain_dino import _student_backbone, validate_dino  # noqa: E402
+from fmtransfer.tasks.pretrain_dino import student_backbone, validate_dino  # noqa: E402
 
 # vit_tiny: ViT-Tiny (5.5M, patch 4 at 28x28); tiny_vit: timm's 0.25M test ViT, for when ViT-Tiny's DINO is too slow
 ARCHS = {"resnet18": ["backbone=resnet18"], "vit_tiny": ["backbone=vit_tiny"], "tiny_vit": ["backbone=tiny_vit"]}
@@ -299,7 +299,7 @@ def plain_rate(cfg, epochs: int, batches: int) -> tuple[float, list[float]]:
     torch.manual_seed(int(cfg.seed))
     # the stage's own student backbone and crop plan (a ViT with dynamic_img_size, a new ResNet's residual branches
     # not zeroed): the same model, built the same way
-    backbone, plan = _student_backbone(spec, recipe, settings)
+    backbone, plan = student_backbone(spec, recipe, settings)
     crops = plan.build(settings.crops)
     head = DinoHead(int(backbone.num_features), settings.prototypes, settings.hidden_dim, settings.bottleneck_dim,
                     settings.head_batch_norm)

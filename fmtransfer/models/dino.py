@@ -450,15 +450,12 @@ class KnnMonitor:
                           num_workers=loader.num_workers, collate_fn=loader.collate_fn)
 
     @torch.no_grad()
-    def _embed(self, backbone: nn.Module, loader, device, limit: int | None = None):
-        feats, labels, n = [], [], 0
+    def _embed(self, backbone: nn.Module, loader, device):
+        feats, labels = [], []
         for x, y, _ in loader:
             feats.append(backbone(x.to(device)).float().cpu())
             labels.append(y)
-            n += len(y)
-            if limit is not None and n >= limit:
-                break
-        return torch.cat(feats).numpy()[:limit], torch.cat(labels).numpy()[:limit]
+        return torch.cat(feats).numpy(), torch.cat(labels).numpy()
 
     def accuracy(self, backbone: nn.Module, device) -> float:
         was_training = backbone.training

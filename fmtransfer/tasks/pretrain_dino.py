@@ -107,7 +107,7 @@ def _patch_size(backbone) -> int | None:
     return int(size[0]) if isinstance(size, (tuple, list)) else int(size)
 
 
-def _student_backbone(spec: BackboneSpec, recipe: Recipe, settings: DinoSettings):
+def student_backbone(spec: BackboneSpec, recipe: Recipe, settings: DinoSettings):
     """The student's backbone and the crop plan; a ViT takes local views of another size through timm's
     ``dynamic_img_size`` (the saved architecture stays ``spec``: the weights are the same). Built once, so brought
     weights are read and fitted once."""
@@ -156,7 +156,7 @@ def pretrain_dino(cfg: DictConfig) -> StageResult:
     # before the backbone: its initial weights must not depend on what this process drew before (a
     # data-parallel run's rank 0 and a single process start alike)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    student, plan = _student_backbone(spec, recipe, settings)
+    student, plan = student_backbone(spec, recipe, settings)
     dm = build_datamodule(recipe, cfg.loader, seed=cfg.seed, output_dir=out, require_labels=False)
     with RunRecord("pretrain", out, cfg) as record:
         table = dm.prepare()

@@ -215,10 +215,10 @@ def test_a_new_resnet_student_tells_images_apart(cfg_factory, kwargs, alike):
     (what a user sets explicitly is kept)."""
     import torch
 
-    from fmtransfer.tasks.pretrain_dino import _student_backbone, validate_dino
+    from fmtransfer.tasks.pretrain_dino import student_backbone, validate_dino
 
     recipe, spec, settings = validate_dino(cfg_factory("pretrain", *DINO, "backbone=resnet18", *kwargs))
-    backbone, _ = _student_backbone(spec, recipe, settings)
+    backbone, _ = student_backbone(spec, recipe, settings)
     images = torch.zeros(8, 1, 28, 28)  # a digit-like set: strokes in the middle, a blank border
     images[:, :, 6:24, 6:24] = torch.rand(8, 1, 18, 18, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
