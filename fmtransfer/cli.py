@@ -114,7 +114,6 @@ def run_stage(stage: str, args: list[str]) -> None:
     from fmtransfer.errors import FmtError
     from fmtransfer.lineage.lock import release_all
 
-    task = _load(stage)
     try:
         configs = config_dir()
         args = with_search_path(args)  # FMTRANSFER_CONFIG_PATH's dirs join hydra.searchpath
@@ -125,6 +124,8 @@ def run_stage(stage: str, args: list[str]) -> None:
     @hydra.main(config_path=str(configs), config_name=stage, version_base="1.3")
     def app(cfg) -> None:
         logging.captureWarnings(True)  # warnings (skipped images, ...) also reach the run's log file
+        # imported only now: --help, --cfg and a config error answer without torch, Lightning and timm (~7 s)
+        task = _load(stage)
         try:
             with quiet_third_party():
                 result = task(cfg)

@@ -75,17 +75,22 @@ def test_wrong_key_is_named(tmp_path, override, words):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("entry", [["-m", "fmtransfer"], ["-m", "fmtransfer.pretrain"]])
-def test_multirun_and_module_entry(tmp_path, entry):
-    args = entry + (["pretrain"] if entry[-1] == "fmtransfer" else [])
-    proc = subprocess.run([sys.executable, *args, "-m", "backbone=tiny_cnn,tiny_vit", "experiment=smoke",
-                           "data.limit=200", "trainer.limit_val_batches=1", f"hydra.sweep.dir={tmp_path}/sweep"],
-                          cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=400,
-                          stdin=subprocess.DEVNULL)
+def test_multirun_and_module_entry(tmp_path):
+    """`-m` sweeps with a run dir per job, and `python -m fmtransfer.<stage>` is `fmtransfer <stage>`."""
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *args], cwd=ROOT, env=cli_env(), capture_output=True, text=True,
+                              timeout=400, stdin=subprocess.DEVNULL)
+
+    proc = run("-m", "fmtransfer.pretrain", "-m", "backbone=tiny_cnn,tiny_vit", "experiment=smoke", "data.limit=200",
+               "trainer.limit_val_batches=1", f"hydra.sweep.dir={tmp_path}/sweep")
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/model.json"))
     assert len(runs) == 2  # sub-dirs are named by job number and overrides
     assert runs[0].startswith("0_backbone=tiny_cnn,") and runs[1].startswith("1_backbone=tiny_vit,")
+    jobs = [run(*entry, "backbone=tiny_vit", "--cfg", "job") for entry in (["-m", "fmtransfer", "pretrain"],
+                                                                             ["-m", "fmtransfer.pretrain"])]
+    assert jobs[0].returncode == 0 and "name: test_vit" in jobs[0].stdout, jobs[0].stderr[-2000:]
+    assert jobs[1].stdout == jobs[0].stdout
 
 
 @pytest.mark.e2e
