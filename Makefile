@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+# pytest-xdist processes for the slow tier (one per core here); JOBS=0 runs it in pytest's own process
+JOBS   ?= 2
 STAMP  := $(VENV)/.installed
 
 .PHONY: venv demo test test-slow test-all lint bench clean
@@ -19,12 +21,13 @@ demo: $(STAMP)
 # Two tiers, chosen by the markers in pyproject.toml: `make test` is the fast one (the default marker expression:
 # unit tests and a few in-process stage runs); `make test-slow` is the rest (tests marked e2e: a subprocess, the CLI,
 # torchrun, the wheel; or slow: real data, whole pipelines, most stage runs); `make test-all` runs both. ARGS comes
-# last, so `ARGS='-m e2e'` replaces a target's marker expression.
+# last, so `ARGS='-m e2e'` replaces a target's marker expression. The slow tier runs in JOBS processes, a test file
+# to each (its module fixtures are built once); most of its time is single-threaded CLI start-up.
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -m "(e2e or slow) and not gpu" $(ARGS)
+	$(PY) -m pytest -m "(e2e or slow) and not gpu" -n $(JOBS) --dist loadfile $(ARGS)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -m "not gpu" $(ARGS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,15 @@ FAST = ["backbone=tiny_cnn", "trainer=debug", "logger=csv", "loader.batch_size=3
 
 
 _DESELECTED = pytest.StashKey[int]()
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (``-n N``) the N workers share the cores: each worker, and the CLI processes its tests
+    start, gets its share of torch's threads instead of one thread per core each (oversubscribed, every test
+    waits on the others' spinning threads)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if workers > 1:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
 
 
 def pytest_deselected(items) -> None:
@@ -110,6 +120,13 @@ def cfg_factory(tmp_path):
     def factory(stage: str, *overrides: str, run_dir: Path | None = None) -> DictConfig:
         return make_cfg(stage, list(overrides), run_dir or tmp_path / stage)
     return factory
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a process group of a test (tests may run side by side)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def cli_env() -> dict[str, str]:

@@ -115,8 +115,8 @@ def test_a_rank_outside_the_world_is_refused(base, tmp_path, monkeypatch):
 def test_torchrun_processes_share_the_embedding(base, tmp_path):
     """Two real processes started by torchrun: each embeds its own shards, rank 0 curates."""
     out = tmp_path / "tr"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "fmtransfer",
-                           "curate", f"base={base}", *SMALL, "curation.embed.shard_size=64", f"run_dir={out}",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "fmtransfer", "curate", f"base={base}", *SMALL, "curation.embed.shard_size=64", f"run_dir={out}",
                            f"hydra.run.dir={out}"], capture_output=True, text=True, env=cli_env(), cwd=ROOT,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

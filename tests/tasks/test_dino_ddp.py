@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, cli_env
+from tests.conftest import ROOT, cli_env, free_port
 from tests.fixtures import pattern, save_image
 
 # per-step loss of 2 processes against 1: float32 sums in another order (each process's half, then the
@@ -43,8 +43,9 @@ def _pretrain(root: Path, out: Path, processes: int, extra: list[str] = (), time
         cmd = [sys.executable, "-m", "fmtransfer", "pretrain", *args, "trainer=cpu",
                f"loader.batch_size={GLOBAL_BATCH}"]
     else:  # loader.batch_size is each process's
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}", "-m", "fmtransfer",
-               "pretrain", *args, "trainer=ddp", "trainer.accelerator=cpu", f"trainer.devices={processes}",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               "-m", "fmtransfer", "pretrain", *args, "trainer=ddp", "trainer.accelerator=cpu",
+               f"trainer.devices={processes}",
                f"loader.batch_size={GLOBAL_BATCH // processes}"]
     return subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), cwd=ROOT, timeout=timeout)
 
@@ -135,7 +136,7 @@ def test_signals_centre_and_batchnorm_are_those_of_the_global_batch():
     ctx = torch.multiprocessing.get_context("spawn")
     with ctx.Manager() as manager:
         results = manager.dict()
-        port = 29500 + os.getpid() % 1000
+        port = free_port()
         procs = [ctx.Process(target=_worker, args=(r, 2, port, inputs, results)) for r in range(2)]
         for p in procs:
             p.start()
