@@ -200,3 +200,27 @@ def test_knn_monitor_banks_a_sample_of_every_class_from_a_table_stored_class_by_
     monitor = KnnMonitor(lambda: DataLoader(train, batch_size=16), lambda: DataLoader(val, batch_size=16), 2,
                          KnnSettings(k=5, temperature=0.07, max_bank=30))
     assert monitor.accuracy(torch.nn.Identity(), "cpu") == 1.0
+
+
+def test_the_starting_knn_measures_placeholder_batchnorm_statistics_on_a_copy():
+    """A new network's BatchNorm statistics (mean 0, variance 1) are not its own: the baseline a DINO run must beat
+    scores the weights with statistics measured on the bank, on a copy, and keeps statistics it was given."""
+    from fmtransfer.models.dino import KnnMonitor, KnnSettings
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(200) % 2
+    # the class is the distance along a large common offset, which a cosine cannot see, and the angle is noise;
+    # centred, the classes sit on either side of the mean along that offset
+    along = (100 + 0.5 * labels.float())[:, None] * torch.tensor([1.0, 1.0])
+    points = along + 0.05 * torch.randn(200, 1, generator=g) * torch.tensor([1.0, -1.0])
+    train = TensorDataset(points[:150], labels[:150], torch.arange(150))
+    val = TensorDataset(points[150:], labels[150:], torch.arange(50))
+    monitor = KnnMonitor(lambda: DataLoader(train, batch_size=32), lambda: DataLoader(val, batch_size=32), 2,
+                         KnnSettings(k=5, temperature=0.07, max_bank=1000))
+    fresh = nn.BatchNorm1d(2, affine=False)
+    assert monitor.accuracy(fresh, "cpu") < 0.75  # the placeholders: every point at the same angle, nearly
+    assert monitor.starting_accuracy(fresh, "cpu") >= 0.95
+    assert torch.equal(fresh.running_mean, torch.zeros(2)) and torch.equal(fresh.running_var, torch.ones(2))
+    given = nn.BatchNorm1d(2, affine=False)  # statistics that came with the weights: scored as they are
+    given.running_mean.fill_(100.0)
+    assert monitor.starting_accuracy(given, "cpu") == monitor.accuracy(given, "cpu")
