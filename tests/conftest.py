@@ -41,9 +41,19 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 
     pytest's exit code 5, "no tests collected", stays for a path or ``-k`` expression that matched no test.
     """
+    if hasattr(session.config, "workeroutput"):  # a pytest-xdist worker: the controller decides, from its count
+        session.config.workeroutput["deselected"] = session.config.stash.get(_DESELECTED, 0)
+        return
     deselected_by_markers = session.config.stash.get(_DESELECTED, 0) and not session.config.option.keyword
     if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED and deselected_by_markers:
         session.exitstatus = pytest.ExitCode.OK
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """pytest-xdist's controller: add up what the workers' markers deselected (for pytest_sessionfinish)."""
+    stash = node.config.stash
+    stash[_DESELECTED] = stash.get(_DESELECTED, 0) + getattr(node, "workeroutput", {}).get("deselected", 0)
 
 
 def _isolate(monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
