@@ -113,7 +113,7 @@ def student_backbone(spec: BackboneSpec, recipe: Recipe, settings: DinoSettings)
     weights are read and fitted once."""
     built = spec
     family = family_of(spec.name)
-    if settings.crops.n_local and family.takes_img_size:
+    if settings.crops.local_views(recipe.image_size) and family.takes_img_size:
         built = dataclasses.replace(spec, kwargs={**built.kwargs, "dynamic_img_size": True})
     if family.zero_init_last and not (spec.pretrained or spec.checkpoint) and "zero_init_last" not in spec.kwargs:
         # a new ResNet with zeroed residual branches gives every image the same features (on a 28x28 image its
@@ -130,7 +130,7 @@ def student_backbone(spec: BackboneSpec, recipe: Recipe, settings: DinoSettings)
 def _check_crop_sizes(backbone, spec: BackboneSpec, plan: CropPlan, settings: DinoSettings, channels: int) -> None:
     import torch
 
-    sizes = [("global_size", plan.global_size)] + ([("local_size", plan.local_size)] if settings.crops.n_local else [])
+    sizes = [("global_size", plan.global_size)] + ([("local_size", plan.local_size)] if plan.n_local else [])
     was_training = backbone.training
     backbone.eval()
     try:
@@ -171,7 +171,7 @@ def pretrain_dino(cfg: DictConfig) -> StageResult:
                           data_fingerprint=table.fingerprint)
         meta["pretraining"] = {"method": "dino", "prototypes": settings.prototypes,
                                "crops": {"global_size": list(plan.global_size), "local_size": list(plan.local_size),
-                                         "n_local": settings.crops.n_local}}
+                                         "n_local": plan.n_local}}
         knn = (KnnMonitor(lambda: dm.dataloader("train"), lambda: dm.dataloader("val"), len(table.classes),
                           settings.knn) if labelled else None)
         scheduler = build(cfg.method.scheduler, "method.scheduler") if cfg.method.scheduler else None

@@ -89,7 +89,8 @@ def fit_for_crops(model: Classifier, base_meta: dict[str, Any], settings: Region
     """A ViT takes DINO's smaller local views only with timm's ``dynamic_img_size``: rebuild its backbone so, with the
     base's weights (the parameters are the same, so the adapter still fits the base as saved). Call before the
     method is attached."""
-    if not settings.epochs or settings.reuse or not settings.dino.crops.n_local:
+    image_size = base_meta["preprocess"]["image_size"]
+    if not settings.epochs or settings.reuse or not settings.dino.crops.local_views(image_size):
         return
     spec = BackboneSpec(**base_meta["backbone"])
     if not family_of(spec.name).takes_img_size:

@@ -68,6 +68,20 @@ def test_crop_plan_fits_the_image_and_patch_size():
         plan_crops(_crops(local_size=32), [28, 28], patch=4)
 
 
+def test_auto_local_views_only_where_a_local_view_keeps_content():
+    """n_local=auto: DINO's six local views from 75 px images up (a local view of 32 px or more), none on 28 px
+    digits (12 px views); an explicit count or local_size is the user's."""
+    auto = _crops(n_local="auto")
+    assert plan_crops(auto, [28, 28], patch=None).n_local == 0
+    assert plan_crops(auto, [28, 28], patch=None).global_scale == (0.14, 1.0)  # the authors' scale without locals
+    assert plan_crops(auto, [224, 224], patch=16).n_local == 6 and plan_crops(auto, [75, 80], patch=None).n_local == 6
+    assert plan_crops(auto, [74, 74], patch=None).n_local == 0
+    assert plan_crops(_crops(n_local="auto", local_size=12), [28, 28], patch=None).n_local == 0
+    assert plan_crops(_crops(n_local=2), [28, 28], patch=None).n_local == 2
+    with pytest.raises(ConfigError, match="n_local='some'"):
+        _crops(n_local="some")
+
+
 def test_loss_of_a_uniform_teacher_is_ln_k():
     k = 64
     loss_fn = DinoLoss(k, student_temp=0.1, center_momentum=0.9)
