@@ -94,6 +94,27 @@ def test_multirun_and_module_entry(tmp_path):
 
 
 @pytest.mark.e2e
+def test_a_config_answer_loads_no_training_stack():
+    """`--cfg`, `--help` and a wrong key are Hydra's answers: the stage's code (torch, Lightning, timm) stays
+    unloaded, which is what makes them answer in half a second."""
+    code = """
+import sys
+from fmtransfer.cli import main
+for args in (["adapt", "--cfg", "job"], ["pretrain", "--help"], ["adapt", "data.colour=3"]):
+    try:
+        main(args)
+    except SystemExit:
+        pass
+heavy = sorted(m for m in ("torch", "pytorch_lightning", "timm") if m in sys.modules)
+assert not heavy, heavy
+print("light")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=cli_env(), capture_output=True, text=True,
+                          timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0 and "light" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.e2e
 def test_importing_fmtransfer_changes_no_global_state():
     """No module installs warning filters or logging settings when imported; the CLI does, for a run."""
     code = """

@@ -45,6 +45,7 @@ class CollapseError(FmtError):
 # with local_size=auto), none below
 AUTO_LOCAL_VIEWS = 6
 MIN_LOCAL_SIDE = 32
+LOCAL_SHARE = 3 / 7  # local_size=auto: this share of the image side (DINO's 96 of 224 px)
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class CropSettings:
         """How many local views an image of ``image_size`` gets (``auto`` resolved)."""
         if self.n_local != "auto":
             return int(self.n_local)
-        side = min(int(s) for s in image_size) * 3 / 7 if self.local_size == "auto" else int(self.local_size)
+        side = min(int(s) for s in image_size) * LOCAL_SHARE if self.local_size == "auto" else int(self.local_size)
         return AUTO_LOCAL_VIEWS if side >= MIN_LOCAL_SIDE else 0
 
 
@@ -241,7 +242,7 @@ def plan_crops(crops: CropSettings, image_size: list[int], patch: int | None) ->
     if patch and (h % patch or w % patch) and crops.global_size == "auto":
         raise ConfigError(f"data.image_size={[h, w]} does not fit the backbone's patch size {patch}; set "
                           f"method.dino.crops.global_size to a multiple of {patch}")
-    local_size = side(crops.local_size, 3 / 7, "local_size")
+    local_size = side(crops.local_size, LOCAL_SHARE, "local_size")
     n_local = crops.local_views([h, w])
     if crops.global_scale == "auto":
         global_scale = (0.4, 1.0) if n_local else (0.14, 1.0)
@@ -485,8 +486,7 @@ class KnnMonitor:
         statistics measured on its images). So placeholders are measured first on the bank images, on a copy;
         statistics that came with brought weights are kept.
         """
-        norms = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and _placeholder(m)]
-        if not norms:
+        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and _placeholder(m) for m in backbone.modules()):
             return self.accuracy(backbone, device)
         # a copy with plain BatchNorm: under DDP only rank 0 scores, so its layers must not wait for the others
         measured = SyncBatchNormAnyDevice().revert(copy.deepcopy(backbone))
