@@ -26,7 +26,7 @@ from fmtransfer.data.multicrop import MultiCrop
 from fmtransfer.errors import ConfigError, FmtError
 from fmtransfer.models.probes import knn_scores
 from fmtransfer.models.schedules import lightning_optimizers
-from fmtransfer.models.sync_norm import SyncBatchNormAnyDevice
+from fmtransfer.models.inference import with_measured_norms
 
 
 class CollapseError(FmtError):
@@ -479,26 +479,9 @@ class KnnMonitor:
         return torch.cat(feats).numpy(), torch.cat(labels).numpy()
 
     def starting_accuracy(self, backbone: nn.Module, device) -> float:
-        """The kNN accuracy of the starting weights, the baseline a run must beat.
-
-        A new network's BatchNorm statistics are placeholders (mean 0, variance 1) that no trained model keeps,
-        and scored with them a random ResNet-18 looks better than it is (mnist_global: 0.906, against 0.800 with
-        statistics measured on its images). So placeholders are measured first on the bank images, on a copy;
-        statistics that came with brought weights are kept.
-        """
-        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and _placeholder(m) for m in backbone.modules()):
-            return self.accuracy(backbone, device)
-        # a copy with plain BatchNorm: under DDP only rank 0 scores, so its layers must not wait for the others
-        measured = SyncBatchNormAnyDevice().revert(copy.deepcopy(backbone))
-        for m in measured.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.reset_running_stats()
-                m.momentum = None  # a cumulative average over the whole bank
-        measured.train()
-        with torch.no_grad():
-            for x, _, _ in self._bank(self.bank_loader()):
-                measured(x.to(device))
-        return self.accuracy(measured, device)
+        """The kNN accuracy of the starting weights, the baseline a run must beat; a new network's placeholder
+        BatchNorm statistics are first measured on the bank images, on a copy (:func:`with_measured_norms`)."""
+        return self.accuracy(with_measured_norms(backbone, self._bank(self.bank_loader()), device), device)
 
     def accuracy(self, backbone: nn.Module, device) -> float:
         was_training = backbone.training
@@ -510,13 +493,6 @@ class KnnMonitor:
             backbone.train(was_training)
         scores = knn_scores(bank, bank_y, val, self.num_classes, self.settings.k, self.settings.temperature)
         return float((scores.argmax(1) == val_y).mean())
-
-
-def _placeholder(norm: nn.modules.batchnorm._BatchNorm) -> bool:
-    """True for the running statistics of a BatchNorm layer that has seen no data (mean 0, variance 1)."""
-    if not norm.track_running_stats or norm.running_mean is None:
-        return False
-    return bool(torch.all(norm.running_mean == 0) and torch.all(norm.running_var == 1))
 
 
 class DinoModule(pl.LightningModule):

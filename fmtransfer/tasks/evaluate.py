@@ -17,7 +17,7 @@ from fmtransfer.errors import ConfigError
 from fmtransfer.export.runtime import softmax
 from fmtransfer.lineage import RunRecord, write_json_atomic, write_text_atomic
 from fmtransfer.models.classifier import Classifier, has_head
-from fmtransfer.models.inference import embed, predict
+from fmtransfer.models.inference import embed, has_placeholder_norms, predict, with_measured_norms
 from fmtransfer.models.probes import knn_scores, linear_probe_scores
 from fmtransfer.plots import confusion_matrix_png
 from fmtransfer.tasks.common import record_sources, run_dir, score_by_region
@@ -52,11 +52,16 @@ def score_features(model: Classifier, recipe: Recipe, dm: RecipeDataModule, *, s
         dm: the recipe read with the model's preprocessing and the recipe's own classes.
         settings: ``{"k", "temperature"}`` for knn, ``{"c", "max_iter"}`` for linear (the evaluate config's
             ``knn`` / ``linear`` nodes).
+    A model that never trained (random weights, e.g. ``pretrain method=dino trainer.max_epochs=0``) has placeholder
+    BatchNorm statistics; they are measured on the train split first (``norm_statistics`` in the result says so).
+
     Returns:
         as :func:`score_model`, the files named ``predictions_<split>.csv`` and ``confusion_<split>.png``.
     """
     table = dm.prepare()
     classes = table.classes
+    measured = has_placeholder_norms(model)
+    model = with_measured_norms(model, dm.dataloader("train"))
     bank, bank_y = embed(model, dm.dataloader("train"), accelerator), table.targets[dm.rows("train")]
     features, targets, rows = embed(model, dm.dataloader(split), accelerator), table.targets[dm.rows(split)], dm.rows(split)
     if protocol == "knn":
@@ -64,8 +69,10 @@ def score_features(model: Classifier, recipe: Recipe, dm: RecipeDataModule, *, s
     else:
         outputs = linear_probe_scores(bank, bank_y, features, len(classes), float(settings["c"]),
                                       int(settings["max_iter"]), seed)
-    return _write_scores("classification", classes, outputs, targets, rows, table, split, out_dir,
-                         f"{title or f'{recipe.name} / {split}'} ({protocol})")
+    result = _write_scores("classification", classes, outputs, targets, rows, table, split, out_dir,
+                           f"{title or f'{recipe.name} / {split}'} ({protocol})")
+    result["norm_statistics"] = "measured on the train split (the model had none)" if measured else "the model's"
+    return result
 
 
 def _write_scores(task: str, classes: list[str] | None, outputs: np.ndarray, targets: np.ndarray, rows: np.ndarray,

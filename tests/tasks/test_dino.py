@@ -138,6 +138,22 @@ def test_evaluate_scores_a_headless_model(cfg_factory, dino_run, protocol):
 
 
 @pytest.mark.slow
+def test_evaluate_measures_the_batchnorm_statistics_of_a_model_that_never_trained(cfg_factory, dino_run, tmp_path):
+    """A random ResNet's placeholder statistics (mean 0, variance 1) flatter its features (bench_ssl's random-init
+    row); evaluate measures them on the train split, on a copy, and keeps a trained model's own."""
+    import torch
+
+    untrained = pretrain(make_cfg("pretrain", [*DINO, "trainer.max_epochs=0"], tmp_path / "untrained")).run_dir
+    before = {k: v.clone() for k, v in load_model(untrained)[0].state_dict().items()}
+    data = ["data=uci_digits_region", "data.limit=200", "protocol=knn"]
+    fresh = evaluate(cfg_factory("evaluate", f"model={untrained}", *data, run_dir=tmp_path / "e0"))
+    assert fresh.metrics["norm_statistics"] == "measured on the train split (the model had none)"
+    assert all(torch.equal(v, before[k]) for k, v in load_model(untrained)[0].state_dict().items())
+    trained = evaluate(cfg_factory("evaluate", f"model={dino_run}", *data, run_dir=tmp_path / "e1"))
+    assert trained.metrics["norm_statistics"] == "the model's"
+
+
+@pytest.mark.slow
 def test_evaluate_refuses_head_protocol_on_a_headless_model(cfg_factory, dino_run):
     with pytest.raises(ConfigError, match=r"has no head .*protocol=knn or protocol=linear"):
         evaluate(cfg_factory("evaluate", f"model={dino_run}", "data=uci_digits_region", "data.limit=200"))
