@@ -153,7 +153,7 @@ def collapse_signals_png(epochs: list[dict], steps: list[dict], prototypes: int,
 
     Args:
         epochs: one record per epoch (``loss``, ``teacher_entropy``, ``teacher_mean_entropy``, ``kl``,
-            ``embedding_std``, ``healthy_std``, optional ``knn_val_accuracy``).
+            ``embedding_std``, ``healthy_std``, optional ``prototypes_in_use`` and ``knn_val_accuracy``).
         steps: per-step records of an epoch that did not finish (drawn when ``epochs`` is empty).
     """
     records, unit = (epochs, "epoch") if epochs else (steps, "step")
@@ -167,6 +167,9 @@ def collapse_signals_png(epochs: list[dict], steps: list[dict], prototypes: int,
               ("KL(teacher || student)", [("kl", "KL")], None, ""),
               ("std of L2-normalised embeddings", [("embedding_std", "std")],
                records[0].get("healthy_std"), "healthy 1/sqrt(d)")]
+    if any("prototypes_in_use" in r for r in records):
+        panels.append(("prototypes in use (exp of the batch mean's entropy)", [("prototypes_in_use", "in use")],
+                       prototypes, f"all {prototypes}"))
     if any("knn_val_accuracy" in r for r in records):
         panels.append(("kNN accuracy (val)", [("knn_val_accuracy", "kNN")], None, ""))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.2), squeeze=False)

@@ -24,9 +24,9 @@ from torch.utils.data import DataLoader, Subset
 
 from fmtransfer.data.multicrop import MultiCrop
 from fmtransfer.errors import ConfigError, FmtError
+from fmtransfer.models.inference import with_measured_norms
 from fmtransfer.models.probes import knn_scores
 from fmtransfer.models.schedules import lightning_optimizers
-from fmtransfer.models.inference import with_measured_norms
 
 
 class CollapseError(FmtError):
@@ -379,7 +379,9 @@ _ADVICE = {
     "constant": "One prototype takes every image (centring loses to sharpening): lower method.dino.center_momentum "
                 "(0.9), raise method.dino.teacher_temp, lower method.optimizer.lr or raise loader.batch_size",
     "embedding": "The backbone gives every image the same embedding: lower method.optimizer.lr, raise "
-                 "loader.batch_size, raise method.dino.crops.n_local or widen method.dino.crops.local_scale",
+                 "loader.batch_size, or make the two views of an image differ more: widen "
+                 "method.dino.crops.global_scale (e.g. [0.14,1]), or add local views (method.dino.crops.n_local=6, "
+                 "for images of 75 px and up: smaller local views keep DINO from learning)",
     "not_finite": "The loss is not a finite number: lower method.optimizer.lr or method.dino.clip_grad",
 }
 
@@ -611,6 +613,9 @@ class DinoModule(pl.LightningModule):
         record.update(epoch=self.current_epoch + 1, steps=len(self._steps), ln_prototypes=math.log(self.settings.prototypes),
                       healthy_std=1 / math.sqrt(int(self.student["backbone"].num_features)))
         record["loss_over_ln_prototypes"] = record["loss"] / record["ln_prototypes"]
+        # how many prototypes the teacher spreads a batch over (exp of the batch mean's entropy): falling far below
+        # the batch size while the loss falls is a partial collapse that no collapsed-range signal catches
+        record["prototypes_in_use"] = math.exp(record["teacher_mean_entropy"])
         if self.knn is not None:
             # rank 0 scores (the teacher is the same on every rank) and tells the others: the records, and what
             # a callback may decide from them, stay identical on every rank
