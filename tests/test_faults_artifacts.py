@@ -67,10 +67,10 @@ def released(base, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def rejected(base, tmp_path_factory) -> Path:
-    """An export run dir of the shared base whose parity gate failed (export.gates.max_abs_diff=-1)."""
+    """An export run dir of the shared base whose parity gate failed (export.gates.max_abs_diff=0)."""
     out = tmp_path_factory.mktemp("rejected") / "run"
     with pytest.raises(GateFailed):
-        export(make_cfg("export", [f"model={base}", *GLOBAL, *FAST_EXPORT, "export.gates.max_abs_diff=-1"], out))
+        export(make_cfg("export", [f"model={base}", *GLOBAL, *FAST_EXPORT, "export.gates.max_abs_diff=0"], out))
     return out
 
 
@@ -311,7 +311,7 @@ def test_rejected_re_export_withdraws_the_earlier_release(base, released, tmp_pa
     assert (out / "model.onnx").is_file() and (out / "triton").is_dir()
     with pytest.raises(GateFailed):
         export(make_cfg("export", [f"model={base}", *GLOBAL, *FAST_EXPORT,
-                                   "export.gates.max_abs_diff=-1"], out))
+                                   "export.gates.max_abs_diff=0"], out))
     assert not (out / "model.onnx").exists() and not (out / "model.onnx.json").exists()
     assert not (out / "triton").exists() and not (out / ".staging").exists()
     assert (out / "rejected" / "model.onnx").is_file() and (out / "rejected" / "reason.json").is_file()

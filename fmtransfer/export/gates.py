@@ -28,6 +28,15 @@ class GateSettings:
     min_accuracy: float | None
 
     def __post_init__(self) -> None:
+        if not self.max_abs_diff >= 0:  # NaN too: no difference is ever below it
+            raise ConfigError(f"export.gates.max_abs_diff={self.max_abs_diff}: a largest allowed difference must be "
+                              f">= 0 (no export passes a negative one); expected e.g. 1e-4")
+        if not 0 <= self.min_int8_agreement <= 1:
+            raise ConfigError(f"export.gates.min_int8_agreement={self.min_int8_agreement}: a share of inputs; "
+                              f"expected a value in [0, 1]")
+        if not self.max_accuracy_drop >= 0:
+            raise ConfigError(f"export.gates.max_accuracy_drop={self.max_accuracy_drop}: a drop must be >= 0 "
+                              f"(0.01 = 1 point); a negative one asks INT8 to beat fp32")
         if self.min_accuracy is not None and self.min_accuracy > 1:
             raise ConfigError(f"export.gates.min_accuracy={self.min_accuracy}: accuracy and R^2 are at most 1, so "
                               f"no model could pass; expected a value <= 1, or null for no floor")

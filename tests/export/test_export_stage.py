@@ -110,7 +110,7 @@ def test_vit_with_prompts_exports(vit_base, tmp_path):
 
 def test_failed_gate_rejects_the_export(adapter, tmp_path):
     with pytest.raises(GateFailed, match="fp32_parity"):
-        export(make_cfg("export", [f"adapter_file={adapter}", *REGION, *FAST, "export.gates.max_abs_diff=-1"],
+        export(make_cfg("export", [f"adapter_file={adapter}", *REGION, *FAST, "export.gates.max_abs_diff=0"],
                         tmp_path / "run"))
     out = tmp_path / "run"
     assert not (out / "model.onnx").exists() and not (out / "model.int8.onnx").exists()
@@ -215,7 +215,7 @@ def test_predict_bad_input(exported, tmp_path):
 @pytest.mark.e2e
 def test_cli_export_rejection_exits_non_zero_and_predict_reads_a_csv(adapter, exported, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fmtransfer", "export", f"adapter={adapter}", *REGION, *FAST,
-                           "export.quantize=none", "export.gates.max_abs_diff=-1",
+                           "export.quantize=none", "export.gates.max_abs_diff=0",
                            f"hydra.run.dir={tmp_path / 'rej'}"], capture_output=True, text=True, env=cli_env(), cwd=ROOT)
     assert proc.returncode == 2 and "export rejected: fp32_parity" in proc.stderr
     paths = _digit_images(tmp_path / "imgs", n=4)

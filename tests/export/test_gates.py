@@ -53,6 +53,17 @@ def test_accuracy_floor_gate():
         GateSettings(max_abs_diff=1e-4, min_int8_agreement=0.9, max_accuracy_drop=0.01, min_accuracy=1.5)
 
 
+@pytest.mark.parametrize(("key", "value", "match"), [
+    ("max_abs_diff", -1.0, r"export.gates.max_abs_diff=-1.0: .* must be >= 0"),
+    ("max_abs_diff", float("nan"), r"export.gates.max_abs_diff=nan"),
+    ("min_int8_agreement", 1.2, r"export.gates.min_int8_agreement=1.2: .* in \[0, 1\]"),
+    ("max_accuracy_drop", -0.01, r"export.gates.max_accuracy_drop=-0.01: a drop must be >= 0"),
+])
+def test_a_threshold_no_export_could_meet_is_refused(key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        GateSettings(**{**S.to_dict(), key: value})
+
+
 def test_quantize_mode_is_validated():
     assert Quantize.parse("static") is Quantize.STATIC
     with pytest.raises(ConfigError, match="export.quantize='int4'.*none, dynamic, static"):

@@ -51,7 +51,7 @@ def test_pipeline_reports_a_rejected_export_then_fails(cfg_factory, tmp_path):
         pipeline(cfg_factory("pipeline", "experiment=smoke", "region.limit=200", "sweep.sizes=[20]",
                              "sweep.adapters=[lora]", "calibration.size=20", 'adapt_overrides=["adapter.steps=2"]',
                              "curate_global=false", "export.quantize=none", "export.latency.repeats=1",
-                             "export.gates.max_abs_diff=-1"))
+                             "export.gates.max_abs_diff=0"))
     out = tmp_path / "pipeline"
     report = (out / "report.md").read_text()
     assert "## Edge export" in report and "**Rejected**: export rejected: fp32_parity" in report
