@@ -635,10 +635,14 @@ class DinoModule(pl.LightningModule):
         checkpoint["fmtransfer"] = self.meta
         checkpoint["dino_history"] = self.history
         checkpoint["dino_initial_knn"] = self.initial_knn
+        # a signal's run of collapsed steps goes on across a resume: a run killed at step 19 of patience 20 and
+        # resumed must stop at the next collapsed step, not 20 steps later
+        checkpoint["dino_collapse_streak"] = dict(self.guard.streak)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.history = list(checkpoint.get("dino_history", []))
         self.initial_knn = checkpoint.get("dino_initial_knn")
+        self.guard.streak = dict(checkpoint.get("dino_collapse_streak", {}))
 
 
 def check_separate(student: nn.Module, teacher: nn.Module) -> None:

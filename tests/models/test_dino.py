@@ -183,6 +183,22 @@ def test_a_run_forced_to_collapse_stops_within_its_first_epoch(settings):
     assert trainer.current_epoch == 0 and len(module._steps) == 4  # all four steps of epoch 1, no more
 
 
+def test_a_collapse_streak_goes_on_across_a_resume(settings):
+    """A run killed one step short of the guard's patience stops at its next collapsed step after a resume."""
+    crops = plan_crops(settings.crops, [16, 16], None).build(settings.crops)
+    optimizer = lambda p: torch.optim.AdamW(p, lr=1e-3)  # noqa: E731
+    killed = DinoModule(_Constant(), settings, crops, optimizer)
+    collapsed = _signals(embedding_std=1e-6)
+    for step in range(settings.collapse.patience - 1):
+        killed.guard.step(collapsed, f"step {step + 1}")
+    checkpoint: dict = {}
+    killed.on_save_checkpoint(checkpoint)
+    resumed = DinoModule(_Constant(), settings, crops, optimizer)
+    resumed.on_load_checkpoint(checkpoint)
+    with pytest.raises(CollapseError, match=rf"{settings.collapse.patience} steps in a row"):
+        resumed.guard.step(collapsed, "the first step after the resume")
+
+
 def test_knn_and_linear_probe_separate_clusters():
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(3, 8)) * 5
