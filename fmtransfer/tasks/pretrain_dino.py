@@ -28,7 +28,15 @@ from fmtransfer.errors import ConfigError, DataError
 from fmtransfer.lineage import RunRecord, write_json_atomic
 from fmtransfer.models.backbone import BackboneSpec, backbone_spec, check_input_size, create_backbone
 from fmtransfer.models.classifier import Classifier, model_meta, save_model
-from fmtransfer.models.dino import CollapseError, CropPlan, DinoModule, DinoSettings, KnnMonitor, plan_crops
+from fmtransfer.models.dino import (
+    CollapseError,
+    CropPlan,
+    DinoModule,
+    DinoSettings,
+    KnnMonitor,
+    KnnSettings,
+    plan_crops,
+)
 from fmtransfer.models.families import family_of
 from fmtransfer.models.module import EpochSeed
 from fmtransfer.plots import collapse_signals_png, training_curves_png
@@ -151,81 +159,153 @@ def pretrain_dino(cfg: DictConfig) -> StageResult:
     training, and :class:`CollapseError` when the collapse guard stops a run (its signals are written first)."""
     out = run_dir(cfg)
     recipe, spec, settings = validate_dino(cfg)
-    rank_and_world()
-    resume = resolve_resume(cfg.resume)
-    # before the backbone: its initial weights must not depend on what this process drew before (a
-    # data-parallel run's rank 0 and a single process start alike)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    resume = start_run(cfg)
     student, plan = student_backbone(spec, recipe, settings)
     dm = build_datamodule(recipe, cfg.loader, seed=cfg.seed, output_dir=out, require_labels=False)
     with RunRecord("pretrain", out, cfg) as record:
-        table = dm.prepare()
         check_pool(dm, settings)
-        record.set_data(recipe.name, recipe.to_dict(), table.fingerprint)
-        setup = setup_fingerprint(cfg, DINO_SETUP_KEYS, recipe, table.fingerprint)
-        record_training_inputs(record, cfg, resume, setup, spec.checkpoint)
-        labelled = _knn_ready(dm)
-        headless = Classifier(student, 0)
-        meta = model_meta(headless, spec, task=recipe.task, classes=None, preprocess=Preprocess.from_recipe(recipe),
-                          run_id=record.data["run_id"], run_dir=str(out.resolve()), recipe=recipe.name,
-                          data_fingerprint=table.fingerprint)
-        meta["pretraining"] = {"method": "dino", "prototypes": settings.prototypes,
-                               "crops": {"global_size": list(plan.global_size), "local_size": list(plan.local_size),
-                                         "n_local": plan.n_local}}
-        knn = (KnnMonitor(lambda: dm.dataloader("train"), lambda: dm.dataloader("val"), len(table.classes),
-                          settings.knn) if labelled else None)
+        table, setup = record_run_data(record, cfg, dm, resume, DINO_SETUP_KEYS, spec.checkpoint)
+        meta = headless_meta(student, spec, recipe, table, record, out, {
+            "method": "dino", "prototypes": settings.prototypes,
+            "crops": {"global_size": list(plan.global_size), "local_size": list(plan.local_size),
+                      "n_local": plan.n_local}})
         scheduler = build(cfg.method.scheduler, "method.scheduler") if cfg.method.scheduler else None
         module = DinoModule(student, settings, plan.build(settings.crops),
-                            build(cfg.method.optimizer, "method.optimizer"), scheduler, meta, knn, seed=cfg.seed)
-        throughput = TrainThroughput()
-        # no val/loss to monitor: keep last.ckpt
-        ckpt = checkpoint_callback(OmegaConf.merge(cfg, {"checkpoint": {"monitor": None}}), out / "checkpoints")
-        callbacks = [ckpt, SetupFingerprint(setup, record.data["run_id"]), EpochSeed(cfg.seed), throughput,
-                     *extra_callbacks(cfg)]
-        trainer = build_trainer(cfg, callbacks=callbacks, logger=build_logger(cfg), default_root_dir=out)
+                            build(cfg.method.optimizer, "method.optimizer"), scheduler, meta,
+                            knn_monitor(dm, settings.knn), seed=cfg.seed)
+        run = ssl_trainer(cfg, out, setup, record)
         record.set("trainable_parameters", sum(p.numel() for p in module.student.parameters()))
-        started = time.perf_counter()
         try:
-            with metrics_history(out, resuming=resume is not None):  # a resumed run keeps the rows logged before
-                trainer.fit(module, train_dataloaders=_per_process(dm.dataloader("train", shuffle=True), trainer),
-                            ckpt_path=str(resume) if resume else None, weights_only=True)
+            fit_seconds = fit_ssl(run, module, dm, resume, out)
         except CollapseError as e:  # raised on every rank at the same step (the signals are global)
-            if not trainer.is_global_zero:
+            if not run.trainer.is_global_zero:
                 raise
             files = _record_signals(out, module, spec, recipe, {"collapsed": {"signal": e.signal, "error": str(e)}})
             for role, path in files.items():
                 record.add_output(path, role)
             raise
-        fit_seconds = time.perf_counter() - started
-        if not trainer.is_global_zero:  # the model, scores and metrics are rank 0's to write
-            return StageResult("pretrain", out, {"stage": "pretrain", "rank": trainer.global_rank}, {})
-
-        model = Classifier(module.teacher_backbone, 0).eval()
-        files = dict(zip(("weights", "model"), save_model(model, meta, out)))
-        test = (score_features(model, recipe, dm, split="test", protocol="knn", settings=_knn_node(settings),
-                               out_dir=out, seed=int(cfg.seed), title=f"{spec.name} DINO on {recipe.name} test")
-                if labelled and dm.split_size("test") else None)
-        per_epoch = throughput.per_epoch
-        metrics = {
-            "stage": "pretrain", "method": "dino", "task": meta["task"], "backbone": spec.name,
-            "recipe": recipe.name,
-            "backbone_weights": meta["backbone_weights"],  # where the initial weights came from, what was adapted
-            "epochs": trainer.current_epoch, "global_step": trainer.global_step,
-            "fit_seconds": round(fit_seconds, 2),
-            "train_images_per_s": {"median": statistics.median(per_epoch) if per_epoch else None,
-                                   "per_epoch": [round(v, 1) for v in per_epoch]},
-            "last_epoch": {k: float(v) for k, v in trainer.callback_metrics.items()},
-            "test": ({"protocol": "knn", **{k: v for k, v in test.items() if k != "files"}} if test else None),
-            "knn_val": knn_verdict(module, spec.name),
-            "data": dm.summary(),
-        }
+        if not run.trainer.is_global_zero:  # the model, scores and metrics are rank 0's to write
+            return StageResult("pretrain", out, {"stage": "pretrain", "rank": run.trainer.global_rank}, {})
+        files, test = save_and_score(module.teacher_backbone, meta, recipe, dm, out, cfg, settings.knn,
+                                     f"{spec.name} DINO on {recipe.name} test")
+        metrics = ssl_metrics("dino", meta, spec, recipe, dm, run, fit_seconds, test, knn_verdict(module, spec.name))
         files.update(_record_signals(out, module, spec, recipe, metrics))
-        outputs = {**files, **(test["files"] if test else {}), **dm.files}
-        if ckpt.last_model_path:
-            outputs["last_checkpoint"] = ckpt.last_model_path
-        for role, path in outputs.items():
-            record.add_output(path, role)
+        outputs = record_outputs(record, run, files, test, dm)
     return StageResult("pretrain", out, metrics, {role: Path(path) for role, path in outputs.items()})
+
+
+# the steps every self-supervised stage (DINO, JEPA) shares: seeding, the data and its record, the head-less model
+# header, the kNN monitor, trainer and checkpoints, fitting, saving, the test kNN score and the metrics
+
+
+def start_run(cfg: DictConfig) -> Path | None:
+    """The process's rank checked, ``resume=`` resolved and the seed set; returns the checkpoint to resume."""
+    rank_and_world()
+    resume = resolve_resume(cfg.resume)
+    # before the backbone: its initial weights must not depend on what this process drew before (a
+    # data-parallel run's rank 0 and a single process start alike)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    return resume
+
+
+def record_run_data(record: RunRecord, cfg: DictConfig, dm: RecipeDataModule, resume: Path | None,
+                    setup_keys: tuple[str, ...], checkpoint: str | None, **facts: Any) -> tuple[Any, dict[str, Any]]:
+    """The data recipe and fingerprint in the run record, the run's setup (``facts`` beside the config under
+    ``setup_keys``) checked against a resumed checkpoint's; returns (table, setup)."""
+    recipe, table = dm.recipe, dm.prepare()
+    record.set_data(recipe.name, recipe.to_dict(), table.fingerprint)
+    setup = setup_fingerprint(cfg, setup_keys, recipe, table.fingerprint, **facts)
+    record_training_inputs(record, cfg, resume, setup, checkpoint)
+    return table, setup
+
+
+def headless_meta(backbone, spec: BackboneSpec, recipe: Recipe, table: Any, record: RunRecord, out: Path,
+                  pretraining: dict[str, Any]) -> dict[str, Any]:
+    """The header of the saved model: ``backbone`` without a head, and how it was pretrained."""
+    meta = model_meta(Classifier(backbone, 0), spec, task=recipe.task, classes=None,
+                      preprocess=Preprocess.from_recipe(recipe), run_id=record.data["run_id"],
+                      run_dir=str(out.resolve()), recipe=recipe.name, data_fingerprint=table.fingerprint)
+    meta["pretraining"] = pretraining
+    return meta
+
+
+def knn_monitor(dm: RecipeDataModule, settings: KnnSettings) -> KnnMonitor | None:
+    """The per-epoch kNN accuracy on the val split, when the recipe has labels and a val split."""
+    if not _knn_ready(dm):
+        return None
+    return KnnMonitor(lambda: dm.dataloader("train"), lambda: dm.dataloader("val"), len(dm.prepare().classes),
+                      settings)
+
+
+@dataclasses.dataclass
+class SslTrainer:
+    """A self-supervised stage's trainer and the callbacks it reads after fitting."""
+
+    trainer: pl.Trainer
+    checkpoint: Any
+    throughput: TrainThroughput
+
+
+def ssl_trainer(cfg: DictConfig, out: Path, setup: dict[str, Any], record: RunRecord) -> SslTrainer:
+    """The trainer, checkpointing ``last.ckpt`` every epoch (there is no val/loss to pick a best by)."""
+    throughput = TrainThroughput()
+    ckpt = checkpoint_callback(OmegaConf.merge(cfg, {"checkpoint": {"monitor": None}}), out / "checkpoints")
+    callbacks = [ckpt, SetupFingerprint(setup, record.data["run_id"]), EpochSeed(cfg.seed), throughput,
+                 *extra_callbacks(cfg)]
+    trainer = build_trainer(cfg, callbacks=callbacks, logger=build_logger(cfg), default_root_dir=out)
+    return SslTrainer(trainer, ckpt, throughput)
+
+
+def fit_ssl(run: SslTrainer, module: pl.LightningModule, dm: RecipeDataModule, resume: Path | None,
+            out: Path) -> float:
+    """Train on the train split (resuming ``resume``); returns the seconds it took."""
+    started = time.perf_counter()
+    with metrics_history(out, resuming=resume is not None):  # a resumed run keeps the rows logged before
+        run.trainer.fit(module, train_dataloaders=_per_process(dm.dataloader("train", shuffle=True), run.trainer),
+                        ckpt_path=str(resume) if resume else None, weights_only=True)
+    return time.perf_counter() - started
+
+
+def save_and_score(backbone, meta: dict[str, Any], recipe: Recipe, dm: RecipeDataModule, out: Path, cfg: DictConfig,
+                   knn: KnnSettings, title: str) -> tuple[dict[str, Path], dict[str, Any] | None]:
+    """Save ``backbone`` without a head (``model.safetensors`` + ``model.json``) and, with labels and a test split,
+    score its kNN accuracy there; returns (files, test scores or None)."""
+    model = Classifier(backbone, 0).eval()
+    files = dict(zip(("weights", "model"), save_model(model, meta, out)))
+    test = (score_features(model, recipe, dm, split="test", protocol="knn",
+                           settings={"k": knn.k, "temperature": knn.temperature}, out_dir=out, seed=int(cfg.seed),
+                           title=title)
+            if _knn_ready(dm) and dm.split_size("test") else None)
+    return files, test
+
+
+def ssl_metrics(method: str, meta: dict[str, Any], spec: BackboneSpec, recipe: Recipe, dm: RecipeDataModule,
+                run: SslTrainer, fit_seconds: float, test: dict[str, Any] | None,
+                verdict: dict[str, Any] | None) -> dict[str, Any]:
+    """The metrics every self-supervised stage writes; the stage adds its own signals."""
+    trainer, per_epoch = run.trainer, run.throughput.per_epoch
+    return {
+        "stage": "pretrain", "method": method, "task": meta["task"], "backbone": spec.name, "recipe": recipe.name,
+        "backbone_weights": meta["backbone_weights"],  # where the initial weights came from, what was adapted
+        "epochs": trainer.current_epoch, "global_step": trainer.global_step, "fit_seconds": round(fit_seconds, 2),
+        "train_images_per_s": {"median": statistics.median(per_epoch) if per_epoch else None,
+                               "per_epoch": [round(v, 1) for v in per_epoch]},
+        "last_epoch": {k: float(v) for k, v in trainer.callback_metrics.items()},
+        "test": ({"protocol": "knn", **{k: v for k, v in test.items() if k != "files"}} if test else None),
+        "knn_val": verdict,
+        "data": dm.summary(),
+    }
+
+
+def record_outputs(record: RunRecord, run: SslTrainer, files: dict[str, Path], test: dict[str, Any] | None,
+                   dm: RecipeDataModule) -> dict[str, Any]:
+    """Every file the run wrote, in its record; returns them by role."""
+    outputs = {**files, **(test["files"] if test else {}), **dm.files}
+    if run.checkpoint.last_model_path:
+        outputs["last_checkpoint"] = run.checkpoint.last_model_path
+    for role, path in outputs.items():
+        record.add_output(path, role)
+    return outputs
 
 
 def _per_process(loader: DataLoader, trainer: pl.Trainer) -> DataLoader:
@@ -240,21 +320,23 @@ def _per_process(loader: DataLoader, trainer: pl.Trainer) -> DataLoader:
                       persistent_workers=loader.persistent_workers, drop_last=loader.drop_last)
 
 
-def knn_verdict(module: DinoModule, backbone: str) -> dict[str, Any] | None:
-    """The teacher's kNN accuracy on the val split at the start (the starting weights: random, or brought) and at
-    the end; a run that did not raise it is a warning, since its model is no better a start than the one it began
-    from (None without labels)."""
+def knn_verdict(module: Any, backbone: str, method: str = "DINO", baseline: str = "the starting weights",
+                advice: str | None = None) -> dict[str, Any] | None:
+    """The model's kNN accuracy on the val split at the start (``module.initial_knn``: for DINO the starting
+    weights, random or brought; for JEPA its frozen teacher) and at the end; a run that did not raise it is a
+    warning, since its model is no better a start than the one it began from (None without labels)."""
     start = module.initial_knn
     end = module.history[-1].get("knn_val_accuracy") if module.history else None
     if start is None or end is None:
         return None
     helped = end > start
     if helped:
-        log.info("DINO: kNN accuracy on the val split %.4f -> %.4f", start, end)
+        log.info("%s: kNN accuracy on the val split %.4f -> %.4f", method, start, end)
     else:
-        log.warning("DINO did not help: the kNN accuracy on the val split is %.4f after pretraining and %.4f with the "
-                    "starting weights of %s; train longer (trainer.max_epochs), or change method.dino.* "
-                    "(teacher_temp, prototypes, momentum_start, crops) or method.optimizer.lr", end, start, backbone)
+        advice = advice or ("train longer (trainer.max_epochs), or change method.dino.* (teacher_temp, prototypes, "
+                            "momentum_start, crops) or method.optimizer.lr")
+        log.warning("%s did not help: the kNN accuracy on the val split is %.4f after pretraining and %.4f with %s "
+                    "of %s; %s", method, end, start, baseline, backbone, advice)
     return {"initial": start, "final": end, "gain": end - start, "helped": helped}
 
 
@@ -263,10 +345,6 @@ def _knn_ready(dm: RecipeDataModule) -> bool:
     table = dm.prepare()
     return (not table.unlabelled and dm.recipe.task == "classification" and dm.split_size("val") > 0
             and dm.split_size("train") > 0)
-
-
-def _knn_node(settings: DinoSettings) -> dict[str, Any]:
-    return {"k": settings.knn.k, "temperature": settings.knn.temperature}
 
 
 def _record_signals(out: Path, module: DinoModule, spec: BackboneSpec, recipe: Recipe,
