@@ -34,6 +34,7 @@ from fmtransfer.tasks.common import (
 )
 from fmtransfer.tasks.evaluate import score_model
 from fmtransfer.tasks.pretrain_dino import is_self_supervised, pretrain_dino
+from fmtransfer.tasks.pretrain_jepa import is_jepa, pretrain_jepa
 from fmtransfer.tasks.result import StageResult
 
 # the config that makes a checkpoint this run's (with the data recipe and its content fingerprint): resume=
@@ -68,10 +69,11 @@ def pretrain(cfg: DictConfig) -> StageResult:
     """Train, checkpoint every epoch, save ``model.safetensors`` + ``model.json``, score the test split.
 
     The result's outputs include ``model`` (model.json), ``confusion`` and ``training_curves``. Raises FmtError on
-    bad config or data before training. ``method=dino`` trains without labels (:func:`pretrain_dino`).
+    bad config or data before training. ``method=dino`` trains without labels (:func:`pretrain_dino`), and
+    ``method=jepa`` on top of a frozen DINO teacher (:func:`pretrain_jepa`).
     """
     if is_self_supervised(cfg):
-        return pretrain_dino(cfg)
+        return pretrain_jepa(cfg) if is_jepa(cfg) else pretrain_dino(cfg)
     out = run_dir(cfg)
     recipe, spec = validate(cfg)
     rank_and_world()  # a stray RANK=1 would make Lightning train silently and write no metrics or model
