@@ -8,7 +8,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from fmtransfer.curation.dedup import near_duplicate_groups
+from fmtransfer.curation.checks import CheckSettings
+from fmtransfer.curation.dedup import near_duplicate_groups, quantile_threshold
 from fmtransfer.curation.kmeans import Hierarchy, Resample, check_embeddings, hierarchical_kmeans
 from fmtransfer.curation.sampling import WithinCluster, balanced_sample, stratified_sample
 from fmtransfer.errors import ConfigError, DataError
@@ -28,9 +29,16 @@ class CurationSettings:
             uniform draw, which follows density).
         niter: k-means iterations per fit.
         within_cluster: which points a finest cluster gives once its quota is known: random or closest.
-        dedup: remove near-duplicates first (cosine similarity >= dedup_threshold among dedup_k neighbours).
+        balance_floor: every cluster gets at least this fraction of its proportional share of its parent's
+            budget (0: plain balance, which can starve a class whose samples look alike; 1: proportional).
+        dedup: remove near-duplicates first: a point within dedup_threshold (cosine) of a kept one among its
+            dedup_k nearest neighbours is dropped (never by a chain of close points).
+        dedup_threshold: a cosine similarity in (0, 1] (after centring).
+        dedup_quantile: when set (e.g. 0.01), the threshold is read from the pool instead: the similarity above
+            which this share of the points' nearest-neighbour similarities lie (it adapts to the embedding).
         stratify_by: null, label or region: the budget is split over strata so that none vanishes.
         gpu: FAISS on GPU (needs faiss-gpu).
+        checks: when the report warns (:class:`fmtransfer.curation.checks.CheckSettings`).
     """
 
     target_size: float = 0.2
@@ -41,11 +49,14 @@ class CurationSettings:
     init: Literal["kmeans++", "random"] = "kmeans++"
     niter: int = 20
     within_cluster: Literal["random", "closest"] = "random"
+    balance_floor: float = 0.0
     dedup: bool = True
     dedup_threshold: float = 0.99
+    dedup_quantile: float | None = None
     dedup_k: int = 8
     stratify_by: Literal["label", "region"] | None = None
     gpu: bool = False
+    checks: CheckSettings = field(default_factory=CheckSettings)
 
     def __post_init__(self) -> None:
         if self.target_size <= 0 or (self.target_size >= 1 and self.target_size != int(self.target_size)):
@@ -54,8 +65,15 @@ class CurationSettings:
         if not self.levels or min(self.levels) < 1 or any(b >= a for a, b in zip(self.levels, self.levels[1:],
                                                                                   strict=False)):
             raise ConfigError(f"curation.levels={self.levels}: give decreasing positive cluster counts, finest first")
-        if not -1.0 <= self.dedup_threshold <= 1.0:
-            raise ConfigError(f"curation.dedup_threshold={self.dedup_threshold} is a cosine similarity in [-1, 1]")
+        if not 0.0 < self.dedup_threshold <= 1.0:
+            raise ConfigError(f"curation.dedup_threshold={self.dedup_threshold}: a cosine similarity in (0, 1] at "
+                              f"which two embeddings count as near-duplicates (1: exact copies only)")
+        if self.dedup_quantile is not None and not 0.0 < self.dedup_quantile < 1.0:
+            raise ConfigError(f"curation.dedup_quantile={self.dedup_quantile}: a share of the pool's nearest-"
+                              f"neighbour similarities; expected a value in (0, 1), e.g. 0.01, or null")
+        if not 0.0 <= self.balance_floor <= 1.0:
+            raise ConfigError(f"curation.balance_floor={self.balance_floor}: a fraction of each cluster's "
+                              f"proportional share; expected a value in [0, 1] (0: plain balance)")
         if self.resampling_steps < 0 or self.niter < 1 or self.dedup_k < 1:
             raise ConfigError("curation.resampling_steps >= 0, curation.niter >= 1 and curation.dedup_k >= 1")
 
@@ -76,6 +94,7 @@ class Curation:
     representative: np.ndarray
     tree: Hierarchy
     seconds: dict[str, float]
+    dedup_threshold: float | None = None  # the similarity used (read from the pool with dedup_quantile)
 
     @property
     def kept(self) -> np.ndarray:
@@ -101,23 +120,34 @@ def curate_embeddings(x: np.ndarray, settings: CurationSettings, *, strata: np.n
     seconds["kmeans"] = time.perf_counter() - t
     log(f"hierarchical k-means {settings.levels}: {seconds['kmeans']:.1f} s")
     t = time.perf_counter()
-    # in a large pool, near-duplicates are searched inside the finest clusters (they share one)
-    rep = (near_duplicate_groups(x, settings.dedup_threshold, settings.dedup_k, partition=tree.labels)
-           if settings.dedup else np.arange(n))
+    threshold = None
+    if settings.dedup:
+        threshold = (quantile_threshold(x, settings.dedup_quantile, seed=seed) if settings.dedup_quantile
+                     else settings.dedup_threshold)
+        # in a large pool, near-duplicates are searched inside the finest clusters (they share one)
+        rep = near_duplicate_groups(x, threshold, settings.dedup_k, partition=tree.labels)
+    else:
+        rep = np.arange(n)
     seconds["dedup"] = time.perf_counter() - t
     kept = rep == np.arange(n)
-    log(f"dedup: {n - int(kept.sum())} near-duplicates of {n} removed "
-        f"({len(np.unique(rep[~kept]))} groups)" if settings.dedup else "dedup: off")
+    source = f"the pool's closest {settings.dedup_quantile:g} of pairs" if settings.dedup_quantile else "set"
+    log(f"dedup at cosine {threshold:.4f} ({source}): {n - int(kept.sum())} near-duplicates of {n} removed, "
+        f"each within the threshold of one of {len(np.unique(rep[~kept]))} kept samples" if settings.dedup
+        else "dedup: off")
     if target > int(kept.sum()):
-        raise DataError(f"curation target {target} is larger than the {int(kept.sum())} samples left after dedup")
+        raise DataError(f"curation target {target} is larger than the {int(kept.sum())} samples left after dedup "
+                        f"removed {n - int(kept.sum())} of {n} at cosine {threshold:.4f}; raise "
+                        f"curation.dedup_threshold, lower curation.target_size, or set curation.dedup=false")
     t = time.perf_counter()
     within = WithinCluster(settings.within_cluster)
     if strata is not None:
-        selected = stratified_sample(tree, target, np.asarray(strata), within=within, x=x, mask=kept, seed=seed)
+        selected = stratified_sample(tree, target, np.asarray(strata), within=within, x=x, mask=kept, seed=seed,
+                                     floor=settings.balance_floor)
     else:
-        selected = balanced_sample(tree, target, within=within, x=x, mask=kept, seed=seed)
+        selected = balanced_sample(tree, target, within=within, x=x, mask=kept, seed=seed,
+                                   floor=settings.balance_floor)
     seconds["sampling"] = time.perf_counter() - t
-    return Curation(selected, rep, tree, seconds)
+    return Curation(selected, rep, tree, seconds, threshold)
 
 
 def largest_share(labels: np.ndarray, k: int, top_fraction: float = 0.1) -> float:

@@ -1,5 +1,5 @@
-"""Near-duplicate removal: exact cosine kNN with FAISS, inside clusters when the pool is large; groups by
-connected components, one kept per group."""
+"""Near-duplicate removal: exact cosine kNN with FAISS, inside clusters when the pool is large; a point is dropped
+only when it is within the threshold of a point that is kept (greedily, in pool order), never by a chain."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 
 from fmtransfer.clustering import ASSIGN_BATCH, assign, kmeans
 from fmtransfer.curation.kmeans import check_embeddings
-from fmtransfer.errors import DataError
+from fmtransfer.errors import ConfigError, DataError
 
 EXACT_UP_TO = 50_000
 MAX_CELL = 4096  # cells larger than this are split by k-means before the exact search
@@ -26,27 +26,65 @@ def _mean(x: np.ndarray, batch: int) -> np.ndarray:
     return (total / len(x)).astype(np.float32)
 
 
-def _close_pairs(u: np.ndarray, threshold: float, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(i, j) local index pairs with j among i's ``k`` most similar rows of ``u`` (unit vectors) and cosine >=
-    ``threshold``; exact, in blocks of queries so that no len(u) x len(u) matrix is held."""
+def _close_pairs(u: np.ndarray, threshold: float, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, similarity) local index triples with j != i among i's ``k`` most similar rows of ``u`` (unit
+    vectors) and cosine >= ``threshold``; exact, in blocks of queries so that no len(u) x len(u) matrix is held."""
     import faiss
 
     index = faiss.IndexFlatIP(u.shape[1])
     index.add(u)
     step = max(1, BLOCK_ENTRIES // len(u))
-    rows, cols = [], []
+    rows, cols, sims = [], [], []
     for start in range(0, len(u), step):
-        sims, nbrs = index.search(u[start:start + step], min(k + 1, len(u)))
-        r, c = np.nonzero((sims >= threshold) & (nbrs >= 0))
+        sim, nbrs = index.search(u[start:start + step], min(k + 1, len(u)))
+        r, c = np.nonzero((sim >= threshold) & (nbrs >= 0) & (nbrs != np.arange(start, start + len(sim))[:, None]))
         rows.append(r + start)
         cols.append(nbrs[r, c])
-    return np.concatenate(rows), np.concatenate(cols)
+        sims.append(sim[r, c])
+    return np.concatenate(rows), np.concatenate(cols), np.concatenate(sims)
+
+
+def nearest_similarities(x: np.ndarray, center: bool = True, batch: int = ASSIGN_BATCH, sample: int = 50_000,
+                         seed: int = 0) -> np.ndarray:
+    """Each point's cosine similarity to its nearest other point (centred as dedup centres), over a seeded sample
+    of at most ``sample`` points: the pool's own scale of "close", from which a quantile threshold is read."""
+    import faiss
+
+    check_embeddings(x)
+    n = len(x)
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=sample, replace=False)) if n > sample else np.arange(n)
+    mean = _mean(x, batch) if center else np.zeros(x.shape[1], dtype=np.float32)
+    u = _unit(np.asarray(x[rows]), mean)
+    index = faiss.IndexFlatIP(u.shape[1])
+    index.add(u)
+    out = np.empty(len(u), dtype=np.float32)
+    step = max(1, BLOCK_ENTRIES // len(u))
+    for start in range(0, len(u), step):
+        sim, nbrs = index.search(u[start:start + step], 2)
+        own = nbrs[:, 0] == np.arange(start, start + len(sim))  # ties with an exact copy may list it first
+        out[start:start + len(sim)] = np.where(own, sim[:, 1], sim[:, 0])
+    return out
+
+
+def quantile_threshold(x: np.ndarray, quantile: float, center: bool = True, seed: int = 0) -> float:
+    """The similarity above which the ``quantile`` share of the pool's nearest-neighbour similarities lie (0.01:
+    the closest 1% of pairs), as a dedup threshold that adapts to the embedding."""
+    if not 0 < quantile < 1:
+        raise ConfigError(f"curation.dedup_quantile={quantile}: a share of the pool's nearest-neighbour "
+                          f"similarities; expected a value in (0, 1), e.g. 0.01")
+    return float(np.quantile(nearest_similarities(x, center, seed=seed), 1 - quantile))
 
 
 def near_duplicate_groups(x: np.ndarray, threshold: float = 0.95, k: int = 8, center: bool = True,
                           batch: int = ASSIGN_BATCH, partition: np.ndarray | None = None,
                           exact_up_to: int = EXACT_UP_TO, max_cell: int = MAX_CELL) -> np.ndarray:
-    """Group points whose cosine similarity to a neighbour is >= ``threshold`` (transitively).
+    """Each point's representative: itself when it is kept, else a kept point within ``threshold`` of it.
+
+    Points are visited in pool order; one is dropped when one of its ``k`` nearest neighbours with cosine
+    similarity >= ``threshold`` was kept, and kept otherwise (as SemDeDup keeps one point per epsilon-ball). So
+    every dropped point is a near-duplicate of a kept one itself: a chain of points each close to the next, whose
+    ends are far apart, keeps a point every threshold's width along it (grouping by connected components kept one
+    per chain, and on a class whose embeddings crowd together it dropped most of the class).
 
     Up to ``exact_up_to`` points the search is exact over all of them. Beyond, it is exact inside each cell of
     ``partition`` (e.g. the finest k-means level; computed here with about sqrt(n) cells when not given), as in
@@ -59,45 +97,71 @@ def near_duplicate_groups(x: np.ndarray, threshold: float = 0.95, k: int = 8, ce
 
     Args:
         x: (n, d) embeddings (a memmap is read in batches or one cell at a time).
+        threshold: cosine similarity in (0, 1] at and above which two points are near-duplicates.
         k: neighbours searched per point.
         partition: (n,) int labels of the cells to search within when n > ``exact_up_to``.
     Returns:
-        (n,) int64: each point's group representative (the group's smallest index); ``rep == arange(n)`` keeps one
-        per group.
+        (n,) int64: each point's representative; ``rep == arange(n)`` marks the kept points.
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     check_embeddings(x)
+    if not 0 < threshold <= 1:
+        raise ConfigError(f"curation.dedup_threshold={threshold}: a cosine similarity in (0, 1] at which two "
+                          f"embeddings count as near-duplicates (1: exact copies only)")
     n, d = x.shape
     mean = _mean(x, batch) if center else np.zeros(d, dtype=np.float32)
     if partition is not None and np.shape(partition) != (n,):
         raise DataError(f"dedup partition has shape {np.shape(partition)}, expected one label per embedding ({n},)")
     if n <= exact_up_to:
-        rows, cols = _close_pairs(_unit(x, mean), threshold, k)
+        rows, cols, sims = _close_pairs(_unit(x, mean), threshold, k)
     else:
-        if partition is None:
-            partition = assign(x, kmeans(x, int(np.sqrt(n)), niter=10))[0]
-        partition = np.asarray(partition)
-        order = np.argsort(partition, kind="stable")
-        bounds = np.flatnonzero(np.diff(partition[order])) + 1
-        rows, cols = [], []
-        cells = [m for m in np.split(order, bounds) if len(m) > 1]
-        while cells:
-            members = cells.pop()
-            u = _unit(x[members], mean)
-            if len(members) > max_cell:  # e.g. a resampled cluster over a dense region: split it first
-                parts = assign(u, kmeans(u, -(-2 * len(members) // max_cell), niter=10, plusplus=False))[0]
-                if parts.max() > parts.min():
-                    cells += [members[parts == j] for j in np.unique(parts) if (parts == j).sum() > 1]
-                    continue
-            r, c = _close_pairs(u, threshold, k)
-            rows.append(members[r])
-            cols.append(members[c])
-        rows = np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)
-        cols = np.concatenate(cols) if cols else np.empty(0, dtype=np.int64)
-    graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n, n))
-    _, comp = connected_components(graph, directed=False)
-    rep = np.full(comp.max() + 1, n, dtype=np.int64)
-    np.minimum.at(rep, comp, np.arange(n))
-    return rep[comp]
+        rows, cols, sims = _pairs_in_cells(x, mean, threshold, k, partition, max_cell)
+    return _greedy_keep(n, rows, cols, sims)
+
+
+def _pairs_in_cells(x: np.ndarray, mean: np.ndarray, threshold: float, k: int, partition: np.ndarray | None,
+                    max_cell: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The close pairs of :func:`_close_pairs`, searched inside each cell of ``partition`` (global indices)."""
+    n = len(x)
+    if partition is None:
+        partition = assign(x, kmeans(x, int(np.sqrt(n)), niter=10))[0]
+    partition = np.asarray(partition)
+    order = np.argsort(partition, kind="stable")
+    bounds = np.flatnonzero(np.diff(partition[order])) + 1
+    rows, cols, sims = [], [], []
+    cells = [m for m in np.split(order, bounds) if len(m) > 1]
+    while cells:
+        members = cells.pop()
+        u = _unit(x[members], mean)
+        if len(members) > max_cell:  # e.g. a resampled cluster over a dense region: split it first
+            parts = assign(u, kmeans(u, -(-2 * len(members) // max_cell), niter=10, plusplus=False))[0]
+            if parts.max() > parts.min():
+                cells += [members[parts == j] for j in np.unique(parts) if (parts == j).sum() > 1]
+                continue
+        r, c, sim = _close_pairs(u, threshold, k)
+        rows.append(members[r])
+        cols.append(members[c])
+        sims.append(sim)
+    if not rows:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+    return np.concatenate(rows), np.concatenate(cols), np.concatenate(sims)
+
+
+def _greedy_keep(n: int, rows: np.ndarray, cols: np.ndarray, sims: np.ndarray) -> np.ndarray:
+    """Visit points in order; a point with a kept earlier neighbour among the close pairs (either direction of the
+    kNN relation) is dropped, its representative the most similar kept one."""
+    i, j = np.concatenate([rows, cols]), np.concatenate([cols, rows])
+    sim = np.concatenate([sims, sims]).astype(np.float32)
+    earlier = j < i
+    i, j, sim = i[earlier], j[earlier], sim[earlier]
+    order = np.lexsort((-sim, i))  # by point, the most similar neighbour first
+    i, j = i[order], j[order]
+    starts = np.searchsorted(i, np.arange(n + 1))
+    rep = np.arange(n, dtype=np.int64)
+    kept = np.ones(n, dtype=bool)
+    for p in np.unique(i):  # only points with a close earlier neighbour can be dropped
+        candidates = j[starts[p]:starts[p + 1]]
+        alive = candidates[kept[candidates]]
+        if len(alive):
+            kept[p] = False
+            rep[p] = alive[0]
+    return rep

@@ -19,37 +19,55 @@ class WithinCluster(str, Enum):
     CLOSEST = "closest"  # nearest the cluster's centroid first
 
 
-def waterfill(sizes: np.ndarray, budget: int, rng: np.random.Generator) -> np.ndarray:
-    """Split ``budget`` over bins as evenly as possible, no bin above its size.
+def waterfill(sizes: np.ndarray, budget: int, rng: np.random.Generator, floor: float = 0.0) -> np.ndarray:
+    """Split ``budget`` over bins as evenly as possible, no bin above its size, and (with ``floor``) none below
+    ``floor`` times its proportional share.
+
+    Equal quotas are what balance means, and they can starve a large bin far below its own weight: a class whose
+    samples look alike sits in a few clusters and gets a few clusters' quotas. The floor bounds that: with 0.5, a
+    bin holding 40% of the items gets at least 20% of the budget (while it has them). The quotas are then the
+    water level over those floors, min(size, max(floor share, level)), found by bisection (the level is the
+    per-cluster cap x of Vo et al.'s ``find_subcluster_target_size``, with floors).
 
     Args:
         sizes: (k,) int, how many items each bin holds.
+        floor: in [0, 1]; 0 is plain balance, 1 is proportional sampling.
     Returns:
-        (k,) int64 quotas with sum ``min(budget, sizes.sum())``; leftover units go to random open bins.
+        (k,) int64 quotas with sum ``min(budget, sizes.sum())``; leftover units go to random bins at the level.
     """
     sizes = np.asarray(sizes, dtype=np.int64)
-    quota = np.zeros_like(sizes)
-    remaining = int(min(budget, sizes.sum()))
-    while remaining > 0:
-        active = np.flatnonzero(quota < sizes)
-        share = remaining // len(active)
-        if share == 0:
-            quota[rng.choice(active, size=remaining, replace=False)] += 1
-            break
-        add = np.minimum(share, sizes[active] - quota[active])
-        quota[active] += add
-        remaining -= int(add.sum())
+    total = int(min(budget, sizes.sum()))
+    lower = np.minimum(sizes, np.floor(floor * total * sizes / max(1, sizes.sum())).astype(np.int64))
+
+    def fill(level: int) -> np.ndarray:
+        return np.minimum(sizes, np.maximum(lower, level))
+
+    lo, hi = 0, int(sizes.max(initial=0))
+    while lo < hi:  # the highest level whose fill stays within the budget
+        mid = (lo + hi + 1) // 2
+        if fill(mid).sum() <= total:
+            lo = mid
+        else:
+            hi = mid - 1
+    quota = fill(lo)
+    left = total - int(quota.sum())
+    if left > 0:  # the next level would overshoot: some bins at the level get one more
+        rising = np.flatnonzero(fill(lo + 1) > quota)
+        quota[rng.choice(rising, size=left, replace=False)] += 1
     return quota
 
 
 def balanced_sample(tree: Hierarchy, target: int, *, within: WithinCluster = WithinCluster.RANDOM,
-                    x: np.ndarray | None = None, mask: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+                    x: np.ndarray | None = None, mask: np.ndarray | None = None, seed: int = 0,
+                    floor: float = 0.0) -> np.ndarray:
     """Choose ``target`` points, splitting the budget evenly down the tree from its coarsest level.
 
     Args:
         tree: from :func:`fmtransfer.curation.kmeans.hierarchical_kmeans` over n points.
         within: how points are taken inside a finest cluster (CLOSEST needs ``x``, the (n, d) embeddings).
         mask: (n,) bool, only these points may be chosen (a stratum, the survivors of dedup).
+        floor: every cluster gets at least this fraction of its proportional share of its parent's quota
+            (see :func:`waterfill`).
     Returns:
         sorted (target,) int64 point indices.
     """
@@ -63,13 +81,13 @@ def balanced_sample(tree: Hierarchy, target: int, *, within: WithinCluster = Wit
     paths = tree.paths()[allowed]
     points = np.flatnonzero(allowed)
     top = len(tree.levels) - 1
-    quota = waterfill(np.bincount(paths[:, top], minlength=tree.levels[top]), target, rng)
+    quota = waterfill(np.bincount(paths[:, top], minlength=tree.levels[top]), target, rng, floor)
     for t in range(top - 1, -1, -1):  # hand each cluster's quota to its children
         counts = np.bincount(paths[:, t], minlength=tree.levels[t])
         child_quota = np.zeros(tree.levels[t], dtype=np.int64)
         for c in np.flatnonzero(quota):
             children = np.flatnonzero(tree.parents[t] == c)
-            child_quota[children] = waterfill(counts[children], int(quota[c]), rng)
+            child_quota[children] = waterfill(counts[children], int(quota[c]), rng, floor)
         quota = child_quota
     order = np.argsort(paths[:, 0], kind="stable")
     bounds = np.searchsorted(paths[order, 0], np.arange(tree.levels[0] + 1))
@@ -86,19 +104,29 @@ def balanced_sample(tree: Hierarchy, target: int, *, within: WithinCluster = Wit
 
 def stratified_sample(tree: Hierarchy, target: int, strata: np.ndarray, **kwargs) -> np.ndarray:
     """:func:`balanced_sample` within each stratum (a region, a label), the budget split over strata in
-    proportion to their size but at least one point each, so no stratum vanishes."""
+    proportion to their size but at least one point each, so no stratum vanishes. A stratum with fewer points
+    left (after dedup, ``mask``) than its share gives all it has, and the rest of its share goes to the others.
+
+    Returns:
+        sorted (target,) int64 point indices.
+    """
     names, inverse, counts = np.unique(strata, return_inverse=True, return_counts=True)
     if target < len(names):
         raise DataError(f"curation target {target} is smaller than the number of strata ({len(names)})")
+    mask = kwargs.pop("mask", None)
+    allowed = np.ones(len(inverse), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    available = np.bincount(inverse[allowed], minlength=len(names))
+    if target > int(available.sum()):
+        raise DataError(f"curation target {target} is larger than the {int(available.sum())} points available")
     budget = np.maximum(1, np.floor(target * counts / counts.sum()).astype(np.int64))
-    budget = np.minimum(budget, counts)
+    budget = np.minimum(budget, available)
     rng = np.random.default_rng(kwargs.get("seed", 0))
-    while budget.sum() < min(target, counts.sum()):  # rounding leftovers go to strata with room
-        open_ = np.flatnonzero(budget < counts)
-        budget[rng.choice(open_)] += 1
     while budget.sum() > target:
         budget[np.argmax(budget)] -= 1
-    mask = kwargs.pop("mask", None)
-    parts = [balanced_sample(tree, int(b), mask=(inverse == s) & (True if mask is None else mask), **kwargs)
+    while budget.sum() < target:  # rounding leftovers and the shares of strata short of points go to strata with room
+        open_ = np.flatnonzero(budget < available)
+        weights = counts[open_] / counts[open_].sum()
+        budget[rng.choice(open_, p=weights)] += 1
+    parts = [balanced_sample(tree, int(b), mask=(inverse == s) & allowed, **kwargs)
              for s, b in enumerate(budget) if b > 0]
     return np.sort(np.concatenate(parts))

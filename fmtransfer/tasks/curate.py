@@ -9,6 +9,7 @@ path, label, region, cluster at every level), ``duplicates.csv``, ``metrics.json
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 from pathlib import Path
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fmtransfer.adapters.loading import allow_unfinished, load_model_or_adapted
 from fmtransfer.config import build_dataclass, require, run_dir
+from fmtransfer.curation.checks import self_checks, shares_markdown
 from fmtransfer.curation.curate import Curation, CurationSettings, curate_embeddings, largest_share
 from fmtransfer.curation.embed import embed_split, load_embeddings
 from fmtransfer.data import RecipeDataModule, build_datamodule, load_recipe
@@ -148,6 +150,8 @@ def curate(cfg: DictConfig) -> StageResult:
         result = curate_embeddings(x, settings, strata=strata, seed=int(cfg.seed), log=log.info)
         files = _write_outputs(out, result, x, rows, table, settings)
         metrics = _metrics(result, rows, table, settings, recipe.name, cfg.curation.split)
+        for warning in metrics["self_checks"]["warnings"]:
+            log.warning("curation self-check: %s", warning)
         write_json_atomic(out / "metrics.json", metrics)
         summary = _summary(metrics)
         files["report"] = write_text_atomic(out / "curation.md", _report(metrics, summary, files))
@@ -210,25 +214,46 @@ def _metrics(result: Curation, rows: np.ndarray, table, settings: CurationSettin
             "pool": n, "selected": int(len(result.selected)),
             "fraction": len(result.selected) / n, "duplicates_removed": int((~result.kept).sum()),
             "duplicate_groups": int(len(np.unique(result.representative[~result.kept]))),
-            "levels": settings.levels, "settings": {k: v for k, v in vars(settings).items()},
+            "levels": settings.levels, "settings": dataclasses.asdict(settings),
             "largest_10pct_clusters_share": {"pool": largest_share(labels, k0),
                                              "curated": largest_share(labels[result.selected], k0)},
             "empty_clusters_after": int((np.bincount(labels[result.selected], minlength=k0) == 0).sum()),
-            "per_class": per_class, "seconds": result.seconds}
+            "dedup_threshold": result.dedup_threshold,
+            "per_class": per_class, "seconds": result.seconds,
+            "self_checks": self_checks(_groups(result, rows, table), result.selected, result.kept, settings.checks)}
+
+
+def _groups(result: Curation, rows: np.ndarray, table) -> dict[str, np.ndarray]:
+    """What the self-checks compare: classes (labelled classification), regions (when there are several) and the
+    top-level clusters (always: the only groups an unlabelled pool has)."""
+    groups = {}
+    if table.classes and not table.unlabelled:
+        groups["class"] = np.asarray(table.classes, dtype=object)[table.targets[rows].astype(int)]
+    regions = np.asarray(table.regions[rows]).astype(str)
+    if len(np.unique(regions)) > 1:
+        groups["region"] = regions
+    groups["cluster"] = result.tree.paths()[:, -1]
+    return groups
 
 
 def _summary(m: dict[str, Any]) -> str:
     """What was kept, as markdown: the body of ``curation.md`` and the pipeline report's section."""
-    share = m["largest_10pct_clusters_share"]
+    share, checks = m["largest_10pct_clusters_share"], m["self_checks"]
+    threshold = f" at cosine {m['dedup_threshold']:.4f}" if m["dedup_threshold"] is not None else ""
     lines = [f"{m['selected']} of {m['pool']} samples kept ({m['fraction']:.1%}); {m['duplicates_removed']} "
-             f"near-duplicates removed in {m['duplicate_groups']} groups.", "",
-             f"The largest 10% of the {m['levels'][0]} finest clusters hold {share['pool']:.1%} of the pool and "
-             f"{share['curated']:.1%} of the curated subset.", ""]
+             f"near-duplicates ({checks['dedup_share']:.1%} of the pool) removed{threshold}, each within the threshold "
+             f"of one of {m['duplicate_groups']} kept samples.", ""]
+    if checks["warnings"]:
+        lines += ["**Self-check warnings**:", "", *[f"- {w}" for w in checks["warnings"]], ""]
+    else:
+        lines += ["Self-checks: no warning (dedup share, class and region shares within their limits).", ""]
+    lines += [f"The largest 10% of the {m['levels'][0]} finest clusters hold {share['pool']:.1%} of the pool and "
+              f"{share['curated']:.1%} of the curated subset.", ""]
     if not m["labelled"]:
-        lines.append("The pool has no labels: it was balanced by cluster only, and there are no per-class counts.")
-    elif m["per_class"]:
-        lines += ["| class | pool | curated |", "|---|---:|---:|"]
-        lines += [f"| {c} | {v['pool']} | {v['curated']} |" for c, v in m["per_class"].items()]
+        lines += ["The pool has no labels: it was balanced by cluster only; the checks compare its top-level clusters.",
+                  ""]
+    for kind, table in checks["by"].items():
+        lines += [*shares_markdown(kind, table), ""]
     return "\n".join(lines).strip()
 
 

@@ -33,6 +33,51 @@ def test_waterfill_is_even_and_capped():
     assert waterfill(np.array([2, 2]), 10, rng).tolist() == [2, 2]
 
 
+def test_a_balance_floor_keeps_a_large_bin_near_its_own_weight():
+    """Plain balance gives the bin holding 40% of the items a seventh of the budget; a floor of 0.5 keeps at least
+    half its proportional share, and a floor of 1 is proportional."""
+    sizes = np.array([400, 100, 100, 100, 100, 100, 100])
+    plain = waterfill(sizes, 70, np.random.default_rng(0))
+    assert plain.sum() == 70 and plain.max() - plain.min() <= 1
+    floored = waterfill(sizes, 70, np.random.default_rng(0), floor=0.5)
+    assert floored.sum() == 70 and floored[0] >= 14 and floored[1:].max() - floored[1:].min() <= 1
+    assert waterfill(sizes, 70, np.random.default_rng(0), floor=1.0).tolist() == [28, 7, 7, 7, 7, 7, 7]
+    assert waterfill(np.array([3, 50]), 40, np.random.default_rng(0), floor=0.5).tolist() == [3, 37]  # capped
+
+
+def test_a_stratum_short_of_points_after_dedup_passes_its_share_on():
+    """A class that dedup left with fewer samples than its share gives all it has; the others fill the target
+    (this raised "target is larger than the points available" before)."""
+    x, mode = skewed(big=600, small=4, per_small=100)
+    tree = hierarchical_kmeans(x, [20, 4], steps=2, seed=0)
+    strata = np.where(mode == 0, "common", np.where(mode == 1, "tight", "other"))
+    kept = np.ones(len(x), dtype=bool)
+    kept[np.flatnonzero(mode == 1)[10:]] = False  # dedup left 10 of the tight class's 100
+    picked = stratified_sample(tree, 300, strata, mask=kept, seed=0)
+    assert len(picked) == 300 and len(np.unique(picked)) == 300 and kept[picked].all()
+    assert (strata[picked] == "tight").sum() == 10
+
+
+def test_self_checks_warn_when_dedup_or_balance_hurts_a_class():
+    from fmtransfer.curation.checks import CheckSettings, self_checks
+
+    classes = np.repeat(["a", "b", "c", "d"], 100)
+    kept = np.ones(400, dtype=bool)
+    kept[100:160] = False  # dedup took 60% of class b
+    selected = np.concatenate([np.arange(0, 30), np.arange(160, 165), np.arange(200, 230), np.arange(300, 330)])
+    checks = self_checks({"class": classes, "cluster": np.repeat([0, 1], 200)}, selected, kept, CheckSettings())
+    warnings = "\n".join(checks["warnings"])
+    assert checks["dedup_share"] == 0.15 and "dedup removed 15.0% of the pool (60 of 400)" in warnings
+    assert "dedup removed 60% of class 'b'" in warnings
+    assert "class 'b' holds 5.3% of the curated subset against 25.0% of the pool" in warnings
+    assert "class 'a'" not in warnings and "cluster" not in warnings.replace("curation.checks", "")
+    b = checks["by"]["class"]["groups"]["b"]
+    assert (b["pool"], b["curated"], b["dedup_removed"]) == (100, 5, 60)
+    assert checks["by"]["class"]["imbalance"] == {"pool": 1.0, "curated": 6.0}
+    even = self_checks({"class": classes}, np.arange(0, 400, 4), np.ones(400, dtype=bool), CheckSettings())
+    assert even["warnings"] == [] and even["by"]["class"]["entropy"]["curated"] == pytest.approx(1.0)
+
+
 def test_small_clusters_are_over_represented_after_sampling():
     x, mode = skewed()
     tree = hierarchical_kmeans(x, [60, 12], steps=5, seed=0)
@@ -99,6 +144,58 @@ def test_near_duplicates_are_grouped():
     assert (rep[200:] == 3).all() and rep[3] == 3
     assert (rep[:200] == np.arange(200)).all()
     assert int((rep == np.arange(len(y))).sum()) == 200
+
+
+def test_a_chain_of_close_points_is_not_one_group():
+    """Points along an arc, each within the threshold of the next but not of the one after: connected components
+    made the arc one group and kept one point; dedup keeps every other point, and every dropped point is itself
+    within the threshold of the kept point standing for it."""
+    angles = np.arange(30) * 0.1  # neighbours at cos 0.995, two apart at cos 0.980
+    x = np.zeros((30, 8), dtype=np.float32)
+    x[:, 0], x[:, 1] = np.cos(angles), np.sin(angles)
+    rep = near_duplicate_groups(x, threshold=0.99, center=False)
+    kept = rep == np.arange(30)
+    assert kept.sum() == 15 and kept[::2].all()
+    assert kept[rep].all() and (np.einsum("ij,ij->i", x, x[rep]) >= 0.99 - 1e-6).all()
+
+
+def test_planted_duplicates_in_a_real_pool_are_found_and_little_else():
+    """The UCI digits (1,797 real 8x8 scans, raw pixels as the embedding) with 60 exact copies and 60 lightly
+    altered copies (5% brighter, pixel noise) of known images appended: dedup at its default threshold drops the
+    copies (recall), each for its own original, and few real images besides (precision)."""
+    from sklearn.datasets import load_digits
+
+    x = load_digits().data.astype(np.float32)
+    rng = np.random.default_rng(0)
+    source = rng.choice(len(x), 120, replace=False)
+    light = np.clip(x[source[60:]] * 1.05 + rng.normal(0, 0.3, size=(60, x.shape[1])), 0, 16)
+    pool = np.concatenate([x, x[source[:60]], light]).astype(np.float32)
+    planted = np.arange(len(x), len(pool))
+    rep = near_duplicate_groups(pool, threshold=0.99)
+    dropped = np.flatnonzero(rep != np.arange(len(pool)))
+    found = np.isin(dropped, planted).sum()
+    assert found / len(planted) >= 0.95 and found / len(dropped) >= 0.95  # measured: 1.0 and 0.992
+    assert (rep[planted] == source).mean() >= 0.95
+
+
+def test_a_quantile_threshold_reads_the_pool_s_own_scale():
+    from fmtransfer.curation.dedup import nearest_similarities, quantile_threshold
+    from fmtransfer.errors import ConfigError
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 16)).astype(np.float32)
+    sims = nearest_similarities(x)
+    assert sims.shape == (500,) and (sims < 1).all()  # a point is never its own nearest neighbour
+    threshold = quantile_threshold(x, 0.05)
+    assert np.mean(sims >= threshold) == pytest.approx(0.05, abs=0.01)
+    y = np.concatenate([x, x[:10]])  # exact copies: their nearest similarity is 1
+    assert quantile_threshold(y, 0.01) == pytest.approx(1.0, abs=1e-5)
+    for bad in (0, 1, 1.5):
+        with pytest.raises(ConfigError, match=rf"curation.dedup_quantile={bad}: .*in \(0, 1\)"):
+            quantile_threshold(x, bad)
+    for bad in (0, -0.5, 1.01):
+        with pytest.raises(ConfigError, match=rf"curation.dedup_threshold={bad}: a cosine similarity in \(0, 1\]"):
+            near_duplicate_groups(x, threshold=bad)
 
 
 def test_dedup_inside_clusters_finds_the_same_groups():

@@ -45,6 +45,12 @@ def test_curate_writes_a_manifest_that_recipes_consume(curated, tmp_path):
     x = np.load(out / "embeddings" / "embeddings.npy", mmap_mode="r")
     assert x.shape == (240, 96) and np.isfinite(x).all()
     assert load_record(out)["parents"][0]["stage"] == "pretrain" and verify_record(out) == []
+    checks = m["self_checks"]  # classes and top-level clusters (mnist_global has one region)
+    assert set(checks["by"]) == {"class", "cluster"} and m["dedup_threshold"] == 0.99
+    classes = checks["by"]["class"]["groups"]
+    assert sum(g["pool"] for g in classes.values()) == 240 and sum(g["curated"] for g in classes.values()) == 72
+    assert checks["dedup_share"] == m["duplicates_removed"] / 240
+    assert "| class | pool | dedup removed | curated |" in (out / "curation.md").read_text()
 
     # the manifest as data.subset: the train split shrinks, val and test and the split assignment stay
     recipe = load_recipe(make_cfg("pretrain", ["experiment=smoke", f"data.subset={curated.outputs['manifest']}"],
