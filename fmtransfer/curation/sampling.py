@@ -19,41 +19,29 @@ class WithinCluster(str, Enum):
     CLOSEST = "closest"  # nearest the cluster's centroid first
 
 
-def waterfill(sizes: np.ndarray, budget: int, rng: np.random.Generator, floor: float = 0.0) -> np.ndarray:
-    """Split ``budget`` over bins as evenly as possible, no bin above its size, and (with ``floor``) none below
-    ``floor`` times its proportional share.
-
-    Equal quotas are what balance means, and they can starve a large bin far below its own weight: a class whose
-    samples look alike sits in a few clusters and gets a few clusters' quotas. The floor bounds that: with 0.5, a
-    bin holding 40% of the items gets at least 20% of the budget (while it has them). The quotas are then the
-    water level over those floors, min(size, max(floor share, level)), found by bisection (the level is the
-    per-cluster cap x of Vo et al.'s ``find_subcluster_target_size``, with floors).
+def waterfill(sizes: np.ndarray, budget: int, rng: np.random.Generator) -> np.ndarray:
+    """Split ``budget`` over bins as evenly as possible, no bin above its size: the quotas are min(size, level) at
+    the highest level the budget allows, found by bisection (the per-cluster cap of Vo et al.'s
+    ``find_subcluster_target_size``).
 
     Args:
         sizes: (k,) int, how many items each bin holds.
-        floor: in [0, 1]; 0 is plain balance, 1 is proportional sampling.
     Returns:
         (k,) int64 quotas with sum ``min(budget, sizes.sum())``; leftover units go to random bins at the level.
     """
     sizes = np.asarray(sizes, dtype=np.int64)
     total = int(min(budget, sizes.sum()))
-    lower = np.minimum(sizes, np.floor(floor * total * sizes / max(1, sizes.sum())).astype(np.int64))
-
-    def fill(level: int) -> np.ndarray:
-        return np.minimum(sizes, np.maximum(lower, level))
-
     lo, hi = 0, int(sizes.max(initial=0))
     while lo < hi:  # the highest level whose fill stays within the budget
         mid = (lo + hi + 1) // 2
-        if fill(mid).sum() <= total:
+        if np.minimum(sizes, mid).sum() <= total:
             lo = mid
         else:
             hi = mid - 1
-    quota = fill(lo)
+    quota = np.minimum(sizes, lo)
     left = total - int(quota.sum())
     if left > 0:  # the next level would overshoot: some bins at the level get one more
-        rising = np.flatnonzero(fill(lo + 1) > quota)
-        quota[rng.choice(rising, size=left, replace=False)] += 1
+        quota[rng.choice(np.flatnonzero(sizes > lo), size=left, replace=False)] += 1
     return quota
 
 
@@ -66,8 +54,10 @@ def balanced_sample(tree: Hierarchy, target: int, *, within: WithinCluster = Wit
         tree: from :func:`fmtransfer.curation.kmeans.hierarchical_kmeans` over n points.
         within: how points are taken inside a finest cluster (CLOSEST needs ``x``, the (n, d) embeddings).
         mask: (n,) bool, only these points may be chosen (a stratum, the survivors of dedup).
-        floor: every cluster gets at least this fraction of its proportional share of its parent's quota
-            (see :func:`waterfill`).
+        floor: this share of the budget is spread over the finest clusters in proportion to their size (as a
+            random sample would), the rest balanced down the tree. Plain balance can starve a class whose samples
+            look alike (it sits in a few clusters and gets a few clusters' quotas); with a floor every group keeps
+            about ``floor`` of its pool share at least.
     Returns:
         sorted (target,) int64 point indices.
     """
@@ -80,15 +70,9 @@ def balanced_sample(tree: Hierarchy, target: int, *, within: WithinCluster = Wit
     rng = np.random.default_rng(seed)
     paths = tree.paths()[allowed]
     points = np.flatnonzero(allowed)
-    top = len(tree.levels) - 1
-    quota = waterfill(np.bincount(paths[:, top], minlength=tree.levels[top]), target, rng, floor)
-    for t in range(top - 1, -1, -1):  # hand each cluster's quota to its children
-        counts = np.bincount(paths[:, t], minlength=tree.levels[t])
-        child_quota = np.zeros(tree.levels[t], dtype=np.int64)
-        for c in np.flatnonzero(quota):
-            children = np.flatnonzero(tree.parents[t] == c)
-            child_quota[children] = waterfill(counts[children], int(quota[c]), rng, floor)
-        quota = child_quota
+    sizes = np.bincount(paths[:, 0], minlength=tree.levels[0])
+    floor_quota = np.floor(floor * target * sizes / max(1, sizes.sum())).astype(np.int64)
+    quota = floor_quota + _balanced_quotas(tree, sizes - floor_quota, target - int(floor_quota.sum()), rng)
     order = np.argsort(paths[:, 0], kind="stable")
     bounds = np.searchsorted(paths[order, 0], np.arange(tree.levels[0] + 1))
     chosen = []
@@ -100,6 +84,25 @@ def balanced_sample(tree: Hierarchy, target: int, *, within: WithinCluster = Wit
         else:
             chosen.append(rng.choice(members, size=int(quota[c]), replace=False))
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def _balanced_quotas(tree: Hierarchy, room: np.ndarray, budget: int,
+                     rng: np.random.Generator) -> np.ndarray:
+    """Finest-cluster quotas of ``budget`` split evenly down the tree from its coarsest level, no finest cluster
+    above its ``room``."""
+    top = len(tree.levels) - 1
+    # the room of every cluster at every level: its finest clusters' room summed up the tree
+    rooms = [room]
+    for t in range(top):
+        rooms.append(np.bincount(tree.parents[t], weights=rooms[-1], minlength=tree.levels[t + 1]).astype(np.int64))
+    quota = waterfill(rooms[top], budget, rng)
+    for t in range(top - 1, -1, -1):  # hand each cluster's quota to its children
+        child_quota = np.zeros(tree.levels[t], dtype=np.int64)
+        for c in np.flatnonzero(quota):
+            children = np.flatnonzero(tree.parents[t] == c)
+            child_quota[children] = waterfill(rooms[t][children], int(quota[c]), rng)
+        quota = child_quota
+    return quota
 
 
 def stratified_sample(tree: Hierarchy, target: int, strata: np.ndarray, **kwargs) -> np.ndarray:

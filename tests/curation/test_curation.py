@@ -33,16 +33,22 @@ def test_waterfill_is_even_and_capped():
     assert waterfill(np.array([2, 2]), 10, rng).tolist() == [2, 2]
 
 
-def test_a_balance_floor_keeps_a_large_bin_near_its_own_weight():
-    """Plain balance gives the bin holding 40% of the items a seventh of the budget; a floor of 0.5 keeps at least
-    half its proportional share, and a floor of 1 is proportional."""
-    sizes = np.array([400, 100, 100, 100, 100, 100, 100])
-    plain = waterfill(sizes, 70, np.random.default_rng(0))
-    assert plain.sum() == 70 and plain.max() - plain.min() <= 1
-    floored = waterfill(sizes, 70, np.random.default_rng(0), floor=0.5)
-    assert floored.sum() == 70 and floored[0] >= 14 and floored[1:].max() - floored[1:].min() <= 1
-    assert waterfill(sizes, 70, np.random.default_rng(0), floor=1.0).tolist() == [28, 7, 7, 7, 7, 7, 7]
-    assert waterfill(np.array([3, 50]), 40, np.random.default_rng(0), floor=0.5).tolist() == [3, 37]  # capped
+def test_a_balance_floor_keeps_a_dense_mode_near_its_own_weight():
+    """Plain balance gives the dense mode (4,000 of 4,800 points, 83%) a small share; with balance_floor=0.5 half
+    the budget is spread in proportion to cluster size, so the mode keeps at least half its pool share, and with
+    1 the sample is proportional."""
+    x, mode = skewed()
+    tree = hierarchical_kmeans(x, [60, 12], steps=5, seed=0)
+    pool_share = np.mean(mode == 0)
+
+    def dense_share(floor):
+        picked = balanced_sample(tree, 480, seed=0, floor=floor)
+        assert len(picked) == 480 and len(np.unique(picked)) == 480
+        return np.mean(mode[picked] == 0)
+
+    assert dense_share(0.0) < 0.5 * pool_share
+    assert 0.5 * pool_share <= dense_share(0.5) < pool_share
+    assert dense_share(1.0) == pytest.approx(pool_share, abs=0.02)
 
 
 def test_a_stratum_short_of_points_after_dedup_passes_its_share_on():
