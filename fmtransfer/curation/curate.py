@@ -106,6 +106,7 @@ def curate_embeddings(x: np.ndarray, settings: CurationSettings, *, strata: np.n
                       seed: int = 0, log=print) -> Curation:
     """x: (n, d) embeddings (a memmap is fine) -> the chosen rows, the dedup groups and the cluster tree."""
     check_embeddings(x)
+    _check_distinct(x)
     n = len(x)
     target = settings.target(n)
     if settings.levels[0] > n:
@@ -148,6 +149,17 @@ def curate_embeddings(x: np.ndarray, settings: CurationSettings, *, strata: np.n
                                    floor=settings.balance_floor)
     seconds["sampling"] = time.perf_counter() - t
     return Curation(selected, rep, tree, seconds, threshold)
+
+
+def _check_distinct(x: np.ndarray, batch: int = 65536) -> None:
+    """Refuse embeddings that are all one row (a constant model, a broken export): nothing to cluster or balance."""
+    first = np.asarray(x[0])
+    for start in range(0, len(x), batch):
+        if not np.array_equal(np.asarray(x[start:start + batch]), np.broadcast_to(first, (min(batch, len(x) - start),
+                                                                                           len(first)))):
+            return
+    raise DataError(f"the {len(x)} embeddings are all the same row: the model gives every sample one embedding (a "
+                    f"collapsed or untrained model?), so there is nothing to cluster, deduplicate or balance")
 
 
 def largest_share(labels: np.ndarray, k: int, top_fraction: float = 0.1) -> float:

@@ -9,7 +9,7 @@ from fmtransfer.clustering import assign
 from fmtransfer.curation.dedup import near_duplicate_groups
 from fmtransfer.curation.kmeans import Resample, hierarchical_kmeans, resampled_kmeans
 from fmtransfer.curation.sampling import WithinCluster, balanced_sample, stratified_sample, waterfill
-from fmtransfer.errors import DataError
+from fmtransfer.errors import ConfigError, DataError
 
 
 def skewed(seed: int = 0, big: int = 4000, small: int = 20, per_small: int = 40, d: int = 16):
@@ -186,7 +186,6 @@ def test_planted_duplicates_in_a_real_pool_are_found_and_little_else():
 
 def test_a_quantile_threshold_reads_the_pool_s_own_scale():
     from fmtransfer.curation.dedup import nearest_similarities, quantile_threshold
-    from fmtransfer.errors import ConfigError
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(500, 16)).astype(np.float32)
@@ -236,3 +235,16 @@ def test_bad_input_is_named():
     tree = hierarchical_kmeans(x, [4, 2], steps=1)
     with pytest.raises(DataError, match="target 100 is larger than the 60 points"):
         balanced_sample(tree, 100)
+    from fmtransfer.curation.curate import CurationSettings, curate_embeddings
+
+    settings = CurationSettings(target_size=10, levels=[4, 2], resampling_steps=1)
+    with pytest.raises(DataError, match="the 60 embeddings are all the same row"):
+        curate_embeddings(np.ones((60, 8), dtype=np.float32), settings, log=lambda *a: None)
+    copies = np.concatenate([np.repeat(x[:1], 59, axis=0), x[1:2]])  # one image 59 times, and one other
+    with pytest.raises(DataError, match=r"larger than the 2 samples left after dedup removed 58 of 60 at cosine "
+                                        r"0.9900; raise curation.dedup_threshold"):
+        curate_embeddings(copies, settings, log=lambda *a: None)
+    with pytest.raises(ConfigError, match=r"curation.balance_floor=1.5: .*\[0, 1\]"):
+        CurationSettings(balance_floor=1.5)
+    with pytest.raises(ConfigError, match=r"curation.dedup_threshold=0: a cosine similarity in \(0, 1\]"):
+        CurationSettings(dedup_threshold=0)
