@@ -79,6 +79,10 @@ def pretrain(cfg: DictConfig) -> StageResult:
     rank_and_world()  # a stray RANK=1 would make Lightning train silently and write no metrics or model
     resume = resolve_resume(cfg.resume)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    # before the data scan: weights that cannot be fetched (no hub) or fitted fail in seconds, not after reading
+    # 90,000 images; the data scan draws nothing from the seeded generators, so the initial weights are the same
+    backbone = create_backbone(spec)
+    check_input_size(backbone, spec, recipe.image_size, recipe.channels)
     dm = build_datamodule(recipe, cfg.loader, seed=cfg.seed, output_dir=out)
     with RunRecord("pretrain", out, cfg) as record:
         table = dm.prepare()
@@ -87,8 +91,6 @@ def pretrain(cfg: DictConfig) -> StageResult:
         record_training_inputs(record, cfg, resume, setup, spec.checkpoint)
 
         preprocess = Preprocess.from_recipe(recipe)
-        backbone = create_backbone(spec)
-        check_input_size(backbone, spec, recipe.image_size, recipe.channels)
         model = Classifier(backbone, dm.num_outputs)
         meta = model_meta(model, spec, task=recipe.task, classes=table.classes, preprocess=preprocess,
                           run_id=record.data["run_id"], run_dir=str(out.resolve()), recipe=recipe.name,

@@ -234,6 +234,20 @@ def test_hub_weights_without_internet_are_one_clear_line(no_network, name):
     assert time.perf_counter() - started < 30
 
 
+def test_pretrain_fails_on_unreachable_hub_weights_before_reading_the_data(no_network, monkeypatch, tmp_path):
+    """A user without the hub learns it in seconds, not after the data scan of a large recipe."""
+    from fmtransfer.data.datamodule import RecipeDataModule
+    from fmtransfer.tasks.pretrain import pretrain
+    from tests.conftest import make_cfg
+
+    scanned = []
+    monkeypatch.setattr(RecipeDataModule, "prepare", lambda self: scanned.append(1))
+    with pytest.raises(ArtifactError, match="cannot download the weights of 'test_resnet'"):
+        pretrain(make_cfg("pretrain", ["experiment=smoke", "backbone.name=test_resnet", "backbone.pretrained=true"],
+                          tmp_path / "run"))
+    assert not scanned
+
+
 def test_an_unknown_hub_id_is_one_clear_line(monkeypatch):
     import httpx
     from huggingface_hub.errors import RepositoryNotFoundError
