@@ -110,6 +110,8 @@ def pretrain(cfg: DictConfig) -> StageResult:
         with metrics_history(out, resuming=resume is not None):
             trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
         fit_seconds = time.perf_counter() - started
+        if not trainer.is_global_zero:  # the model, scores and metrics are rank 0's to write
+            return StageResult("pretrain", out, {"stage": "pretrain", "rank": trainer.global_rank}, {})
 
         files = dict(zip(("weights", "model"), save_model(model, meta, out)))
         test = score_model(model, meta, recipe, split="test", out_dir=out, datamodule=dm,
