@@ -180,7 +180,22 @@ def build_trainer(cfg: DictConfig, *, callbacks: list, logger, default_root_dir:
     for key in ("limit_train_batches", "limit_val_batches"):
         if node.get(key) is None:
             node.pop(key, None)
-    return build(node, "trainer", callbacks=callbacks, logger=logger, default_root_dir=str(default_root_dir))
+    trainer = build(node, "trainer", callbacks=callbacks, logger=logger, default_root_dir=str(default_root_dir))
+    _check_launched(trainer, cfg.get("stage", "<stage>"))
+    return trainer
+
+
+def _check_launched(trainer: pl.Trainer, stage: str) -> None:
+    """Several processes must be started by a launcher (torchrun, SLURM's srun): Lightning's own relaunch re-runs
+    the command line it was started with, which for `fmtransfer <stage>` is not a script it can run (the second
+    process died with "can't open file 'fmtransfer-<stage>'" and the first was killed)."""
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if trainer.world_size > 1 and environment is not None and not environment.creates_processes_externally:
+        processes = trainer.world_size // max(1, trainer.num_nodes)
+        raise ConfigError(f"trainer.devices={processes} (x trainer.num_nodes={trainer.num_nodes}) asks for "
+                          f"{trainer.world_size} processes: start them with a launcher, e.g. `torchrun "
+                          f"--nproc-per-node={processes} -m fmtransfer {stage} ...` (or srun under SLURM); "
+                          f"trainer.devices=1 runs one process")
 
 
 def resolve_resume(resume: str | None) -> Path | None:

@@ -72,3 +72,17 @@ def test_deterministic_switch_sets_torch_for_each_trainer(tmp_path, deterministi
     assert torch.are_deterministic_algorithms_enabled()
     with pytest.raises(ConfigError, match="deterministic='sometimes'; expected true, false or warn"):
         trainer("deterministic=sometimes")
+
+
+def test_several_processes_without_a_launcher_are_refused(tmp_path, monkeypatch):
+    """Lightning's own relaunch cannot re-run `fmtransfer <stage>`: the second process died and the first was
+    killed. The user is told to start the processes with torchrun instead."""
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = make_cfg("pretrain", ["experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"],
+                   tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"trainer.devices=2 .* asks for 2 processes: start them with a launcher, "
+                                          r"e.g. `torchrun --nproc-per-node=2 -m fmtransfer pretrain \.\.\.`"):
+        build_trainer(cfg, callbacks=[], logger=False, default_root_dir=tmp_path / "run")
+    one = make_cfg("pretrain", ["experiment=smoke", "trainer.devices=1"], tmp_path / "one")
+    assert build_trainer(one, callbacks=[], logger=False, default_root_dir=tmp_path / "one").world_size == 1
