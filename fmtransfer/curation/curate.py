@@ -9,7 +9,7 @@ from typing import Any, Literal
 import numpy as np
 
 from fmtransfer.curation.checks import CheckSettings
-from fmtransfer.curation.dedup import near_duplicate_groups, quantile_threshold
+from fmtransfer.curation.dedup import near_duplicates
 from fmtransfer.curation.kmeans import Hierarchy, Resample, check_embeddings, hierarchical_kmeans
 from fmtransfer.curation.sampling import WithinCluster, balanced_sample, stratified_sample
 from fmtransfer.errors import ConfigError, DataError
@@ -123,10 +123,9 @@ def curate_embeddings(x: np.ndarray, settings: CurationSettings, *, strata: np.n
     t = time.perf_counter()
     threshold = None
     if settings.dedup:
-        threshold = (quantile_threshold(x, settings.dedup_quantile, seed=seed) if settings.dedup_quantile
-                     else settings.dedup_threshold)
         # in a large pool, near-duplicates are searched inside the finest clusters (they share one)
-        rep = near_duplicate_groups(x, threshold, settings.dedup_k, partition=tree.labels)
+        rep, threshold = near_duplicates(x, threshold=settings.dedup_threshold, quantile=settings.dedup_quantile,
+                                         k=settings.dedup_k, partition=tree.labels)
     else:
         rep = np.arange(n)
     seconds["dedup"] = time.perf_counter() - t

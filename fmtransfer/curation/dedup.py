@@ -12,6 +12,9 @@ from fmtransfer.errors import ConfigError, DataError
 EXACT_UP_TO = 50_000
 MAX_CELL = 4096  # cells larger than this are split by k-means before the exact search
 BLOCK_ENTRIES = 1 << 24  # query rows x candidates per similarity block (64 MiB of float32)
+# float32 cosines of exact copies come out up to a few 1e-8 below 1: a threshold of 1 (exact copies only) must
+# still take them
+SIM_SLACK = 1e-6
 
 
 def _unit(x: np.ndarray, mean: np.ndarray) -> np.ndarray:
@@ -37,51 +40,22 @@ def _close_pairs(u: np.ndarray, threshold: float, k: int) -> tuple[np.ndarray, n
     rows, cols, sims = [], [], []
     for start in range(0, len(u), step):
         sim, nbrs = index.search(u[start:start + step], min(k + 1, len(u)))
-        r, c = np.nonzero((sim >= threshold) & (nbrs >= 0) & (nbrs != np.arange(start, start + len(sim))[:, None]))
+        r, c = np.nonzero((sim >= threshold - SIM_SLACK) & (nbrs >= 0)
+                          & (nbrs != np.arange(start, start + len(sim))[:, None]))
         rows.append(r + start)
         cols.append(nbrs[r, c])
         sims.append(sim[r, c])
     return np.concatenate(rows), np.concatenate(cols), np.concatenate(sims)
 
 
-def nearest_similarities(x: np.ndarray, center: bool = True, batch: int = ASSIGN_BATCH, sample: int = 50_000,
-                         seed: int = 0) -> np.ndarray:
-    """Each point's cosine similarity to its nearest other point (centred as dedup centres), over a seeded sample
-    of at most ``sample`` points: the pool's own scale of "close", from which a quantile threshold is read."""
-    import faiss
-
-    check_embeddings(x)
-    n = len(x)
-    rows = np.sort(np.random.default_rng(seed).choice(n, size=sample, replace=False)) if n > sample else np.arange(n)
-    mean = _mean(x, batch) if center else np.zeros(x.shape[1], dtype=np.float32)
-    u = _unit(np.asarray(x[rows]), mean)
-    index = faiss.IndexFlatIP(u.shape[1])
-    index.add(u)
-    out = np.empty(len(u), dtype=np.float32)
-    step = max(1, BLOCK_ENTRIES // len(u))
-    for start in range(0, len(u), step):
-        sim, nbrs = index.search(u[start:start + step], 2)
-        own = nbrs[:, 0] == np.arange(start, start + len(sim))  # ties with an exact copy may list it first
-        out[start:start + len(sim)] = np.where(own, sim[:, 1], sim[:, 0])
-    return out
-
-
-def quantile_threshold(x: np.ndarray, quantile: float, center: bool = True, seed: int = 0) -> float:
-    """The similarity above which the ``quantile`` share of the pool's nearest-neighbour similarities lie (0.01:
-    the closest 1% of pairs), as a dedup threshold that adapts to the embedding."""
-    if not 0 < quantile < 1:
-        raise ConfigError(f"curation.dedup_quantile={quantile}: a share of the pool's nearest-neighbour "
-                          f"similarities; expected a value in (0, 1), e.g. 0.01")
-    return float(np.quantile(nearest_similarities(x, center, seed=seed), 1 - quantile))
-
-
-def near_duplicate_groups(x: np.ndarray, threshold: float = 0.95, k: int = 8, center: bool = True,
-                          batch: int = ASSIGN_BATCH, partition: np.ndarray | None = None,
-                          exact_up_to: int = EXACT_UP_TO, max_cell: int = MAX_CELL) -> np.ndarray:
-    """Each point's representative: itself when it is kept, else a kept point within ``threshold`` of it.
+def near_duplicates(x: np.ndarray, *, threshold: float | None = 0.99, quantile: float | None = None, k: int = 8,
+                    center: bool = True, batch: int = ASSIGN_BATCH, partition: np.ndarray | None = None,
+                    exact_up_to: int = EXACT_UP_TO, max_cell: int = MAX_CELL) -> tuple[np.ndarray, float]:
+    """Each point's representative and the threshold used: itself when it is kept, else a kept point within the
+    threshold of it.
 
     Points are visited in pool order; one is dropped when one of its ``k`` nearest neighbours with cosine
-    similarity >= ``threshold`` was kept, and kept otherwise (as SemDeDup keeps one point per epsilon-ball). So
+    similarity >= the threshold was kept, and kept otherwise (as SemDeDup keeps one point per epsilon-ball). So
     every dropped point is a near-duplicate of a kept one itself: a chain of points each close to the next, whose
     ends are far apart, keeps a point every threshold's width along it (grouping by connected components kept one
     per chain, and on a class whose embeddings crowd together it dropped most of the class).
@@ -98,24 +72,46 @@ def near_duplicate_groups(x: np.ndarray, threshold: float = 0.95, k: int = 8, ce
     Args:
         x: (n, d) embeddings (a memmap is read in batches or one cell at a time).
         threshold: cosine similarity in (0, 1] at and above which two points are near-duplicates.
+        quantile: instead of ``threshold``, the pool's own: the similarity above which this share (in (0, 1)) of
+            the points' nearest-neighbour similarities lie, read from the same search (0.01: the closest 1%).
         k: neighbours searched per point.
         partition: (n,) int labels of the cells to search within when n > ``exact_up_to``.
     Returns:
-        (n,) int64: each point's representative; ``rep == arange(n)`` marks the kept points.
+        (n,) int64 representatives (``rep == arange(n)`` marks the kept points), and the threshold used.
     """
     check_embeddings(x)
-    if not 0 < threshold <= 1:
+    if quantile is not None:
+        if not 0 < quantile < 1:
+            raise ConfigError(f"curation.dedup_quantile={quantile}: a share of the pool's nearest-neighbour "
+                              f"similarities; expected a value in (0, 1), e.g. 0.01")
+    elif threshold is None or not 0 < threshold <= 1:
         raise ConfigError(f"curation.dedup_threshold={threshold}: a cosine similarity in (0, 1] at which two "
                           f"embeddings count as near-duplicates (1: exact copies only)")
     n, d = x.shape
     mean = _mean(x, batch) if center else np.zeros(d, dtype=np.float32)
     if partition is not None and np.shape(partition) != (n,):
         raise DataError(f"dedup partition has shape {np.shape(partition)}, expected one label per embedding ({n},)")
+    floor = -2.0 if quantile is not None else threshold  # with a quantile: every neighbour, the threshold after
     if n <= exact_up_to:
-        rows, cols, sims = _close_pairs(_unit(x, mean), threshold, k)
+        rows, cols, sims = _close_pairs(_unit(x, mean), floor, k)
     else:
-        rows, cols, sims = _pairs_in_cells(x, mean, threshold, k, partition, max_cell)
-    return _greedy_keep(n, rows, cols, sims)
+        rows, cols, sims = _pairs_in_cells(x, mean, floor, k, partition, max_cell)
+    if quantile is not None:
+        nearest = np.full(n, -np.inf, dtype=np.float32)
+        np.maximum.at(nearest, rows, sims)
+        searched = nearest[np.isfinite(nearest)]  # a point alone in its cell has no neighbour to measure
+        threshold = float(np.quantile(searched, 1 - quantile)) if len(searched) else 1.0
+        close = sims >= threshold - SIM_SLACK
+        rows, cols, sims = rows[close], cols[close], sims[close]
+    return _greedy_keep(n, rows, cols, sims), float(threshold)
+
+
+def near_duplicate_groups(x: np.ndarray, threshold: float = 0.95, k: int = 8, center: bool = True,
+                          batch: int = ASSIGN_BATCH, partition: np.ndarray | None = None,
+                          exact_up_to: int = EXACT_UP_TO, max_cell: int = MAX_CELL) -> np.ndarray:
+    """The representatives of :func:`near_duplicates` at a fixed ``threshold``."""
+    return near_duplicates(x, threshold=threshold, k=k, center=center, batch=batch, partition=partition,
+                           exact_up_to=exact_up_to, max_cell=max_cell)[0]
 
 
 def _pairs_in_cells(x: np.ndarray, mean: np.ndarray, threshold: float, k: int, partition: np.ndarray | None,

@@ -185,19 +185,25 @@ def test_planted_duplicates_in_a_real_pool_are_found_and_little_else():
 
 
 def test_a_quantile_threshold_reads_the_pool_s_own_scale():
-    from fmtransfer.curation.dedup import nearest_similarities, quantile_threshold
+    """dedup_quantile takes the threshold from the same neighbour search: that share of the points have a
+    neighbour at or above it; exact copies set it at 1."""
+    from fmtransfer.curation.dedup import near_duplicates
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(500, 16)).astype(np.float32)
-    sims = nearest_similarities(x)
-    assert sims.shape == (500,) and (sims < 1).all()  # a point is never its own nearest neighbour
-    threshold = quantile_threshold(x, 0.05)
-    assert np.mean(sims >= threshold) == pytest.approx(0.05, abs=0.01)
+    u = (x - x.mean(0)) / np.linalg.norm(x - x.mean(0), axis=1, keepdims=True)
+    sims = u @ u.T
+    np.fill_diagonal(sims, -1)
+    nearest = sims.max(1)
+    rep, threshold = near_duplicates(x, quantile=0.05)
+    assert np.mean(nearest >= threshold - 1e-6) == pytest.approx(0.05, abs=0.01)
+    assert 0 < (rep != np.arange(500)).sum() <= 25  # each dropped point had a kept neighbour above the threshold
     y = np.concatenate([x, x[:10]])  # exact copies: their nearest similarity is 1
-    assert quantile_threshold(y, 0.01) == pytest.approx(1.0, abs=1e-5)
+    rep, threshold = near_duplicates(y, quantile=0.01)
+    assert threshold == pytest.approx(1.0, abs=1e-5) and set(np.flatnonzero(rep != np.arange(510))) == set(range(500, 510))
     for bad in (0, 1, 1.5):
         with pytest.raises(ConfigError, match=rf"curation.dedup_quantile={bad}: .*in \(0, 1\)"):
-            quantile_threshold(x, bad)
+            near_duplicates(x, quantile=bad)
     for bad in (0, -0.5, 1.01):
         with pytest.raises(ConfigError, match=rf"curation.dedup_threshold={bad}: a cosine similarity in \(0, 1\]"):
             near_duplicate_groups(x, threshold=bad)
