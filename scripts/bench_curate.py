@@ -7,6 +7,10 @@ quality: pretrain a ResNet-18 on the full global set (mnist_global), on a curate
     its train split, with the same number of optimisation steps (the subsets train 5x the epochs); report the
     global test accuracy and the region's (uci_digits_region) zero-shot and LoRA-adapted (100 labels) accuracy.
     Curation embeds with the full-data model, as `fmtransfer pipeline` does.
+sets: on every real recipe here (--sets; mnist_global and uci_digits_region by default), per seed: a ResNet-18
+    trained on the whole train split (the demo's settings), curated 20% subsets with curation.balance_floor 0 and
+    0.5 embedded by that model, and a random 20%, each trained for the same number of steps; the test accuracy of
+    each, the curation's self-check warnings and its smallest class share ratio.
 skew: duplicate one class of the global train split 20x with small noise, curate, and compare the class shares
     of the pool and the curated subset (and what dedup removed), over 5 curation seeds, with the default levels
     and with the earlier default [100, 20, 5].
@@ -139,6 +143,40 @@ def quality(out: Path, fraction: float, seed: int = 0) -> dict:
                                                           "largest_10pct_clusters_share")}}
 
 
+def sets(out: Path, data: str, fraction: float, seed: int, floors: tuple[str, ...] = ("0.0", "0.5")) -> dict:
+    """One seed of the curated-vs-random-vs-full comparison on one recipe (see the module docstring)."""
+    from fmtransfer.config import compose_stage
+    from fmtransfer.data import RecipeDataModule, load_recipe
+    from fmtransfer.tasks.pretrain import epochs_for_steps
+
+    q = out / "sets" / data / f"s{seed}"
+    base = [f"data={data}", "backbone=resnet18", "trainer.max_epochs=6", "loader.batch_size=128", "logger=none",
+            f"seed={seed}", "trainer.enable_progress_bar=false"]
+    full = _run("pretrain", q / "full", base)
+    row: dict = {"data": data, "seed": seed, "steps": full["global_step"], "full": full["test"]["overall"]["accuracy"]}
+    for floor in floors:
+        cur = _run("curate", q / f"curate_f{floor}", [f"base={q / 'full'}", f"data={data}",
+                                                      f"curation.target_size={fraction}",
+                                                      f"curation.balance_floor={floor}", f"seed={seed}"])
+        epochs = epochs_for_steps(full["global_step"], cur["selected"], 128)
+        m = _run("pretrain", q / f"pre_f{floor}", [*base, f"data.subset={q / f'curate_f{floor}' / 'curated.csv'}",
+                                                   f"trainer.max_epochs={epochs}"])
+        checks = cur["self_checks"]
+        row[f"curated_f{floor}"] = m["test"]["overall"]["accuracy"]
+        row[f"warnings_f{floor}"] = len(checks["warnings"])
+        row[f"min_class_ratio_f{floor}"] = min(g["share_ratio"] for g in checks["by"]["class"]["groups"].values())
+        row[f"dedup_share_f{floor}"] = checks["dedup_share"]
+    dm = RecipeDataModule(load_recipe(compose_stage("pretrain", [f"data={data}", "run_dir=/tmp/x"]).data))
+    train_ids = dm.prepare().ids[dm.rows("train")]
+    random_ids = np.random.default_rng(seed).choice(train_ids, size=cur["selected"], replace=False)
+    manifest = q / "random.csv"
+    manifest.write_text("id\n" + "".join(f"{i}\n" for i in random_ids))
+    m = _run("pretrain", q / "pre_random", [*base, f"data.subset={manifest}", f"trainer.max_epochs={epochs}"])
+    row.update(random=m["test"]["overall"]["accuracy"], subset=int(cur["selected"]))
+    print("sets", row, flush=True)
+    return row
+
+
 def skew(out: Path, fraction: float, seeds: list[int], ablation_levels: tuple[list[int], ...] = ([100, 20, 5],),
          copies: int = 20, skewed_class: str = "3") -> dict:
     """mnist_global with one class of the train split copied ``copies`` times (+ small noise), as an npz, curated
@@ -148,6 +186,7 @@ def skew(out: Path, fraction: float, seeds: list[int], ablation_levels: tuple[li
 
     folder = out / "skew"
     folder.mkdir(parents=True, exist_ok=True)
+    _run("pretrain", ADAPT_BASE, ["experiment=demo", "logger=none"])  # the embedding model (quality's seed-0 full run)
     npz = folder / "mnist_skewed.npz"
     if not npz.is_file():
         dm = RecipeDataModule(load_recipe(compose_stage("pretrain", ["experiment=demo", "run_dir=/tmp/x"]).data))
@@ -272,7 +311,8 @@ def speed(out: Path, n: int, dim: int, parts: list[str]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", nargs="+", default=["quality", "skew", "speed"])
+    p.add_argument("--parts", nargs="+", default=["quality", "sets", "skew", "speed"])
+    p.add_argument("--sets", nargs="+", default=["mnist_global", "uci_digits_region"], help="sets: the recipes")
     p.add_argument("--fraction", type=float, default=0.2)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="quality: one full comparison per seed")
     p.add_argument("--skew-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="skew: curation seeds")
@@ -291,6 +331,8 @@ def main() -> None:
             | {f"{k}_sd": float(np.std([r["rows"][label][k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0
                for k in ("global_test", "region_zero_shot", "region_lora_100")}
             for label in runs[0]["rows"]}}
+    if "sets" in args.parts:
+        results["sets"] = {d: [sets(args.out, d, args.fraction, seed) for seed in args.seeds] for d in args.sets}
     if "skew" in args.parts:
         results["skew"] = skew(args.out, args.fraction, args.skew_seeds)
     if "speed" in args.parts:
@@ -308,6 +350,20 @@ def main() -> None:
                   f"{v.get('global_test_sd', 0):.4f} | {v['global_test'] / full:.1%} | {v['region_zero_shot']:.4f} +- "
                   f"{v.get('region_zero_shot_sd', 0):.4f} | {v['region_lora_100']:.4f} +- "
                   f"{v.get('region_lora_100_sd', 0):.4f} |" for k, v in q.items()]
+        lines.append("")
+    if "sets" in results:
+        lines += ["Curated 20% against random 20% and all, at equal steps (ResNet-18, test accuracy, mean +- sd "
+                  "over seeds; class ratio: the smallest class's curated share over its pool share):", "",
+                  "| recipe | all | curated, floor 0 | curated, floor 0.5 | random | class ratio, floor 0 / 0.5 | "
+                  "self-check warnings, floor 0 / 0.5 |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for data, runs in results["sets"].items():
+            def ms(key, runs=runs):
+                v = [r[key] for r in runs]
+                return f"{np.mean(v):.4f} +- {np.std(v, ddof=1) if len(v) > 1 else 0:.4f}"
+            lines.append(f"| {data} | {ms('full')} | {ms('curated_f0.0')} | {ms('curated_f0.5')} | {ms('random')} | "
+                         f"{np.mean([r['min_class_ratio_f0.0'] for r in runs]):.2f} / "
+                         f"{np.mean([r['min_class_ratio_f0.5'] for r in runs]):.2f} | "
+                         f"{sum(r['warnings_f0.0'] for r in runs)} / {sum(r['warnings_f0.5'] for r in runs)} |")
         lines.append("")
     if "skew" in results:
         s = results["skew"]
