@@ -241,9 +241,10 @@ def _check(steps: Steps, settings: PipelineSettings) -> None:
     """Every step's own checks, and the sizes against the data: all that can fail, before anything trains."""
     configs = steps.configs
     if is_self_supervised(configs["pretrain"]):  # its zero-shot score, report and curated pretraining read a head
-        raise ConfigError("pipeline method=dino: the pipeline scores the global model's head, and a self-supervised "
-                          "model has none; run fmtransfer pretrain method=dino, then evaluate model=<run> "
-                          "protocol=knn, curate base=<run> and adapt base=<run> on their own")
+        method = "jepa" if "jepa" in configs["pretrain"].method else "dino"
+        raise ConfigError(f"pipeline method={method}: the pipeline scores the global model's head, and a "
+                          f"self-supervised model has none; run fmtransfer pretrain method={method}, then evaluate "
+                          f"model=<run> protocol=knn, curate base=<run> and adapt base=<run> on their own")
     validate(configs["pretrain"])
     for name in configs:
         if name.startswith(("adapt/", "adapt_regional/")):

@@ -75,8 +75,8 @@ def dino_settings(cfg: DictConfig) -> DinoSettings:
     return build_dataclass(DinoSettings, cfg.method.dino, "method.dino")
 
 
-def validate_dino(cfg: DictConfig) -> tuple[Recipe, BackboneSpec, DinoSettings]:
-    """Every check that needs no data: keys, recipe, backbone, settings, batch size against centring."""
+def validate_ssl(cfg: DictConfig) -> tuple[Recipe, BackboneSpec]:
+    """The checks every self-supervised stage makes before anything else: keys, recipe, backbone and their fit."""
     require(cfg, "seed", "data", "backbone", "method.optimizer", "method.scheduler", "trainer", "loader", "resume",
             "resume_force")
     recipe = load_recipe(cfg.data)
@@ -84,6 +84,12 @@ def validate_dino(cfg: DictConfig) -> tuple[Recipe, BackboneSpec, DinoSettings]:
     if int(spec.in_chans) != recipe.channels:
         raise ConfigError(f"backbone.in_chans={spec.in_chans} does not fit data recipe {recipe.name!r}, whose images "
                           f"have data.channels={recipe.channels}; set backbone.in_chans={recipe.channels}")
+    return recipe, spec
+
+
+def validate_dino(cfg: DictConfig) -> tuple[Recipe, BackboneSpec, DinoSettings]:
+    """Every check that needs no data: keys, recipe, backbone, settings, batch size against centring."""
+    recipe, spec = validate_ssl(cfg)
     settings = dino_settings(cfg)
     batch = int(cfg.loader.batch_size)
     if batch < settings.min_batch_size:

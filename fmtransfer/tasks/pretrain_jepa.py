@@ -20,13 +20,13 @@ from typing import Any
 from omegaconf import DictConfig
 
 from fmtransfer.config import build, build_dataclass, require
-from fmtransfer.data import build_datamodule, load_recipe
+from fmtransfer.data import build_datamodule
 from fmtransfer.data.recipe import Recipe
 from fmtransfer.errors import ArtifactError, ConfigError
 from fmtransfer.lineage import RunRecord, write_json_atomic
 from fmtransfer.lineage.io import sha256_file
 from fmtransfer.lineage.record import RUN_FILE
-from fmtransfer.models.backbone import WEIGHTS_ATTR, BackboneSpec, backbone_spec, create_backbone
+from fmtransfer.models.backbone import WEIGHTS_ATTR, BackboneSpec, create_backbone
 from fmtransfer.models.classifier import Classifier, load_model, resolve_model_path
 from fmtransfer.models.families import auto_patch_size, family_of
 from fmtransfer.models.jepa import MIN_TOKENS, JepaModule, JepaSettings, token_grid
@@ -44,6 +44,7 @@ from fmtransfer.tasks.pretrain_dino import (
     ssl_metrics,
     ssl_trainer,
     start_run,
+    validate_ssl,
 )
 from fmtransfer.tasks.result import StageResult
 
@@ -67,13 +68,7 @@ def jepa_settings(cfg: DictConfig) -> JepaSettings:
 
 def validate_jepa(cfg: DictConfig) -> tuple[Recipe, BackboneSpec, JepaSettings]:
     """Every check that needs neither data nor the teacher: keys, recipe, backbone, settings."""
-    require(cfg, "seed", "data", "backbone", "method.optimizer", "method.scheduler", "trainer", "loader", "resume",
-            "resume_force")
-    recipe = load_recipe(cfg.data)
-    spec = backbone_spec(cfg.backbone)
-    if int(spec.in_chans) != recipe.channels:
-        raise ConfigError(f"backbone.in_chans={spec.in_chans} does not fit data recipe {recipe.name!r}, whose images "
-                          f"have data.channels={recipe.channels}; set backbone.in_chans={recipe.channels}")
+    recipe, spec = validate_ssl(cfg)
     settings = jepa_settings(cfg)
     if not settings.teacher:
         raise ConfigError("method.jepa.teacher is required: the frozen teacher, a `fmtransfer pretrain method=dino` "
