@@ -29,8 +29,8 @@ class CurationSettings:
             uniform draw, which follows density).
         niter: k-means iterations per fit.
         within_cluster: which points a finest cluster gives once its quota is known: random or closest.
-        balance_floor: every cluster gets at least this fraction of its proportional share of its parent's
-            budget (0: plain balance, which can starve a class whose samples look alike; 1: proportional).
+        balance_floor: this share of the budget is spread over the finest clusters in proportion to their size,
+            the rest balanced (0: plain balance, which can starve a class whose samples look alike; 1: proportional).
         dedup: remove near-duplicates first: a point within dedup_threshold (cosine) of a kept one among its
             dedup_k nearest neighbours is dropped (never by a chain of close points).
         dedup_threshold: a cosine similarity in (0, 1] (after centring).
@@ -49,7 +49,7 @@ class CurationSettings:
     init: Literal["kmeans++", "random"] = "kmeans++"
     niter: int = 20
     within_cluster: Literal["random", "closest"] = "random"
-    balance_floor: float = 0.0
+    balance_floor: float = 0.5
     dedup: bool = True
     dedup_threshold: float = 0.99
     dedup_quantile: float | None = None
