@@ -143,7 +143,7 @@ def quality(out: Path, fraction: float, seed: int = 0) -> dict:
                                                           "largest_10pct_clusters_share")}}
 
 
-def sets(out: Path, data: str, fraction: float, seed: int, floors: tuple[str, ...] = ("0.0", "0.5")) -> dict:
+def sets(out: Path, data: str, fraction: float, seed: int, floors: tuple[str, ...] = ("0.0", "0.25", "0.5")) -> dict:
     """One seed of the curated-vs-random-vs-full comparison on one recipe (see the module docstring)."""
     from fmtransfer.config import compose_stage
     from fmtransfer.data import RecipeDataModule, load_recipe
@@ -313,6 +313,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", nargs="+", default=["quality", "sets", "skew", "speed"])
     p.add_argument("--sets", nargs="+", default=["mnist_global", "uci_digits_region"], help="sets: the recipes")
+    p.add_argument("--floors", nargs="+", default=["0.0", "0.25", "0.5"], help="sets: curation.balance_floor values")
     p.add_argument("--fraction", type=float, default=0.2)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="quality: one full comparison per seed")
     p.add_argument("--skew-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="skew: curation seeds")
@@ -332,7 +333,8 @@ def main() -> None:
                for k in ("global_test", "region_zero_shot", "region_lora_100")}
             for label in runs[0]["rows"]}}
     if "sets" in args.parts:
-        results["sets"] = {d: [sets(args.out, d, args.fraction, seed) for seed in args.seeds] for d in args.sets}
+        results["sets"] = {d: [sets(args.out, d, args.fraction, seed, tuple(args.floors)) for seed in args.seeds]
+                           for d in args.sets}
     if "skew" in args.parts:
         results["skew"] = skew(args.out, args.fraction, args.skew_seeds)
     if "speed" in args.parts:
@@ -352,18 +354,21 @@ def main() -> None:
                   f"{v.get('region_lora_100_sd', 0):.4f} |" for k, v in q.items()]
         lines.append("")
     if "sets" in results:
+        floors = sorted({k[len("curated_f"):] for runs in results["sets"].values() for k in runs[0]
+                         if k.startswith("curated_f")}, key=float)
         lines += ["Curated 20% against random 20% and all, at equal steps (ResNet-18, test accuracy, mean +- sd "
                   "over seeds; class ratio: the smallest class's curated share over its pool share):", "",
-                  "| recipe | all | curated, floor 0 | curated, floor 0.5 | random | class ratio, floor 0 / 0.5 | "
-                  "self-check warnings, floor 0 / 0.5 |", "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| recipe | all | " + " | ".join(f"curated, floor {f}" for f in floors) + " | random | "
+                  + " | ".join(f"class ratio, floor {f}" for f in floors) + " |",
+                  "|---|---:|" + "---:|" * (2 * len(floors) + 1)]
         for data, runs in results["sets"].items():
             def ms(key, runs=runs):
                 v = [r[key] for r in runs]
                 return f"{np.mean(v):.4f} +- {np.std(v, ddof=1) if len(v) > 1 else 0:.4f}"
-            lines.append(f"| {data} | {ms('full')} | {ms('curated_f0.0')} | {ms('curated_f0.5')} | {ms('random')} | "
-                         f"{np.mean([r['min_class_ratio_f0.0'] for r in runs]):.2f} / "
-                         f"{np.mean([r['min_class_ratio_f0.5'] for r in runs]):.2f} | "
-                         f"{sum(r['warnings_f0.0'] for r in runs)} / {sum(r['warnings_f0.5'] for r in runs)} |")
+            lines.append(f"| {data} | {ms('full')} | " + " | ".join(ms(f"curated_f{f}") for f in floors)
+                         + f" | {ms('random')} | "
+                         + " | ".join(f"{np.mean([r[f'min_class_ratio_f{f}'] for r in runs]):.2f}" for f in floors)
+                         + " |")
         lines.append("")
     if "skew" in results:
         s = results["skew"]
