@@ -10,11 +10,9 @@ STAMP  := $(VENV)/.installed
 
 venv: $(STAMP)
 
-# --no-compile: byte-compiling every installed module (torch's thousands) cost about a minute of the demo's
-# build; Python compiles the modules a run imports, once, when it first imports them
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --no-compile -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
 demo: $(STAMP)
