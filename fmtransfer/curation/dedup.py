@@ -106,7 +106,7 @@ def near_duplicates(x: np.ndarray, *, threshold: float | None = 0.99, quantile: 
     return _greedy_keep(n, rows, cols, sims), float(threshold)
 
 
-def near_duplicate_groups(x: np.ndarray, threshold: float = 0.95, k: int = 8, center: bool = True,
+def near_duplicate_groups(x: np.ndarray, threshold: float = 0.99, k: int = 8, center: bool = True,
                           batch: int = ASSIGN_BATCH, partition: np.ndarray | None = None,
                           exact_up_to: int = EXACT_UP_TO, max_cell: int = MAX_CELL) -> np.ndarray:
     """The representatives of :func:`near_duplicates` at a fixed ``threshold``."""

@@ -17,7 +17,7 @@ from fmtransfer.errors import ConfigError
 from fmtransfer.export.runtime import softmax
 from fmtransfer.lineage import RunRecord, write_json_atomic, write_text_atomic
 from fmtransfer.models.classifier import Classifier, has_head
-from fmtransfer.models.inference import embed, has_placeholder_norms, predict, with_measured_norms
+from fmtransfer.models.inference import embed, predict, with_measured_norms
 from fmtransfer.models.probes import knn_scores, linear_probe_scores
 from fmtransfer.plots import confusion_matrix_png
 from fmtransfer.tasks.common import record_sources, run_dir, score_by_region
@@ -60,8 +60,8 @@ def score_features(model: Classifier, recipe: Recipe, dm: RecipeDataModule, *, s
     """
     table = dm.prepare()
     classes = table.classes
-    measured = has_placeholder_norms(model)
-    model = with_measured_norms(model, dm.dataloader("train"))
+    scored = with_measured_norms(model, dm.dataloader("train"))
+    measured, model = scored is not model, scored
     bank, bank_y = embed(model, dm.dataloader("train"), accelerator), table.targets[dm.rows("train")]
     features, targets, rows = embed(model, dm.dataloader(split), accelerator), table.targets[dm.rows(split)], dm.rows(split)
     if protocol == "knn":
