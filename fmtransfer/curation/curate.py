@@ -72,8 +72,8 @@ class CurationSettings:
             raise ConfigError(f"curation.dedup_quantile={self.dedup_quantile}: a share of the pool's nearest-"
                               f"neighbour similarities; expected a value in (0, 1), e.g. 0.01, or null")
         if not 0.0 <= self.balance_floor <= 1.0:
-            raise ConfigError(f"curation.balance_floor={self.balance_floor}: a fraction of each cluster's "
-                              f"proportional share; expected a value in [0, 1] (0: plain balance)")
+            raise ConfigError(f"curation.balance_floor={self.balance_floor}: the share of the budget spread "
+                              f"in proportion to cluster size; expected a value in [0, 1] (0: plain balance)")
         if self.resampling_steps < 0 or self.niter < 1 or self.dedup_k < 1:
             raise ConfigError("curation.resampling_steps >= 0, curation.niter >= 1 and curation.dedup_k >= 1")
 
