@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,15 @@ from PIL import Image
 from fmtransfer.data.images import ChannelMismatch, UnreadableImage, read_image
 from fmtransfer.errors import DataError
 from fmtransfer.export.runtime import OnnxModel, softmax
+from fmtransfer.export.scene import (
+    ChangeGate,
+    Frame,
+    SceneSettings,
+    agreement,
+    read_sequence,
+    scene_summary,
+    signature,
+)
 from fmtransfer.lineage.io import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -72,7 +82,11 @@ def preprocess_image(path: str | Path, pre: dict[str, Any]) -> np.ndarray:
     Raises:
         UnreadableImage, ChannelMismatch.
     """
-    arr = read_image(path, int(pre["channels"]))  # decoded exactly as training decodes
+    return preprocess_array(read_image(path, int(pre["channels"])), pre)  # decoded exactly as training decodes
+
+
+def preprocess_array(arr: np.ndarray, pre: dict[str, Any]) -> np.ndarray:
+    """A decoded (H, W, C) image in [0, 1] -> (C, H, W) float32 as the model expects."""
     arr = resize_bilinear(np.ascontiguousarray(arr, dtype=np.float32), tuple(pre["image_size"]))
     mean = np.asarray(pre["mean"], dtype=np.float32)
     std = np.asarray(pre["std"], dtype=np.float32)
@@ -98,62 +112,176 @@ def _batches(paths: list[Path], pre: dict[str, Any], batch_size: int,
         yield done, np.stack(arrays)
 
 
+def _header(classes: list[str] | None, classification: bool) -> list[str]:
+    return (["prediction", "confidence", *[f"p_{c}" for c in classes]] if classification else ["prediction"])
+
+
+def _cells(out: np.ndarray, classes: list[str] | None, classification: bool) -> list[list[str]]:
+    """Model outputs (n, k) -> the CSV cells of each row after its path (classification: softmax first)."""
+    if not classification:
+        return [[f"{value:.6g}"] for value in out[:, 0]]
+    rows = []
+    for p in softmax(out):
+        k = int(p.argmax())
+        rows.append([classes[k], f"{p[k]:.6f}", *[f"{v:.6f}" for v in p]])
+    return rows
+
+
 def predict_files(model: str | Path, source: str | Path, output: str | Path, *, batch_size: int = 64,
-                  progress: bool = True, force: bool = False) -> dict[str, Any]:
+                  progress: bool = True, force: bool = False, scene: SceneSettings | None = None) -> dict[str, Any]:
     """Predict every image of ``source`` and write ``output`` (CSV) atomically.
 
     Classification rows: ``path, prediction, confidence, p_<class>...``; regression: ``path, prediction``.
     Skipped images go to ``<output stem>.skipped.csv`` (path, reason) and a warning. ``force``: serve a model its
-    export's gates rejected (refused otherwise).
+    export's gates rejected (refused otherwise). ``scene``: ``source`` is a CSV of site sequences and an image that
+    barely changed since its site's last processed one reuses that prediction (:func:`predict_sequence`).
 
     Returns:
-        ``{"output", "n", "skipped", "skipped_file"}``.
+        ``{"output", "n", "skipped", "skipped_file", "model"}``, and ``"scene"`` (:func:`scene_summary`) with
+        ``scene``.
     """
     onnx_model = OnnxModel.load(model, force=force)
     meta = onnx_model.meta
     if meta["task"] == "embedding":
         raise DataError(f"model {model} is a head-less backbone: it outputs embeddings, not predictions; give it a "
                         f"head with fmtransfer adapt and export that")
-    paths = list_inputs(source)
     skipped: list[tuple[str, str]] = []
     output = Path(output)
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    classes = meta.get("classes")
-    classification = meta["task"] == "classification"
-    w.writerow(["path", "prediction", "confidence", *[f"p_{c}" for c in classes]] if classification
-               else ["path", "prediction"])
-    n = 0
-    bar = _progress(len(paths), progress)
-    for done, x in _batches(paths, meta["preprocess"], batch_size, skipped):
-        out = onnx_model.run(x, batch_size)
-        if classification:
-            probs = softmax(out)
-            for path, p in zip(done, probs, strict=True):
-                k = int(p.argmax())
-                w.writerow([str(path), classes[k], f"{p[k]:.6f}", *[f"{v:.6f}" for v in p]])
-        else:
-            for path, value in zip(done, out[:, 0], strict=True):
-                w.writerow([str(path), f"{value:.6g}"])
-        n += len(done)
-        bar.update(len(done))
-    bar.close()
-    skipped_file = None
-    if skipped:
-        skipped_file = output.with_name(output.stem + ".skipped.csv")
-        lines = io.StringIO()
-        sw = csv.writer(lines)
-        sw.writerow(["path", "reason"])
-        sw.writerows(skipped)
-        write_text_atomic(skipped_file, lines.getvalue())
-        warnings.warn(f"{len(skipped)} of {len(paths)} images skipped (listed in {skipped_file}), "
-                      f"e.g. {skipped[0][0]}: {skipped[0][1]}", stacklevel=2)
-    if n == 0:
+    if scene is not None:
+        frames = read_sequence(source, scene)
+        n_listed = len(frames)
+        header, rows, summary = predict_sequence(onnx_model, frames, scene, batch_size, skipped, progress)
+    else:
+        paths = list_inputs(source)
+        n_listed, summary = len(paths), None
+        header, rows = ["path", *_header(onnx_model.classes, meta["task"] == "classification")], []
+        bar = _progress(len(paths), progress)
+        for done, x in _batches(paths, meta["preprocess"], batch_size, skipped):
+            cells = _cells(onnx_model.run(x, batch_size), onnx_model.classes, meta["task"] == "classification")
+            rows.extend([str(path), *c] for path, c in zip(done, cells, strict=True))
+            bar.update(len(done))
+        bar.close()
+    skipped_file = _write_skipped(output, skipped, n_listed) if skipped else None
+    if not rows:
         raise DataError(f"no image of {source} could be read ({len(skipped)} skipped, see {skipped_file}); "
                         f"nothing written to {output}")
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
     write_text_atomic(output, buf.getvalue())
-    return {"output": str(output), "n": n, "skipped": len(skipped),
-            "skipped_file": str(skipped_file) if skipped_file else None, "model": str(onnx_model.path)}
+    result = {"output": str(output), "n": len(rows), "skipped": len(skipped),
+              "skipped_file": str(skipped_file) if skipped_file else None, "model": str(onnx_model.path)}
+    if summary is not None:
+        result["scene"] = summary
+    return result
+
+
+def _write_skipped(output: Path, skipped: list[tuple[str, str]], n_listed: int) -> Path:
+    skipped_file = output.with_name(output.stem + ".skipped.csv")
+    lines = io.StringIO()
+    sw = csv.writer(lines)
+    sw.writerow(["path", "reason"])
+    sw.writerows(skipped)
+    write_text_atomic(skipped_file, lines.getvalue())
+    warnings.warn(f"{len(skipped)} of {n_listed} images skipped (listed in {skipped_file}), "
+                  f"e.g. {skipped[0][0]}: {skipped[0][1]}", stacklevel=3)
+    return skipped_file
+
+
+class _Queue:
+    """Preprocessed frames waiting for the model, run ``batch_size`` at a time; outputs by frame index and the
+    seconds spent in the model."""
+
+    def __init__(self, model: OnnxModel, batch_size: int):
+        self.model, self.batch_size = model, batch_size
+        self.pending: list[tuple[int, np.ndarray]] = []
+        self.outputs: dict[int, np.ndarray] = {}
+        self.seconds = 0.0
+
+    def add(self, index: int, x: np.ndarray) -> None:
+        self.pending.append((index, x))
+        if len(self.pending) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        start = time.perf_counter()
+        out = self.model.run(np.stack([x for _, x in self.pending]), self.batch_size)
+        self.seconds += time.perf_counter() - start
+        self.outputs.update((i, row) for (i, _), row in zip(self.pending, out, strict=True))
+        self.pending = []
+
+    def stacked(self, indices: list[int]) -> np.ndarray:
+        return np.stack([self.outputs[i] for i in indices])
+
+
+def predict_sequence(onnx_model: OnnxModel, frames: list[Frame], settings: SceneSettings, batch_size: int,
+                     skipped: list[tuple[str, str]], progress: bool = False
+                     ) -> tuple[list[str], list[list[str]], dict[str, Any]]:
+    """Frames grouped by site and in order -> the CSV header, its rows and the scene summary.
+
+    Each readable frame is decoded once; its signature decides (:class:`ChangeGate`) whether the model runs on it or
+    it reuses the prediction of its site's last processed frame (``reused_from`` names that frame's path). With
+    ``settings.verify`` the model also runs on the reused frames, apart (its time is not counted), for the agreement.
+    """
+    pre = onnx_model.meta["preprocess"]
+    classification = onnx_model.meta["task"] == "classification"
+    gate = ChangeGate(settings.threshold, settings.max_skips)
+    model, check = _Queue(onnx_model, batch_size), _Queue(onnx_model, batch_size)
+    kept: list[Frame] = []
+    reused: list[int | None] = []
+    gate_seconds = 0.0
+    bar = _progress(len(frames), progress)
+    for frame in frames:
+        bar.update(1)
+        try:
+            arr = read_image(frame.path, int(pre["channels"]))
+        except (UnreadableImage, ChannelMismatch) as e:
+            skipped.append((str(frame.path), str(e) if isinstance(e, UnreadableImage) else f"channels: {e}"))
+            continue
+        start = time.perf_counter()
+        source = gate.decide(frame.site, signature(arr, settings.size))
+        gate_seconds += time.perf_counter() - start
+        index = len(kept)
+        kept.append(frame)
+        reused.append(source)
+        if source is None:
+            model.add(index, preprocess_array(arr, pre))
+        elif settings.verify:
+            check.add(index, preprocess_array(arr, pre))
+    bar.close()
+    model.flush()
+    check.flush()
+    if not kept:
+        return [], [], {}
+    written = model.stacked([i if r is None else r for i, r in enumerate(reused)])
+    summary = scene_summary(reused, gate_seconds, model.seconds, len(model.outputs))
+    summary.update(threshold=settings.threshold, max_skips=settings.max_skips, size=settings.size,
+                   sites=len(gate.sites))
+    header = ["path", settings.site_column, settings.order_column, *_header(onnx_model.classes, classification),
+              "reused_from", "change"]
+    full = None
+    if settings.verify:
+        full = np.stack([model.outputs[i] if r is None else check.outputs[i] for i, r in enumerate(reused)])
+        summary["verify"] = agreement(reused, _decision(written, classification), _decision(full, classification),
+                                      classification)
+        header.append("full_prediction")
+    cells = _cells(written, onnx_model.classes, classification)
+    full_cells = _cells(full, onnx_model.classes, classification) if full is not None else None
+    rows = []
+    for i, (frame, r) in enumerate(zip(kept, reused, strict=True)):
+        row = [str(frame.path), frame.site, frame.order, *cells[i], "" if r is None else str(kept[r].path),
+               "" if gate.changes[i] is None else f"{gate.changes[i]:.4f}"]
+        if full_cells is not None:
+            row.append(full_cells[i][0])
+        rows.append(row)
+    return header, rows, summary
+
+
+def _decision(out: np.ndarray, classification: bool) -> np.ndarray:
+    return out.argmax(1) if classification else out[:, 0]
 
 
 class _NoBar:

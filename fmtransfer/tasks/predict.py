@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fmtransfer.config import require, run_dir
 from fmtransfer.errors import ConfigError
 from fmtransfer.export.predict import predict_files
-from fmtransfer.lineage import RunRecord
+from fmtransfer.export.scene import SceneSettings
+from fmtransfer.lineage import RunRecord, write_json_atomic
 from fmtransfer.tasks.result import StageResult
 
 
@@ -20,20 +21,38 @@ def output_path(output: str | Path, run: Path) -> Path:
     return path if path.is_absolute() else run / path
 
 
+def scene_settings(cfg: DictConfig) -> SceneSettings | None:
+    """``cfg.scene`` as settings when ``scene.enabled``, else None."""
+    node = cfg.get("scene")
+    if node is None:
+        return None
+    if not isinstance(node.get("enabled"), bool):
+        raise ConfigError(f"scene.enabled={node.get('enabled')!r}: expected true or false")
+    return SceneSettings.from_dict(OmegaConf.to_container(node, resolve=True)) if node.enabled else None
+
+
 def predict(cfg: DictConfig) -> StageResult:
     """Write ``cfg.output`` (CSV; relative: in the run dir) with a prediction per readable image of
-    ``cfg.input``."""
+    ``cfg.input``; with ``scene.enabled``, also ``metrics.json`` with the scene summary (fraction skipped, time
+    saved, agreement under ``scene.verify``)."""
     require(cfg, "model", "input", "output", "batch_size", "force")
     if not isinstance(cfg.force, bool):
         raise ConfigError(f"force={cfg.force!r}: expected true or false")
+    scene = scene_settings(cfg)
     out = run_dir(cfg)
     with RunRecord("predict", out, cfg) as record:
         result = predict_files(cfg.model, cfg.input, output_path(cfg.output, out),
-                               batch_size=int(cfg.batch_size), force=cfg.force)
+                               batch_size=int(cfg.batch_size), force=cfg.force, scene=scene)
         record.add_input(result["model"], "model")
         record.add_output(result["output"], "predictions")
         if result["skipped_file"]:
             record.add_output(result["skipped_file"], "skipped")
-    outputs = {"model": result["model"], "output": result["output"], "skipped": result["skipped_file"]}
-    return StageResult("predict", out, {"n": result["n"], "skipped": result["skipped"]},
-                       {role: Path(path) for role, path in outputs.items() if path})
+        metrics = {"n": result["n"], "skipped": result["skipped"]}
+        metrics_file = None
+        if "scene" in result:
+            metrics["scene"] = result["scene"]
+            metrics_file = write_json_atomic(out / "metrics.json", metrics)
+            record.add_output(metrics_file, "metrics")
+    outputs = {"model": result["model"], "output": result["output"], "skipped": result["skipped_file"],
+               "metrics": metrics_file}
+    return StageResult("predict", out, metrics, {role: Path(path) for role, path in outputs.items() if path})
