@@ -30,6 +30,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "export": ("fmtransfer.tasks.export:export",
                "merged model -> ONNX fp32 + INT8, parity and accuracy gates, metadata, Triton repository"),
     "predict": ("fmtransfer.tasks.predict:predict", "run an exported ONNX model over images, without torch"),
+    "monitor": ("fmtransfer.tasks.monitor:monitor",
+                "drift tests, a label-free accuracy estimate and per-sample OOD scores of new data against a reference"),
     "pipeline": ("fmtransfer.tasks.pipeline:pipeline",
                  "the main job: pretrain globally, evaluate globally and zero-shot on a region, write report.md"),
 }
