@@ -1,0 +1,539 @@
+"""``monitor``: compare a deployed model's view of new data with its reference, without labels.
+
+    fmtransfer monitor model=<run, adapter or ONNX> reference=mnist_global/val current=uci_digits_region/test
+
+Steps: settings -> the model (``model_outputs.open_model``) -> reference statistics (computed once per model and
+reference data, stored beside the model as .npz + .json keyed by its sha256, reused) -> the current data's outputs
+-> drift tests (over all current data, and over windows when ``monitor.window.order`` is set) -> the label-free
+accuracy estimate (beside the true accuracy when the current data has labels) -> per-sample OOD scores and the
+manifest of the most unusual samples -> ``monitor.json``, ``monitor.md``, plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from fmtransfer.config import compose_stage, require, run_dir, to_plain
+from fmtransfer.data.recipe import SPLITS
+from fmtransfer.errors import ArtifactError, ConfigError, DataError
+from fmtransfer.lineage import RunRecord, write_json_atomic, write_text_atomic
+from fmtransfer.lineage.record import RUN_FILE
+from fmtransfer.monitoring import calibration
+from fmtransfer.monitoring.drift import MIN_SAMPLES, NEEDS, TESTS, DriftVerdict, run_tests, windows
+from fmtransfer.monitoring.reference import ReferenceStats, build_reference, load_reference
+from fmtransfer.tasks.model_outputs import ALL_ROWS, ModelOutputs, ModelRunner, open_model
+from fmtransfer.tasks.result import StageResult
+
+log = logging.getLogger(__name__)
+
+TEST_NAMES = {"bbsd": "BBSD", "mmd": "MMD", "domain_classifier": "the domain classifier",
+              "label_shift": "label shift"}
+
+
+@dataclass(frozen=True)
+class MonitorSettings:
+    """The ``monitor`` node, checked before any model or data is read."""
+
+    alpha: float
+    tests: tuple[str, ...]
+    pca_components: int
+    permutations: int
+    ood_enabled: bool
+    ood_k: int
+    ood_quantile: float
+    manifest_size: int
+    window_order: str | None
+    window_size: int
+
+    @classmethod
+    def from_cfg(cls, node: DictConfig) -> MonitorSettings:
+        m = to_plain(node)
+        try:
+            s = cls(float(m["alpha"]), tuple(m["tests"] or ()), int(m["pca_components"]), int(m["permutations"]),
+                    bool(m["ood"]["enabled"]), int(m["ood"]["k"]), float(m["ood"]["quantile"]),
+                    int(m["ood"]["manifest_size"]), m["window"]["order"], int(m["window"]["size"]))
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"monitor: missing or malformed key {e}; see configs/monitor.yaml") from None
+        s.check()
+        return s
+
+    def check(self) -> None:
+        if not 0.0 < self.alpha < 1.0:
+            raise ConfigError(f"monitor.alpha={self.alpha} must be between 0 and 1 (e.g. 0.05)")
+        unknown = sorted(set(self.tests) - set(TESTS))
+        if unknown:
+            raise ConfigError(f"monitor.tests has unknown test(s) {unknown}; choose from {list(TESTS)}")
+        if not self.tests and not self.ood_enabled:
+            raise ConfigError("monitor.tests is empty and monitor.ood.enabled=false: nothing to do")
+        for key, value, low in (("pca_components", self.pca_components, 1), ("permutations", self.permutations, 19),
+                                ("ood.k", self.ood_k, 1), ("ood.manifest_size", self.manifest_size, 0),
+                                ("window.size", self.window_size, 2 * max(MIN_SAMPLES.values()))):
+            if value < low:
+                raise ConfigError(f"monitor.{key}={value} must be >= {low}")
+        if not 0.0 < self.ood_quantile < 1.0:
+            raise ConfigError(f"monitor.ood.quantile={self.ood_quantile} must be between 0 and 1 (e.g. 0.95)")
+
+    def reference_settings(self) -> dict[str, Any]:
+        return {"pca_components": self.pca_components, "ood_k": self.ood_k, "ood_quantile": self.ood_quantile}
+
+
+# --- what reference= and current= name ------------------------------------------------------------------------------
+@dataclass
+class DataRef:
+    """A resolved ``reference=`` / ``current=``: a recipe node and split, or stored statistics (``stats``)."""
+
+    text: str
+    recipe: dict[str, Any] | None = None
+    split: str = ALL_ROWS
+    stats: Path | None = None
+    csv: Path | None = None  # the CSV an order column is read from
+
+    @property
+    def label(self) -> str:
+        if self.stats is not None:
+            return f"stored statistics {self.stats}"
+        return f"{self.recipe['name']}/{self.split}"
+
+
+def resolve_data(value: Any, key: str, default_split: str, runner: ModelRunner) -> DataRef:
+    """``<recipe>[/<split>]``, a recipe node, an image folder, a CSV, or (``reference`` only) a stored .json."""
+    if value is None or str(value).strip() == "":
+        raise ConfigError(f"pass {key}=<recipe>[/<split>], an image folder or a CSV")
+    if not isinstance(value, str):  # a recipe node (e.g. data@current=... in a config of one's own)
+        node = to_plain(value)
+        return DataRef(node.get("name", key), node, default_split, csv=_csv_of(node))
+    path = Path(value).expanduser()
+    if path.exists():
+        if path.is_dir():
+            return DataRef(value, _folder_recipe(path, runner), ALL_ROWS)
+        if path.suffix.lower() == ".csv":
+            return DataRef(value, _csv_recipe(path, runner), ALL_ROWS, csv=path)
+        if path.suffix.lower() in (".json", ".npz"):
+            if key != "reference":
+                raise ConfigError(f"{key}={value}: stored statistics stand for the reference only; the current "
+                                  f"data is a recipe, an image folder or a CSV")
+            return DataRef(value, stats=path)
+        raise ConfigError(f"{key}={value} is a file, but neither a .csv of images nor stored statistics (.json)")
+    name, _, split = value.partition("/")
+    split = split or default_split
+    if split not in (*SPLITS, ALL_ROWS):
+        raise ConfigError(f"{key}={value}: split {split!r} is not one of {', '.join((*SPLITS, ALL_ROWS))} (and no "
+                          f"file or folder of that name exists)")
+    try:
+        node = to_plain(compose_stage("evaluate", [f"data={name}"]).data)
+    except Exception as e:  # noqa: BLE001 - Hydra names the missing option itself
+        raise ConfigError(f"{key}={value}: no data recipe {name!r} and no such file or folder "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    return DataRef(value, node, split, csv=_csv_of(node))
+
+
+def _csv_of(node: dict[str, Any]) -> Path | None:
+    source = node.get("source") or {}
+    return Path(source["path"]).expanduser() if source.get("kind") == "csv_manifest" else None
+
+
+def _model_image(runner: ModelRunner) -> dict[str, Any]:
+    pre = runner.identity["preprocessing"]
+    return {"image_size": list(pre["image_size"]), "channels": int(pre["channels"]), "mean": list(pre["mean"]),
+            "std": list(pre["std"])}
+
+
+def _folder_recipe(path: Path, runner: ModelRunner) -> dict[str, Any]:
+    if not any(p.is_file() for p in path.rglob("*")):
+        raise DataError(f"current={path}: the folder is empty (no images to monitor)")
+    return {"name": path.name or "folder", "source": {"kind": "image_folder", "root": str(path)},
+            **_model_image(runner)}
+
+
+def _csv_recipe(path: Path, runner: ModelRunner) -> dict[str, Any]:
+    return {"name": path.stem, "source": {"kind": "csv_manifest", "path": str(path)}, **_model_image(runner)}
+
+
+# --- reference statistics ---------------------------------------------------------------------------------------------
+def cache_dir(cfg: DictConfig, runner: ModelRunner, out: Path) -> Path:
+    """``reference_cache``, or ``monitoring/`` beside the model, or (not writable there) the run dir."""
+    if cfg.reference_cache:
+        return Path(cfg.reference_cache).expanduser()
+    beside = Path(runner.identity["path"]).parent / "monitoring"
+    probe = beside if beside.exists() else beside.parent
+    if os.access(probe, os.W_OK):
+        return beside
+    log.warning("cannot write reference statistics beside the model (%s); keeping them in this run dir", beside)
+    return out / "reference"
+
+
+def _stats_name(ref: DataRef, runner: ModelRunner) -> str:
+    return f"reference_{ref.recipe['name']}_{ref.split}_{runner.identity['sha256'][:12]}"
+
+
+def reference_stats(cfg: DictConfig, ref: DataRef, runner: ModelRunner, settings: MonitorSettings,
+                    out: Path) -> tuple[ReferenceStats, str]:
+    """Stored statistics when they match this model, data and settings; else computed and stored.
+
+    Returns:
+        (statistics, how: "loaded" | "reused" | "computed").
+
+    Raises:
+        ArtifactError: stored statistics (``reference=<.json>``) of another model (sha256 or embedding dimension).
+    """
+    sha = runner.identity["sha256"]
+    if ref.stats is not None:
+        stats = load_reference(ref.stats)
+        if stats.identity.get("sha256") != sha or stats.identity.get("embedding_dim") not in (
+                None, runner.identity["embedding_dim"]):
+            raise ArtifactError(
+                f"reference={ref.stats} was computed with model {stats.identity.get('path')} (sha256 "
+                f"{str(stats.identity.get('sha256'))[:12]}..., backbone {stats.identity.get('backbone')}, embedding "
+                f"dimension {stats.identity.get('embedding_dim')}), but model={cfg.model} is sha256 {sha[:12]}... "
+                f"(backbone {runner.identity['backbone']}, dimension {runner.identity['embedding_dim']}); compare a "
+                f"model only with its own reference: pass reference=<recipe>[/<split>] to compute it for this model")
+        return stats, "loaded"
+    folder = cache_dir(cfg, runner, out)
+    stored = folder / f"{_stats_name(ref, runner)}.json"
+    fingerprint = _fingerprint(ref, runner)
+    if stored.is_file():
+        try:
+            stats = load_reference(stored)
+            differ = stats.matches(sha, fingerprint, settings.reference_settings())
+        except ArtifactError as e:
+            differ = [str(e)]
+        if not differ:
+            log.info("reference statistics reused: %s", stored)
+            return stats, "reused"
+        log.info("reference statistics in %s do not fit (%s); recomputing", stored, "; ".join(differ))
+    outputs = runner.outputs(ref.recipe, ref.split, batch_size=int(cfg.loader.batch_size),
+                             accelerator=cfg.accelerator, num_workers=cfg.loader.num_workers)
+    _check_outputs(outputs, f"reference={ref.text}")
+    data = {"recipe": ref.recipe["name"], "split": ref.split, "fingerprint": fingerprint, "n": len(outputs)}
+    stats = build_reference(runner.identity, data, settings.reference_settings(), outputs.probs, outputs.embeddings,
+                            outputs.targets)
+    try:
+        stats.save(folder, _stats_name(ref, runner))
+    except OSError as e:
+        log.warning("reference statistics not stored in %s (%s); storing them in this run dir", folder, e)
+        stats.save(out / "reference", _stats_name(ref, runner))
+    log.info("reference statistics computed on %s (%d samples): %s", ref.label, len(outputs), stats.files["json"])
+    return stats, "computed"
+
+
+def _fingerprint(ref: DataRef, runner: ModelRunner) -> str:
+    from fmtransfer.data import load_recipe
+    from fmtransfer.data.table import build_table
+
+    table = build_table(load_recipe(ref.recipe), classes=runner.identity["classes"])
+    return f"{table.fingerprint}:{ref.split}"
+
+
+def _check_outputs(outputs: ModelOutputs, what: str) -> None:
+    for name in ("probs", "embeddings"):
+        array = getattr(outputs, name)
+        if array is not None and not np.isfinite(array).all():
+            bad = int((~np.isfinite(array)).any(axis=1).sum())
+            raise DataError(f"{what}: the model's {name} are NaN or infinite for {bad} of {len(array)} samples; "
+                            f"the model or its inputs are broken")
+
+
+# --- the comparison ---------------------------------------------------------------------------------------------------
+def _sides(stats: ReferenceStats, outputs: ModelOutputs, rows: np.ndarray | None = None):
+    take = (lambda a: a) if rows is None else (lambda a: None if a is None else a[rows])
+    reference = {"probs": stats.probs, "embeddings": stats.compared_embeddings}
+    current = {"probs": take(outputs.probs), "embeddings": take(outputs.embeddings)}
+    return reference, current
+
+
+def compare(stats: ReferenceStats, outputs: ModelOutputs, settings: MonitorSettings, seed: int,
+            rows: np.ndarray | None = None, strict: bool = True) -> dict[str, DriftVerdict]:
+    """Every configured test on the current outputs (``rows`` of them). ``strict``: too few samples is an error;
+    otherwise (a window) the test is skipped with the reason."""
+    reference, current = _sides(stats, outputs, rows)
+    verdicts: dict[str, DriftVerdict] = {}
+    for test in settings.tests:
+        try:
+            verdicts.update(run_tests(reference, current, tests=(test,), alpha=settings.alpha, pca=stats.pca,
+                                      components=settings.pca_components, permutations=settings.permutations,
+                                      seed=seed))
+        except DataError as e:
+            if strict:
+                raise
+            n_cur = len(rows) if rows is not None else len(outputs)
+            verdicts[test] = DriftVerdict.skip(test, str(e), settings.alpha, 0, n_cur)
+    return verdicts
+
+
+def order_values(settings: MonitorSettings, cur: DataRef, outputs: ModelOutputs) -> np.ndarray | None:
+    """The order of each current sample (``monitor.window.order``), or None for no windows."""
+    column = settings.window_order
+    if column is None:
+        return None
+    if column == "row":
+        return np.arange(len(outputs))
+    if cur.csv is None:
+        raise ConfigError(f"monitor.window.order={column!r} names a CSV column, but current={cur.text} is not a CSV "
+                          f"(use monitor.window.order=row for the data's own order)")
+    with open(cur.csv, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        if column not in (reader.fieldnames or []):
+            raise ConfigError(f"monitor.window.order={column!r}: {cur.csv} has no such column; it has "
+                              f"{reader.fieldnames}")
+        path_col = (cur.recipe["source"].get("columns") or {}).get("path", "path")
+        by_id = {(r.get(path_col) or "").strip(): (r.get(column) or "").strip() for r in reader}
+    raw = [by_id.get(str(i), "") for i in outputs.ids]
+    empty = [str(i) for i, v in zip(outputs.ids, raw, strict=True) if v == ""]
+    if empty:
+        raise DataError(f"{cur.csv}: column {column!r} is empty for {len(empty)} samples, e.g. {empty[:3]}")
+    return _sortable(raw, column)
+
+
+def _sortable(raw: list[str], column: str) -> np.ndarray:
+    try:
+        return np.array([float(v) for v in raw])
+    except ValueError:
+        pass
+    try:
+        return np.array([datetime.fromisoformat(v).timestamp() for v in raw])
+    except ValueError:
+        raise DataError(f"order column {column!r} holds values that are neither numbers nor ISO dates/times, e.g. "
+                        f"{raw[0]!r}") from None
+
+
+def window_results(stats: ReferenceStats, outputs: ModelOutputs, order: np.ndarray, settings: MonitorSettings,
+                   seed: int, ood_scores: np.ndarray | None) -> list[dict[str, Any]]:
+    results = []
+    for i, pos in enumerate(windows(order, settings.window_size)):
+        verdicts = compare(stats, outputs, settings, seed + i, pos, strict=False)
+        entry = {"window": i, "n": int(len(pos)), "first": float(order[pos].min()), "last": float(order[pos].max()),
+                 "tests": {k: v.to_dict() for k, v in verdicts.items()}}
+        if stats.temperature is not None and outputs.probs is not None:
+            entry["estimated_accuracy"] = calibration.estimated_accuracy(outputs.probs[pos], stats.temperature)
+        if outputs.targets is not None and outputs.probs is not None:
+            entry["accuracy"] = float((outputs.probs[pos].argmax(1) == outputs.targets[pos]).mean())
+        if ood_scores is not None:
+            entry["ood_share"] = float((ood_scores[pos] > stats.ood.threshold).mean())
+        results.append(entry)
+    return results
+
+
+def accuracy_estimate(stats: ReferenceStats, outputs: ModelOutputs) -> dict[str, Any]:
+    if outputs.probs is None:
+        return {"skipped": "the model gives no class probabilities (a head-less or regression model)"}
+    if stats.temperature is None:
+        return {"skipped": "the reference has no labels to fit the temperature on (use a labelled split, e.g. "
+                           "reference=<recipe>/val)"}
+    return {"temperature": stats.temperature,
+            "estimated": calibration.estimated_accuracy(outputs.probs, stats.temperature),
+            "uncalibrated_confidence": calibration.estimated_accuracy(outputs.probs, 1.0),
+            "true": outputs.accuracy, "error": (None if outputs.accuracy is None else
+                                                calibration.estimated_accuracy(outputs.probs, stats.temperature)
+                                                - outputs.accuracy)}
+
+
+# --- files --------------------------------------------------------------------------------------------------------
+def _label(outputs: ModelOutputs, i: int) -> str:
+    return outputs.classes[int(outputs.targets[i])] if outputs.targets is not None and outputs.classes else ""
+
+
+def write_ood(out: Path, outputs: ModelOutputs, scores: np.ndarray, threshold: float, size: int) -> dict[str, Path]:
+    """``ood_scores.csv`` (every current sample) and ``label_first.csv`` (the ``size`` highest scores, in the
+    format of curate's ``curated.csv``: id, path, label, region, then the score)."""
+    flags = scores > threshold
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["id", "path", "region", "label", "prediction", "confidence", "ood_score", "ood"])
+    for i in range(len(outputs)):
+        pred = conf = ""
+        if outputs.probs is not None:
+            k = int(outputs.probs[i].argmax())
+            pred, conf = (outputs.classes[k] if outputs.classes else str(k)), f"{outputs.probs[i, k]:.4f}"
+        w.writerow([outputs.ids[i], outputs.paths[i] if outputs.paths else "", outputs.regions[i], _label(outputs, i),
+                    pred, conf, f"{scores[i]:.6f}", int(flags[i])])
+    files = {"ood_scores": write_text_atomic(out / "ood_scores.csv", buf.getvalue())}
+    top = np.argsort(-scores, kind="stable")[:size]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["id", "path", "label", "region", "ood_score"])
+    for i in top:
+        w.writerow([outputs.ids[i], outputs.paths[i] if outputs.paths else "", _label(outputs, i), outputs.regions[i],
+                    f"{scores[i]:.6f}"])
+    files["manifest"] = write_text_atomic(out / "label_first.csv", buf.getvalue())
+    return files
+
+
+def verdict_sentence(verdicts: dict[str, DriftVerdict]) -> str:
+    """"drift detected by BBSD (p=...) and MMD (p=...)", or "no drift detected ...", in plain words."""
+    ran = {k: v for k, v in verdicts.items() if v.skipped is None}
+    hit = [f"{TEST_NAMES[k]} (p={v.p_value:.3g})" for k, v in ran.items() if v.detected]
+    miss = [f"{TEST_NAMES[k]} (p={v.p_value:.3g})" for k, v in ran.items() if not v.detected]
+    if not ran:
+        return "no drift test could run"
+    if hit:
+        text = f"drift detected by {_join(hit)}"
+        return text + (f"; not by {_join(miss)}" if miss else "")
+    return f"no drift detected: {_join(miss)} all above alpha"
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def report_md(m: dict[str, Any]) -> str:
+    lines = [f"# fmtransfer monitor: {m['current']['label']} against {m['reference']['label']}", "",
+             f"Model: `{m['model']['path']}` ({m['model']['kind']}, sha256 {m['model']['sha256'][:12]}...). "
+             f"Reference statistics {m['reference']['statistics']}: `{m['reference']['file']}`.", "",
+             f"**{m['summary']}** (alpha {m['settings']['alpha']:g}; {m['reference']['n']} reference and "
+             f"{m['current']['n']} current samples).", "",
+             "| test | drift | statistic | p-value | n reference | n current | note |", "|---|---|---:|---:|---:|---:|---|"]
+    for name, v in m["tests"].items():
+        if v["skipped"]:
+            lines.append(f"| {name} | skipped | | | | {v['n_current']} | {v['skipped']} |")
+        else:
+            lines.append(f"| {name} | {'**yes**' if v['detected'] else 'no'} | {v['statistic']:.4g} | "
+                         f"{v['p_value']:.3g} | {v['n_reference']} | {v['n_current']} | |")
+    acc = m["accuracy"]
+    lines += ["", "## Accuracy without labels", ""]
+    if "skipped" in acc:
+        lines.append(f"Skipped: {acc['skipped']}.")
+    else:
+        true = f"; true accuracy {acc['true']:.3f} (error {acc['error']:+.3f})" if acc["true"] is not None else \
+            " (the current data has no labels)"
+        lines.append(f"Estimated accuracy {acc['estimated']:.3f} (temperature {acc['temperature']:.3f} fitted on the "
+                     f"reference's labels; uncalibrated mean confidence {acc['uncalibrated_confidence']:.3f}){true}. "
+                     f"Under a shift the model never saw, confidence stays high where accuracy falls: read the "
+                     f"estimate as an upper bound when drift is detected.")
+    ood = m["ood"]
+    lines += ["", "## Unusual samples (OOD)", ""]
+    if "skipped" in ood:
+        lines.append(f"Skipped: {ood['skipped']}.")
+    else:
+        lines += [f"{ood['flagged']} of {m['current']['n']} current samples ({ood['share']:.1%}) lie farther from the "
+                  f"reference than its own {ood['quantile']:.0%} quantile (distance to the {ood['k']}-th nearest "
+                  f"reference embedding > {ood['threshold']:.4f}; about {1 - ood['quantile']:.0%} of reference-like "
+                  f"data would be). The {ood['manifest_n']} most unusual are in `label_first.csv`: label these first "
+                  f"(`data.subset=` takes it as a manifest).", "", "![OOD scores](ood_scores.png)"]
+    if m.get("windows"):
+        lines += ["", "## Over time", "", f"{len(m['windows'])} windows of about {m['settings']['window_size']} "
+                  f"samples ordered by `{m['settings']['window_order']}`; drift in "
+                  f"{sum(any(t['detected'] for t in w['tests'].values()) for w in m['windows'])} of them.", "",
+                  "![windows](windows.png)"]
+    return "\n".join(lines) + "\n"
+
+
+# --- the stage ---------------------------------------------------------------------------------------------------------
+def _record_model(record: RunRecord, runner: ModelRunner) -> None:
+    from fmtransfer.tasks.common import record_sources
+
+    if runner.identity["kind"] in ("torch", "adapter"):
+        record_sources(record, runner.loaded)
+        return
+    path = Path(runner.identity["path"])
+    record.add_input(path, "model")
+    if (path.parent / RUN_FILE).is_file():
+        record.add_parent(path.parent)
+
+
+def monitor(cfg: DictConfig) -> StageResult:
+    """Compare ``cfg.current`` with ``cfg.reference`` through ``cfg.model``; see the module docstring."""
+    require(cfg, "model", "adapter_base", "allow_unfinished", "force", "reference", "current", "current_limit",
+            "reference_cache", "accelerator", "loader", "monitor", "seed")
+    out = run_dir(cfg)
+    settings = MonitorSettings.from_cfg(cfg.monitor)
+    if not isinstance(cfg.allow_unfinished, bool) or not isinstance(cfg.force, bool):
+        raise ConfigError("allow_unfinished and force take true or false")
+    with RunRecord("monitor", out, cfg) as record:
+        runner = open_model(cfg.model, adapter_base=cfg.adapter_base, allow_unfinished=cfg.allow_unfinished,
+                            force=cfg.force)
+        _record_model(record, runner)
+        skipped = _embedding_skips(runner, settings)
+        ref = resolve_data(cfg.reference, "reference", "val", runner)
+        cur = resolve_data(cfg.current, "current", "test", runner)
+        stats, how = reference_stats(cfg, ref, runner, settings, out)
+        record.add_input(stats.files["json"], "reference_statistics")
+        outputs = runner.outputs(cur.recipe, cur.split, batch_size=int(cfg.loader.batch_size),
+                                 accelerator=cfg.accelerator, limit=cfg.current_limit,
+                                 num_workers=cfg.loader.num_workers)
+        _check_outputs(outputs, f"current={cur.text}")
+        order = order_values(settings, cur, outputs)
+        verdicts = compare(stats, outputs, settings, int(cfg.seed))
+        for test, reason in skipped.items():
+            verdicts[test] = DriftVerdict.skip(test, reason, settings.alpha, 0, len(outputs))
+        files: dict[str, Path] = {}
+        ood = _ood(out, stats, outputs, settings, files)
+        scores = ood.pop("_scores", None)
+        win = window_results(stats, outputs, order, settings, int(cfg.seed), scores) if order is not None else None
+        if win:
+            files["windows"] = _windows_plot(out, win, settings)
+        metrics = {"stage": "monitor", "model": runner.identity,
+                   "reference": {"label": ref.label, "statistics": how, "file": stats.files["json"],
+                                 "n": len(stats.probs if stats.probs is not None else stats.embeddings),
+                                 "data": stats.data},
+                   "current": {"label": cur.label, "n": len(outputs), "labelled": outputs.targets is not None,
+                               "inference_seconds": outputs.seconds,
+                               "samples_per_s": len(outputs) / outputs.seconds if outputs.seconds > 0 else None},
+                   "settings": {"alpha": settings.alpha, "tests": list(settings.tests),
+                                "pca_components": settings.pca_components, "permutations": settings.permutations,
+                                "window_order": settings.window_order, "window_size": settings.window_size},
+                   "summary": verdict_sentence(verdicts), "drift": any(v.detected for v in verdicts.values()),
+                   "tests": {k: v.to_dict() for k, v in verdicts.items()},
+                   "accuracy": accuracy_estimate(stats, outputs), "ood": ood, "windows": win}
+        write_json_atomic(out / "monitor.json", metrics)
+        files["metrics"] = out / "monitor.json"
+        files["report"] = write_text_atomic(out / "monitor.md", report_md(metrics))
+        for role, path in files.items():
+            record.add_output(path, role)
+    log.info("monitor: %s", metrics["summary"])
+    return StageResult("monitor", out, metrics, files, [("Monitoring", report_md(metrics).split("\n", 2)[2])])
+
+
+def _embedding_skips(runner: ModelRunner, settings: MonitorSettings) -> dict[str, str]:
+    """The embedding tests the model cannot feed (an ONNX export without an embedding output): skipped with the
+    reason; an error when nothing else is left to run."""
+    if runner.gives_embeddings:
+        return {}
+    reason = (f"model {runner.identity['path']} gives no embeddings (an ONNX export without an 'embedding' output); "
+              f"monitor the PyTorch model, or an export with that output, for this test")
+    wanted = [t for t in settings.tests if NEEDS[t] == "embeddings"] + (["ood"] if settings.ood_enabled else [])
+    left = [t for t in settings.tests if NEEDS[t] == "probs" and runner.identity["classes"]]
+    if wanted and not left:
+        raise ConfigError(f"monitor.tests={list(settings.tests)} with ood.enabled={settings.ood_enabled}: every one "
+                          f"needs embeddings, and {reason}")
+    if wanted:
+        log.warning("skipped %s: %s", ", ".join(wanted), reason)
+    return {t: reason for t in wanted if t != "ood"}
+
+
+def _ood(out: Path, stats: ReferenceStats, outputs: ModelOutputs, settings: MonitorSettings,
+         files: dict[str, Path]) -> dict[str, Any]:
+    if not settings.ood_enabled:
+        return {"skipped": "monitor.ood.enabled=false"}
+    if stats.ood is None or outputs.embeddings is None:
+        return {"skipped": "the model gives no embeddings (an ONNX export without an 'embedding' output)"}
+    from fmtransfer.monitoring.figures import ood_histogram_png
+
+    scores = stats.ood.score(outputs.embeddings)
+    files.update(write_ood(out, outputs, scores, stats.ood.threshold, settings.manifest_size))
+    files["ood_plot"] = ood_histogram_png(stats.ood.reference_scores, scores, stats.ood.threshold,
+                                          out / "ood_scores.png", "OOD score: reference (leave-one-out) vs current")
+    flagged = int((scores > stats.ood.threshold).sum())
+    return {"k": stats.ood.k, "quantile": stats.ood.quantile, "threshold": stats.ood.threshold, "flagged": flagged,
+            "share": flagged / len(scores), "median_score": float(np.median(scores)),
+            "reference_median_score": float(np.median(stats.ood.reference_scores)),
+            "manifest_n": int(min(settings.manifest_size, len(scores))), "_scores": scores}
+
+
+def _windows_plot(out: Path, win: list[dict[str, Any]], settings: MonitorSettings) -> Path:
+    from fmtransfer.monitoring.figures import windows_png
+
+    labels = [f"{w['first']:g}" for w in win]
+    p_values = {t: [w["tests"][t]["p_value"] for w in win] for t in win[0]["tests"]}
+    extra = {k: [w.get(k) for w in win] for k in ("estimated_accuracy", "accuracy", "ood_share")
+             if any(k in w for w in win)}
+    return windows_png(labels, p_values, settings.alpha, out / "windows.png", "drift tests per window", extra)
