@@ -28,6 +28,9 @@ class CurationSettings:
         init: how every k-means fit is seeded: kmeans++ (separated small modes get a seed) or random (FAISS's
             uniform draw, which follows density).
         niter: k-means iterations per fit.
+        refit_niter: k-means iterations of every resampling refit (null: ``niter``, as the first fit).
+        resample_sample: the resampling refits of a level run on a random sample of this many points per cluster,
+            and every point is assigned once at the end (null: on all points, every point assigned at every step).
         within_cluster: which points a finest cluster gives once its quota is known: random or closest.
         balance_floor: this share of the budget is spread over the finest clusters in proportion to their size,
             the rest balanced (0: plain balance, which can starve a class whose samples look alike; 1: proportional).
@@ -48,6 +51,8 @@ class CurationSettings:
     resample_per_cluster: int | None = None
     init: Literal["kmeans++", "random"] = "kmeans++"
     niter: int = 20
+    refit_niter: int | None = None
+    resample_sample: int | None = None
     within_cluster: Literal["random", "closest"] = "random"
     balance_floor: float = 0.5
     dedup: bool = True
@@ -76,6 +81,9 @@ class CurationSettings:
                               f"in proportion to cluster size; expected a value in [0, 1] (0: plain balance)")
         if self.resampling_steps < 0 or self.niter < 1 or self.dedup_k < 1:
             raise ConfigError("curation.resampling_steps >= 0, curation.niter >= 1 and curation.dedup_k >= 1")
+        for key in ("refit_niter", "resample_sample"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"curation.{key}={getattr(self, key)}: expected a positive integer, or null")
 
     def target(self, pool: int) -> int:
         """The number of samples to keep from a pool of ``pool``."""
@@ -117,7 +125,8 @@ def curate_embeddings(x: np.ndarray, settings: CurationSettings, *, strata: np.n
     tree = hierarchical_kmeans(x, settings.levels, steps=settings.resampling_steps,
                                how=Resample(settings.resample), niter=settings.niter, seed=seed,
                                per_cluster=settings.resample_per_cluster, plusplus=settings.init == "kmeans++",
-                               gpu=settings.gpu)
+                               gpu=settings.gpu, refit_niter=settings.refit_niter,
+                               sample_per_centroid=settings.resample_sample)
     seconds["kmeans"] = time.perf_counter() - t
     log(f"hierarchical k-means {settings.levels}: {seconds['kmeans']:.1f} s")
     t = time.perf_counter()

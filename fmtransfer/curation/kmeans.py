@@ -47,26 +47,38 @@ def pick_per_cluster(labels: np.ndarray, sq_dist: np.ndarray, r: int, how: Resam
 
 def resampled_kmeans(x: np.ndarray, k: int, *, steps: int = 10, per_cluster: int | None = None,
                      how: Resample = Resample.CLOSEST, niter: int = 20, seed: int = 0, plusplus: bool = True,
-                     gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """k-means, then ``steps`` resampling refinements: re-fit the centroids (a fresh k-means) on ``per_cluster``
-    points of each cluster, a sample in which every cluster weighs about the same. Default ``per_cluster``:
-    half the mean cluster size, at least 1 and at most 64 (which bounds each refit at 64 k points). Every fit is
-    seeded by k-means++ (``plusplus``): with FAISS's uniform seeds, well-separated small modes that draw no seed
-    stay merged, and a refit on a balanced sample cannot undo that.
+                     gpu: bool = False, refit_niter: int | None = None,
+                     sample_per_centroid: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """k-means, then ``steps`` resampling refinements: re-fit the centroids on ``per_cluster`` points of each
+    cluster, a sample in which every cluster weighs about the same. Default ``per_cluster``: half the mean cluster
+    size, at least 1 and at most 64 (which bounds each refit at 64 k points). Every fit is seeded by k-means++
+    (``plusplus``): with FAISS's uniform seeds, well-separated small modes that draw no seed stay merged, and a refit
+    on a balanced sample cannot undo that. A refit must start afresh: started from the centroids it refines, its
+    sample (each centroid's closest points) holds those centroids in place, and nothing leaves a dense region.
+
+    Two savings for large pools (both off: the paper's scheme, every refit ``niter`` iterations, every point
+    re-assigned at every step):
+        refit_niter: iterations of each refit.
+        sample_per_centroid: the refinements run on a random sample of ``k * sample_per_centroid`` points; every
+            point is assigned once, at the end.
 
     Returns:
         centroids (k, d) float32; labels (n,) int64 of every point of x.
     """
     n = len(x)
     rng = np.random.default_rng(seed)
-    centroids = kmeans(x, k, niter=niter, seed=seed, plusplus=plusplus, gpu=gpu)
-    r = per_cluster or max(1, min(n // (2 * k), 64))
+    work = x
+    if sample_per_centroid is not None and n > k * sample_per_centroid:
+        work = np.asarray(x[np.sort(rng.choice(n, size=k * sample_per_centroid, replace=False))])
+    centroids = kmeans(work, k, niter=niter, seed=seed, plusplus=plusplus, gpu=gpu)
+    r = per_cluster or max(1, min(len(work) // (2 * k), 64))
     for step in range(steps):
-        labels, dist = assign(x, centroids)
+        labels, dist = assign(work, centroids)
         chosen = pick_per_cluster(labels, dist, r, how, rng)
         if len(chosen) < k:
             break
-        centroids = kmeans(np.asarray(x[chosen]), k, niter=niter, seed=seed + step + 1, plusplus=plusplus, gpu=gpu)
+        centroids = kmeans(np.asarray(work[chosen]), k, niter=refit_niter or niter, seed=seed + step + 1,
+                           plusplus=plusplus, gpu=gpu)
     labels, _ = assign(x, centroids)
     return centroids, labels
 
@@ -98,7 +110,8 @@ class Hierarchy:
 
 def hierarchical_kmeans(x: np.ndarray, levels: list[int], *, steps: int = 10, how: Resample = Resample.CLOSEST,
                         niter: int = 20, seed: int = 0, per_cluster: int | None = None, plusplus: bool = True,
-                        gpu: bool = False) -> Hierarchy:
+                        gpu: bool = False, refit_niter: int | None = None,
+                        sample_per_centroid: int | None = None) -> Hierarchy:
     """Level 0 clusters the points; level t clusters the centroids of level t-1. ``levels`` finest first and
     decreasing, e.g. [1000, 100, 10] for a million points."""
     check_embeddings(x)
@@ -106,12 +119,12 @@ def hierarchical_kmeans(x: np.ndarray, levels: list[int], *, steps: int = 10, ho
         raise DataError(f"curation levels {levels}: give decreasing cluster counts, finest first")
     if levels[0] > len(x):
         raise DataError(f"curation levels {levels}: k={levels[0]} is larger than the number of points ({len(x)})")
-    centroids, labels = resampled_kmeans(x, levels[0], steps=steps, per_cluster=per_cluster, how=how, niter=niter,
-                                         seed=seed, plusplus=plusplus, gpu=gpu)
+    fit = {"steps": steps, "per_cluster": per_cluster, "how": how, "niter": niter, "plusplus": plusplus, "gpu": gpu,
+           "refit_niter": refit_niter, "sample_per_centroid": sample_per_centroid}
+    centroids, labels = resampled_kmeans(x, levels[0], seed=seed, **fit)
     tree = Hierarchy(list(levels), labels, [], [centroids])
     for t, k in enumerate(levels[1:], start=1):
-        upper, parent = resampled_kmeans(tree.centroids[-1], k, steps=steps, per_cluster=per_cluster, how=how,
-                                         niter=niter, seed=seed + 1000 * t, plusplus=plusplus, gpu=gpu)
+        upper, parent = resampled_kmeans(tree.centroids[-1], k, seed=seed + 1000 * t, **fit)
         tree.centroids.append(upper)
         tree.parents.append(parent)
     return tree

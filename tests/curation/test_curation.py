@@ -125,6 +125,47 @@ def test_seeding_and_resampling_spread_centroids_out_of_the_dense_region():
     assert dense["resampled"] < dense["kmeans++"] < dense["random"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("saving", [{"refit_niter": 5}, {"sample_per_centroid": 32},
+                                    {"refit_niter": 5, "sample_per_centroid": 32}])
+def test_the_cheaper_refinements_still_spread_centroids_out_of_the_dense_region(saving):
+    """Shorter refits and refinement on a sample (what large pools use) keep what the resampling is for: every small
+    mode keeps a centroid, and fewer centroids sit in the dense cluster than after the first fit."""
+    dense = {"kmeans++": 0, "cheaper": 0}
+    found = dict.fromkeys(dense, 0)
+    for seed in range(4):
+        x, mode = skewed(seed=seed)
+        fits = {"kmeans++": resampled_kmeans(x, 40, steps=0, seed=0)[0],
+                "cheaper": resampled_kmeans(x, 40, steps=8, seed=0, **saving)[0]}
+        for name, c in fits.items():
+            labels, _ = assign(x, c)
+            dense[name] += int((np.linalg.norm(c, axis=1) < 3).sum())
+            found[name] += len({int(np.bincount(mode[labels == j]).argmax()) for j in np.unique(labels)} - {0})
+    assert found["cheaper"] == 4 * 20
+    assert dense["cheaper"] < dense["kmeans++"]
+
+
+def test_refinement_on_a_sample_assigns_every_point_once(monkeypatch):
+    """With sample_per_centroid, the refits see k * sample_per_centroid points and the whole pool (a memmap on a
+    large pool) is read for assignment once, at the end; every point still gets a label."""
+    import fmtransfer.curation.kmeans as km
+
+    sizes = []
+
+    def counting(x, centroids, **kw):
+        sizes.append(len(x))
+        return assign(x, centroids, **kw)
+
+    monkeypatch.setattr(km, "assign", counting)
+    x, _ = skewed()
+    centroids, labels = km.resampled_kmeans(x, 40, steps=3, seed=0, sample_per_centroid=25)
+    assert sizes == [40 * 25] * 3 + [len(x)]
+    assert labels.shape == (len(x),) and set(np.unique(labels)) <= set(range(40))
+    sizes.clear()
+    km.resampled_kmeans(x, 40, steps=3, seed=0)  # the paper's scheme: the whole pool at every step
+    assert sizes == [len(x)] * 4
+
+
 def test_closest_within_cluster_and_masks():
     x, mode = skewed(seed=2, big=600, small=5, per_small=30)
     tree = hierarchical_kmeans(x, [20, 4], steps=2, seed=0)
