@@ -22,7 +22,7 @@ from fmtransfer.monitoring.ood import KnnOod
 
 FORMAT = "fmtransfer.monitor_reference"
 FORMAT_VERSION = 1
-_ARRAYS = ("probs", "embeddings", "targets", "pca_mean", "pca_components", "pca_fit", "ood_scores")
+_ARRAYS = ("probs", "embeddings", "targets", "pca_mean", "pca_components", "pca_fit", "ood_bank", "ood_scores")
 
 
 @dataclass
@@ -38,7 +38,8 @@ class ReferenceStats:
         pca: the PCA fitted on the ``pca_fit`` half of the reference embeddings (None without embeddings); the
             embedding drift tests compare the other half (``compared_embeddings``) with the current data.
         pca_fit: (n,) bool, the samples the PCA was fitted on.
-        ood: the k-NN scorer over all reference embeddings (None without embeddings).
+        ood: the k-NN scorer (None without embeddings), over ``ood.bank``: the reference embeddings, or a larger set
+            of the model's embeddings of the same data (its train split).
     """
 
     identity: dict[str, Any]
@@ -81,7 +82,8 @@ class ReferenceStats:
         arrays = {"probs": self.probs, "embeddings": self.embeddings, "targets": self.targets,
                   "pca_mean": self.pca.mean if self.pca else None,
                   "pca_components": self.pca.components if self.pca else None, "pca_fit": self.pca_fit,
-                  "ood_scores": self.ood.reference_scores if self.ood else None}
+                  "ood_scores": self.ood.reference_scores if self.ood else None,
+                  "ood_bank": self.ood.bank if self.ood and self.ood.bank.shape[0] != len(self.embeddings) else None}
         npz = folder / f"{name}.npz"
         with atomic_path(npz) as tmp, open(tmp, "wb") as f:
             np.savez(f, **{k: v for k, v in arrays.items() if v is not None})
@@ -118,8 +120,8 @@ def load_reference(path: str | Path) -> ReferenceStats:
     pca = Pca.from_arrays(arrays["pca_mean"], arrays["pca_components"]) if "pca_mean" in arrays else None
     ood = None
     if "embeddings" in arrays and "ood_scores" in arrays:
-        ood = KnnOod.from_arrays(arrays["embeddings"], header["ood_k"], header["settings"]["ood_quantile"],
-                                 arrays["ood_scores"])
+        ood = KnnOod.from_arrays(arrays.get("ood_bank", arrays["embeddings"]), header["ood_k"],
+                                 header["settings"]["ood_quantile"], arrays["ood_scores"])
     return ReferenceStats(header["model"], header["data"], header["settings"], arrays.get("probs"),
                           arrays.get("embeddings"), arrays.get("targets"), header["temperature"], pca,
                           arrays.get("pca_fit"), ood, {"json": str(path), "npz": str(npz)})
@@ -127,11 +129,12 @@ def load_reference(path: str | Path) -> ReferenceStats:
 
 def build_reference(identity: dict[str, Any], data: dict[str, Any], settings: dict[str, Any],
                     probs: np.ndarray | None, embeddings: np.ndarray | None,
-                    targets: np.ndarray | None) -> ReferenceStats:
+                    targets: np.ndarray | None, ood_bank: np.ndarray | None = None) -> ReferenceStats:
     """Derive the temperature (labelled probabilities only), the PCA and the OOD scorer (embeddings only).
 
     Args:
-        settings: ``pca_components``, ``ood_k``, ``ood_quantile``.
+        settings: ``pca_components``, ``ood_k``, ``ood_quantile``, ``ood_scale_k``.
+        ood_bank: the embeddings the OOD scores are measured against (default: ``embeddings``).
     """
     from fmtransfer.monitoring.calibration import fit_temperature
 
@@ -141,5 +144,7 @@ def build_reference(identity: dict[str, Any], data: dict[str, Any], settings: di
         embeddings = np.asarray(embeddings, dtype=np.float32)
         fit = pca_split(len(embeddings))
         pca = Pca(embeddings[fit], int(settings["pca_components"]))
-        ood = KnnOod.fit(embeddings, int(settings["ood_k"]), float(settings["ood_quantile"]))
+        bank = embeddings if ood_bank is None else np.asarray(ood_bank, dtype=np.float32)
+        ood = KnnOod.fit(bank, int(settings["ood_k"]), float(settings["ood_quantile"]),
+                         bool(settings.get("ood_scale_k", True)))
     return ReferenceStats(identity, data, dict(settings), probs, embeddings, targets, temperature, pca, fit, ood)

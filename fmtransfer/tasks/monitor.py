@@ -50,6 +50,8 @@ class MonitorSettings:
     permutations: int
     ood_enabled: bool
     ood_k: int
+    ood_scale_k: bool
+    ood_bank: str
     ood_quantile: float
     manifest_size: int
     window_order: str | None
@@ -60,7 +62,8 @@ class MonitorSettings:
         m = to_plain(node)
         try:
             s = cls(float(m["alpha"]), tuple(m["tests"] or ()), int(m["pca_components"]), int(m["permutations"]),
-                    bool(m["ood"]["enabled"]), int(m["ood"]["k"]), float(m["ood"]["quantile"]),
+                    bool(m["ood"]["enabled"]), int(m["ood"]["k"]), bool(m["ood"]["scale_k"]), str(m["ood"]["bank"]),
+                    float(m["ood"]["quantile"]),
                     int(m["ood"]["manifest_size"]), m["window"]["order"], int(m["window"]["size"]))
         except (KeyError, TypeError) as e:
             raise ConfigError(f"monitor: missing or malformed key {e}; see configs/monitor.yaml") from None
@@ -80,11 +83,14 @@ class MonitorSettings:
                                 ("window.size", self.window_size, 2 * max(MIN_SAMPLES.values()))):
             if value < low:
                 raise ConfigError(f"monitor.{key}={value} must be >= {low}")
+        if self.ood_bank not in ("train", "reference"):
+            raise ConfigError(f"monitor.ood.bank={self.ood_bank!r}: choose train or reference")
         if not 0.0 < self.ood_quantile < 1.0:
             raise ConfigError(f"monitor.ood.quantile={self.ood_quantile} must be between 0 and 1 (e.g. 0.95)")
 
     def reference_settings(self) -> dict[str, Any]:
-        return {"pca_components": self.pca_components, "ood_k": self.ood_k, "ood_quantile": self.ood_quantile}
+        return {"pca_components": self.pca_components, "ood_k": self.ood_k, "ood_quantile": self.ood_quantile,
+                "ood_scale_k": self.ood_scale_k, "ood_bank": self.ood_bank}
 
 
 # --- what reference= and current= name ------------------------------------------------------------------------------
@@ -215,8 +221,10 @@ def reference_stats(cfg: DictConfig, ref: DataRef, runner: ModelRunner, settings
                              accelerator=cfg.accelerator, num_workers=cfg.loader.num_workers)
     _check_outputs(outputs, f"reference={ref.text}")
     data = {"recipe": ref.recipe["name"], "split": ref.split, "fingerprint": fingerprint, "n": len(outputs)}
+    bank = _ood_bank(cfg, ref, runner, settings, outputs)
+    data["ood_bank"] = "reference" if bank is None else f"{ref.recipe['name']}/train ({len(bank)})"
     stats = build_reference(runner.identity, data, settings.reference_settings(), outputs.probs, outputs.embeddings,
-                            outputs.targets)
+                            outputs.targets, bank)
     try:
         stats.save(folder, _stats_name(ref, runner))
     except OSError as e:
@@ -224,6 +232,22 @@ def reference_stats(cfg: DictConfig, ref: DataRef, runner: ModelRunner, settings
         stats.save(out / "reference", _stats_name(ref, runner))
     log.info("reference statistics computed on %s (%d samples): %s", ref.label, len(outputs), stats.files["json"])
     return stats, "computed"
+
+
+def _ood_bank(cfg: DictConfig, ref: DataRef, runner: ModelRunner, settings: MonitorSettings,
+              outputs: ModelOutputs) -> np.ndarray | None:
+    """The train split's embeddings (``monitor.ood.bank=train``), or None: the reference's own."""
+    if settings.ood_bank != "train" or not settings.ood_enabled or outputs.embeddings is None or ref.split in (
+            "train", ALL_ROWS):
+        return None
+    try:
+        train = runner.outputs(ref.recipe, "train", batch_size=int(cfg.loader.batch_size),
+                               accelerator=cfg.accelerator, num_workers=cfg.loader.num_workers)
+    except DataError as e:
+        log.info("OOD bank: the reference's own embeddings (%s)", e)
+        return None
+    _check_outputs(train, f"reference={ref.recipe['name']}/train (the OOD bank)")
+    return train.embeddings
 
 
 def _fingerprint(ref: DataRef, runner: ModelRunner) -> str:
@@ -416,7 +440,7 @@ def report_md(m: dict[str, Any]) -> str:
     else:
         lines += [f"{ood['flagged']} of {m['current']['n']} current samples ({ood['share']:.1%}) lie farther from the "
                   f"reference than its own {ood['quantile']:.0%} quantile (distance to the {ood['k']}-th nearest "
-                  f"reference embedding > {ood['threshold']:.4f}; about {1 - ood['quantile']:.0%} of reference-like "
+                  f"embedding of the bank, {ood['bank']}, > {ood['threshold']:.4f}; about {1 - ood['quantile']:.0%} of reference-like "
                   f"data would be). The {ood['manifest_n']} most unusual are in `label_first.csv`: label these first "
                   f"(`data.subset=` takes it as a manifest).", "", "![OOD scores](ood_scores.png)"]
     if m.get("windows"):
@@ -523,7 +547,7 @@ def _ood(out: Path, stats: ReferenceStats, outputs: ModelOutputs, settings: Moni
     files["ood_plot"] = ood_histogram_png(stats.ood.reference_scores, scores, stats.ood.threshold,
                                           out / "ood_scores.png", "OOD score: reference (leave-one-out) vs current")
     flagged = int((scores > stats.ood.threshold).sum())
-    return {"k": stats.ood.k, "quantile": stats.ood.quantile, "threshold": stats.ood.threshold, "flagged": flagged,
+    return {"k": stats.ood.k, "bank": stats.data.get("ood_bank", "reference"), "quantile": stats.ood.quantile, "threshold": stats.ood.threshold, "flagged": flagged,
             "share": flagged / len(scores), "median_score": float(np.median(scores)),
             "reference_median_score": float(np.median(stats.ood.reference_scores)),
             "manifest_n": int(min(settings.manifest_size, len(scores))), "_scores": scores}

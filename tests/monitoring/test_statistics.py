@@ -18,6 +18,7 @@ from fmtransfer.monitoring import (
     run_tests,
 )
 from fmtransfer.monitoring.drift import windows
+from fmtransfer.monitoring.ood import scaled_k
 from fmtransfer.monitoring.reference import build_reference, load_reference
 
 
@@ -109,8 +110,9 @@ def test_ood_threshold_is_the_reference_quantile_and_flags_far_samples():
     # in-distribution flagged at about 1 - quantile, a different cluster nearly always
     assert ood.flags(ood.score(cloud(300, here))).mean() < 0.2
     assert ood.flags(ood.score(cloud(100, there))).mean() > 0.95
-    small = KnnOod.fit(ref[:10], k=50)
-    assert small.k == 9  # capped by the reference's size
+    assert ood.k == 1  # k=50 is for 50,000 embeddings: scaled to 300
+    assert KnnOod.fit(ref[:10], k=50, scale_k=False).k == 9  # capped by the reference's size
+    assert [scaled_k(50, n) for n in (500, 4000, 50_000, 10**6)] == [1, 4, 50, 1000]
 
 
 def test_refusals():
@@ -141,13 +143,15 @@ def test_windows_follow_the_order():
 def test_reference_round_trip_refuses_edits(tmp_path):
     rng = np.random.default_rng(6)
     p, e, y = probs(60, rng), emb(60, rng).astype(np.float32), rng.integers(0, 4, 60)
-    settings = {"pca_components": 4, "ood_k": 10, "ood_quantile": 0.95}
+    settings = {"pca_components": 4, "ood_k": 10, "ood_quantile": 0.95, "ood_scale_k": False, "ood_bank": "train"}
     ref = build_reference({"sha256": "ab" * 32}, {"recipe": "r", "split": "val", "fingerprint": "f", "n": 60},
-                          settings, p, e, y)
+                          settings, p, e, y, ood_bank=emb(90, rng))
+    assert ref.ood.bank.shape == (90, 16) and ref.ood.k == 10
     path = ref.save(tmp_path, "ref")
     back = load_reference(path)
     assert back.temperature == pytest.approx(ref.temperature) and back.ood.threshold == pytest.approx(ref.ood.threshold)
     np.testing.assert_allclose(back.pca(e), ref.pca(e), atol=1e-6)
+    np.testing.assert_allclose(back.ood.score(e), ref.ood.score(e), atol=1e-6)  # the bank came back too
     assert back.matches("ab" * 32, "f", settings) == []
     assert back.matches("cd" * 32, "f", {**settings, "ood_k": 5})  # another model and setting: recompute
     npz = tmp_path / "ref.npz"
