@@ -54,6 +54,30 @@ class CalibrationSettings:
 
 
 @dataclass(frozen=True)
+class DoNoHarmSettings:
+    """``do_no_harm``: the cross-validation that compares the adapter with its base on the calibration set.
+
+    Attributes:
+        folds: K of the stratified K-fold cross-validation (K extra fits); 0: no check (the adapter is then
+            "unchecked", and export and pipeline refuse it unless force=true).
+        confidence: of the interval on the mean paired difference.
+        resamples: bootstrap resamples for that interval.
+    """
+
+    folds: int
+    confidence: float
+    resamples: int
+
+    def __post_init__(self) -> None:
+        if self.folds < 0 or self.folds == 1:
+            raise ConfigError(f"do_no_harm.folds={self.folds}: expected 0 (no check) or 2 or more")
+        if not 0.5 <= self.confidence < 1:
+            raise ConfigError(f"do_no_harm.confidence={self.confidence}: expected a level in [0.5, 1), e.g. 0.95")
+        if self.resamples < 100:
+            raise ConfigError(f"do_no_harm.resamples={self.resamples}: expected 100 or more (e.g. 2000)")
+
+
+@dataclass(frozen=True)
 class AdaptSettings:
     """Everything ``adapt`` is given besides the data recipe, the base and the Lightning objects.
 
@@ -68,6 +92,7 @@ class AdaptSettings:
         checkpoints: checkpoints written over the run.
         keep_checkpoints: keep ``checkpoints/`` once the adapter is saved.
         accelerator: the device for inference (zero-shot, diverse calibration, scoring).
+        do_no_harm: the check of the adapter against its base.
     """
 
     adapter: AdapterSettings
@@ -79,6 +104,7 @@ class AdaptSettings:
     checkpoints: int
     keep_checkpoints: bool
     accelerator: str
+    do_no_harm: DoNoHarmSettings
 
     def __post_init__(self) -> None:
         if self.checkpoints < 1:

@@ -22,6 +22,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fmtransfer.adapters.artifact import ADAPTER_FILE, adapted_meta, save_adapter
 from fmtransfer.adapters.calibration import Strategy, select_diverse, select_random, select_stratified
+from fmtransfer.adapters.harm import (
+    INTERVAL_METHOD,
+    compare,
+    describe,
+    feasible_folds,
+    stratified_folds,
+    unchecked,
+)
 from fmtransfer.adapters.head import region_head
 from fmtransfer.adapters.loading import allow_unfinished, load_model_or_adapted
 from fmtransfer.adapters.methods import AdapterMethod, adapter_state, check_method_fits, trainable_count
@@ -32,8 +40,9 @@ from fmtransfer.errors import ConfigError
 from fmtransfer.lineage import RunRecord, write_json_atomic, write_text_atomic
 from fmtransfer.models.backbone import backbone_spec, check_input_size, create_backbone
 from fmtransfer.models.classifier import META_FILE, Classifier, model_meta, save_model
-from fmtransfer.models.inference import embed
+from fmtransfer.models.inference import embed, predict
 from fmtransfer.models.module import EpochSeed, SupervisedModule
+from fmtransfer.models.probes import linear_probe_scores
 from fmtransfer.ranks import rank_and_world
 from fmtransfer.tasks.common import (
     SetupFingerprint,
@@ -81,7 +90,7 @@ def choose_calibration(dm: RecipeDataModule, model, strategy: Strategy, size: in
 
 BASE_DIR = "base"  # base=null: the base made from brought weights, in the run dir
 _SETTINGS_KEYS = ("adapter", "calibration", "loss", "scheduler", "resume", "resume_force", "checkpoints",
-                  "keep_checkpoints", "accelerator")
+                  "keep_checkpoints", "accelerator", "do_no_harm")
 # the config that makes a checkpoint this run's (with the data recipe, its content fingerprint and the base's
 # sha256): resume= refuses a checkpoint written with other values
 SETUP_KEYS = ("seed", "adapter", "calibration", "loss", "scheduler", "augment", "loader.batch_size",
@@ -115,6 +124,7 @@ class _Fitted:
     fit_seconds: float
     last_checkpoint: str
     regional: Regional | None = None
+    start: Classifier | None = None  # the model before the supervised fit (do_no_harm.folds > 0 only)
 
 
 def adapt_settings(cfg: DictConfig) -> AdaptSettings:
@@ -153,7 +163,10 @@ def adapt(cfg: DictConfig) -> StageResult:
         _record_inputs(record, inputs)
         zero_shot = _zero_shot(inputs, settings, out)
         files["calibration"] = _calibrate(inputs, settings, out)
+        base_view = _base_on_calibration(cfg, settings, inputs)
         fitted = _fit(cfg, settings, inputs, record, out)
+        fitted.header["do_no_harm"], harm_files = _do_no_harm(cfg, settings, inputs, fitted, base_view, out)
+        files.update(harm_files)
         extra = fitted.regional.extra if fitted.regional else ()  # what regional pretraining changed, now frozen
         files["adapter"] = save_adapter(out / ADAPTER_FILE, adapter_state(inputs.model, method, extra), fitted.header)
         files.update(fitted.regional.files if fitted.regional else {})
@@ -300,34 +313,202 @@ def _fit(cfg: DictConfig, settings: AdaptSettings, inputs: _Inputs, record: RunR
         **({"regional_pretrain": pretrained.record} if pretrained else {}),
     }
     meta = adapted_meta(base_meta, header)
-
-    steps = settings.adapter.steps
-    batches = max(1, size // dm.batch_size) if size > dm.batch_size else 1
-    epochs = math.ceil(steps / batches)
-    module = SupervisedModule(model, recipe.task, build(settings.loss, "loss"),
-                              build(settings.adapter.optimizer, "adapter.optimizer"),
-                              build(settings.scheduler, "scheduler") if settings.scheduler else None, meta,
-                              build_augment(cfg), seed=cfg.seed, frozen_norm_stats=method.norm_stats == "frozen")
-    ckpt = checkpoint_callback(cfg, out / "checkpoints", every_n_epochs=max(1, epochs // settings.checkpoints))
-    trainer_cfg = OmegaConf.merge(cfg, {"trainer": {"max_epochs": epochs, "max_steps": steps,
-                                                    "limit_val_batches": 0, "num_sanity_val_steps": 0,
-                                                    "log_every_n_steps": min(50, steps)}})
+    # the cross-validation folds of the do-no-harm check start from here: the same head, structure and regional
+    # pretraining, before any label is seen
+    start = copy.deepcopy(model) if settings.do_no_harm.folds else None
     logger = build_logger(cfg)
-    callbacks = [ckpt, SetupFingerprint(inputs.setup, record.data["run_id"]), EpochSeed(cfg.seed),
-                 *extra_callbacks(cfg)]
-    trainer = build_trainer(trainer_cfg, callbacks=callbacks, logger=logger, default_root_dir=out)
     log.info("adapter %s over %s: %d of %d parameters trainable (%.2f%%); %d calibration samples (%s); %s",
              method.name, backbone_name, trainable, total, 100 * trainable / total, size,
              settings.calibration.strategy.value, head_note)
     if logger:
         logger.log_hyperparams({"method": method.name, "calibration_size": size, "trainable_parameters": trainable,
                                 "trainable_fraction": trainable / total})
-    module.train()  # the base was loaded for inference
+    epochs = _epochs(settings.adapter.steps, size, dm.batch_size)
+    ckpt = checkpoint_callback(cfg, out / "checkpoints", every_n_epochs=max(1, epochs // settings.checkpoints))
+    callbacks = [ckpt, SetupFingerprint(inputs.setup, record.data["run_id"]), EpochSeed(cfg.seed),
+                 *extra_callbacks(cfg)]
     started = time.perf_counter()
     with metrics_history(out, resuming=inputs.resume is not None):
-        trainer.fit(module, train_dataloaders=dm.dataloader("train", shuffle=True),
-                    ckpt_path=str(inputs.resume) if inputs.resume else None, weights_only=True)
-    return _Fitted(meta, header, time.perf_counter() - started, ckpt.last_model_path, pretrained)
+        _train(cfg, settings, model, meta, dm, out, frozen_norm_stats=method.norm_stats == "frozen",
+               callbacks=callbacks, logger=logger, resume=inputs.resume)
+    return _Fitted(meta, header, time.perf_counter() - started, ckpt.last_model_path, pretrained, start)
+
+
+def _epochs(steps: int, size: int, batch_size: int) -> int:
+    batches = max(1, size // batch_size) if size > batch_size else 1
+    return math.ceil(steps / batches)
+
+
+def _train(cfg: DictConfig, settings: AdaptSettings, model: Classifier, meta: dict[str, Any], dm: RecipeDataModule,
+           out: Path, *, frozen_norm_stats: bool, callbacks: list, logger, resume: Path | None = None,
+           checkpointing: bool = True) -> None:
+    """``adapter.steps`` optimiser steps on ``dm``'s train rows, in place on ``model``."""
+    steps = settings.adapter.steps
+    module = SupervisedModule(model, dm.recipe.task, build(settings.loss, "loss"),
+                              build(settings.adapter.optimizer, "adapter.optimizer"),
+                              build(settings.scheduler, "scheduler") if settings.scheduler else None, meta,
+                              build_augment(cfg), seed=cfg.seed, frozen_norm_stats=frozen_norm_stats)
+    trainer_cfg = OmegaConf.merge(cfg, {"trainer": {"max_epochs": _epochs(steps, len(dm.rows("train")), dm.batch_size),
+                                                    "max_steps": steps, "limit_val_batches": 0,
+                                                    "num_sanity_val_steps": 0, "log_every_n_steps": min(50, steps)}})
+    if not checkpointing:
+        with open_dict(trainer_cfg):
+            trainer_cfg.trainer.enable_checkpointing = False
+    trainer = build_trainer(trainer_cfg, callbacks=callbacks, logger=logger, default_root_dir=out)
+    module.train()  # the base was loaded for inference
+    trainer.fit(module, train_dataloaders=dm.dataloader("train", shuffle=True),
+                ckpt_path=str(resume) if resume else None, weights_only=True)
+
+
+HARM_DIR = "do_no_harm"
+_ZERO_SHOT = "the zero-shot base (its own head)"
+_PROBES = {"classification": "a logistic regression on the base's frozen embeddings, fitted on the same training "
+                             "folds (the base's head does not predict these classes)",
+           "regression": "a ridge regression on the base's frozen embeddings, fitted on the same training folds "
+                         "(the base's head does not predict this target)"}
+
+
+@dataclass
+class _BaseView:
+    """The base (before adaptation) on the calibration rows: the cross-validation's comparator.
+
+    Attributes:
+        rows: the calibration rows (table rows), in order. targets: their labels or values.
+        fold: each row's cross-validation fold. folds: how many.
+        outputs: the zero-shot base's outputs (when its head predicts the region's classes), else None.
+        features: the base's frozen embeddings (a probe fitted on the training folds compares), else None.
+    """
+
+    rows: np.ndarray
+    targets: np.ndarray
+    fold: np.ndarray
+    folds: int
+    outputs: np.ndarray | None = None
+    features: np.ndarray | None = None
+
+
+def _base_on_calibration(cfg: DictConfig, settings: AdaptSettings, inputs: _Inputs) -> _BaseView | dict[str, Any]:
+    """The folds of the do-no-harm check, and the base's outputs (or features) on the calibration rows, taken while
+    ``inputs.model`` is still the base. Returns the record of an unchecked adapter when no check can run."""
+    requested = settings.do_no_harm.folds
+    if not requested:
+        log.warning("do_no_harm.folds=0: this adapter is NOT checked against its base; export and pipeline refuse "
+                    "it unless force=true")
+        return unchecked("do_no_harm.folds=0")
+    dm, task = inputs.dm, inputs.recipe.task
+    table = dm.prepare()
+    rows = np.asarray(dm.rows("train")).copy()
+    labels = table.targets[rows].astype(np.int64) if task == "classification" else None
+    folds = feasible_folds(labels, len(rows), requested)
+    if folds < 2:
+        smallest = "" if labels is None else f", {int(np.bincount(labels)[np.unique(labels)].min())} in its " \
+                                             f"smallest class"
+        reason = (f"the calibration set ({len(rows)} samples{smallest}) is too small for 2 cross-validation folds: "
+                  f"each fold must hold every class")
+        log.warning("do_no_harm: this adapter is NOT checked against its base: %s; export and pipeline refuse it "
+                    "unless force=true", reason)
+        return unchecked(reason)
+    if folds < requested:
+        log.warning("do_no_harm: %d folds instead of do_no_harm.folds=%d: the calibration set's smallest class has "
+                    "%d samples, and each fold must hold every class", folds, requested, folds)
+    fold = stratified_folds(labels, len(rows), folds, cfg.seed)
+    view = _BaseView(rows, table.targets[rows], fold, folds)
+    zero_shot = table.classes == inputs.meta["classes"] and int(inputs.meta.get("num_outputs") or 0) > 0 \
+        and inputs.meta.get("task") == task
+    inputs.model.eval()
+    if zero_shot:
+        outputs, _, got = predict(inputs.model, dm.dataloader("train"), settings.accelerator)
+        view.outputs = _in_order(outputs, got, rows)
+    else:
+        view.features = embed(inputs.model, dm.dataloader("train"), settings.accelerator)  # in the rows' order
+    return view
+
+
+def _in_order(values: np.ndarray, got: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``values`` (one per row of ``got``) in the order of ``rows``."""
+    position = {int(r): i for i, r in enumerate(got)}
+    return values[[position[int(r)] for r in rows]]
+
+
+def _sample_scores(task: str, outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Per-sample scores, higher is better: 1/0 correct for classification, minus the squared error otherwise."""
+    if task == "classification":
+        return (outputs.argmax(1) == targets).astype(np.float64)
+    return -((outputs.reshape(len(targets), -1)[:, 0] - targets) ** 2).astype(np.float64)
+
+
+def _probe_outputs(task: str, train: np.ndarray, train_targets: np.ndarray, queries: np.ndarray, num_outputs: int,
+                   seed: int) -> np.ndarray:
+    """The cheapest honest stand-in for a base without a head for the region: a linear model on its features."""
+    if task == "classification":
+        return linear_probe_scores(train, train_targets, queries, num_outputs, seed=seed)
+    from sklearn.linear_model import Ridge
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(train)
+    return Ridge().fit(scaler.transform(train), train_targets).predict(scaler.transform(queries))[:, None]
+
+
+def _do_no_harm(cfg: DictConfig, settings: AdaptSettings, inputs: _Inputs, fitted: _Fitted,
+                view: _BaseView | dict[str, Any], out: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+    """K-fold cross-validation on the calibration set: the adapter fitted on K-1 folds (the same head, structure,
+    regional pretraining, settings, steps and seed as the saved one) against the base on the held-out fold.
+
+    Returns:
+        the record for metrics.json and the adapter header, and the files written (``do_no_harm/folds.csv``).
+    """
+    if isinstance(view, dict):
+        return view, {}
+    dm, task, harm = inputs.dm, inputs.recipe.task, settings.do_no_harm
+    started = time.perf_counter()
+    adapter_scores, base_scores = np.empty(len(view.rows)), np.empty(len(view.rows))
+    try:
+        for k in range(view.folds):
+            train, held = view.fold != k, view.fold == k
+            outputs = _fold_outputs(cfg, settings, inputs, fitted, view.rows[train], view.rows[held])
+            adapter_scores[held] = _sample_scores(task, outputs, view.targets[held])
+            base = view.outputs[held] if view.outputs is not None else _probe_outputs(
+                task, view.features[train], view.targets[train], view.features[held], dm.num_outputs, cfg.seed)
+            base_scores[held] = _sample_scores(task, base, view.targets[held])
+    finally:
+        dm.use_rows("train", view.rows)  # the calibration set again, for what follows (without_regional)
+    result = {"checked": True, "folds": view.folds, "folds_requested": harm.folds,
+              "metric": "accuracy" if task == "classification" else "minus squared error",
+              "comparator": _ZERO_SHOT if view.outputs is not None else _PROBES[task],
+              "confidence": harm.confidence,
+              "interval_method": f"{INTERVAL_METHOD}, {harm.resamples} resamples",
+              "steps_per_fold": settings.adapter.steps,
+              **compare(adapter_scores, base_scores, view.fold, confidence=harm.confidence,
+                        resamples=harm.resamples, seed=cfg.seed),
+              "seconds": round(time.perf_counter() - started, 2)}
+    if result["beats_base"]:
+        log.info("do-no-harm: the adapter beats its base on the calibration set: %s", describe(result))
+    else:
+        log.warning("this adapter does not beat its base on the calibration set: %s. export and pipeline refuse it "
+                    "unless force=true", describe(result))
+    ids = dm.prepare().ids
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["id", "fold", "target", "adapter_score", "base_score"])
+    w.writerows([ids[r], f, f"{t:.6g}", f"{a:.6g}", f"{b:.6g}"]
+                for r, f, t, a, b in zip(view.rows, view.fold, view.targets, adapter_scores, base_scores, strict=True))
+    return result, {"do_no_harm_folds": write_text_atomic(out / HARM_DIR / "folds.csv", buf.getvalue())}
+
+
+def _fold_outputs(cfg: DictConfig, settings: AdaptSettings, inputs: _Inputs, fitted: _Fitted, train: np.ndarray,
+                  held: np.ndarray) -> np.ndarray:
+    """The adapter fitted on ``train`` rows from where the saved one started; its outputs on ``held`` rows."""
+    dm = inputs.dm
+    model = copy.deepcopy(fitted.start)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    dm.use_rows("train", train)
+    with tempfile.TemporaryDirectory(prefix="fmtransfer-fold-") as scratch:  # Lightning's root: nothing kept
+        _train(cfg, settings, model, fitted.meta, dm, Path(scratch), callbacks=[EpochSeed(cfg.seed)], logger=False,
+               frozen_norm_stats=inputs.method.norm_stats == "frozen", checkpointing=False)
+    model.eval()
+    dm.use_rows("train", held)
+    outputs, _, got = predict(model, dm.dataloader("train"), settings.accelerator)
+    return _in_order(outputs, got, held)
 
 
 def _record(cfg: DictConfig, settings: AdaptSettings, inputs: _Inputs, fitted: _Fitted,
@@ -356,6 +537,7 @@ def _record(cfg: DictConfig, settings: AdaptSettings, inputs: _Inputs, fitted: _
         "zero_shot": zero_shot, "test": {k: v for k, v in test.items() if k != "files"},
         "val": {k: v for k, v in val.items() if k != "files"} if val else None,
         "regional_pretrain": _regional_metrics(model, fitted.regional, recipe.task, test, val),
+        "do_no_harm": header["do_no_harm"],
     }
     write_json_atomic(out / "metrics.json", metrics)
     outputs = {**files, "metrics": out / "metrics.json", **test["files"],

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from fmtransfer.adapters.harm import describe, release_check
 from fmtransfer.adapters.loading import allow_unfinished, load_model_or_adapted, require_model_or_adapter
 from fmtransfer.config import build_dataclass, require, run_dir
 from fmtransfer.data import Recipe, RecipeDataModule, build_datamodule, load_recipe
@@ -75,6 +76,7 @@ class _Inputs:
     recipe: Recipe
     dm: RecipeDataModule
     calibration_rows: np.ndarray | None
+    do_no_harm: dict[str, Any] | None = None  # an adapter's do-no-harm verdict as released (forced or not)
 
 
 @dataclass
@@ -131,15 +133,24 @@ def export(cfg: DictConfig) -> StageResult:
 
 def _check(cfg: DictConfig) -> tuple[ExportSettings, Recipe]:
     """Everything that needs no model or data: the keys, the ``export`` settings and the recipe."""
-    require(cfg, "seed", "model", "adapter_file", "data", "loader")
+    require(cfg, "seed", "model", "adapter_file", "data", "loader", "force")
     require_model_or_adapter(cfg.model, cfg.adapter_file)
     allow_unfinished(cfg)
+    forced(cfg)
     return export_settings(cfg), load_recipe(cfg.data)
+
+
+def forced(cfg: DictConfig) -> bool:
+    """The ``force`` key (release an adapter that does not beat its base), checked to be a bool."""
+    value = cfg.force
+    if not isinstance(value, bool):
+        raise ConfigError(f"force={value!r}: expected true or false")
+    return value
 
 
 def _load_inputs(cfg: DictConfig, settings: ExportSettings, recipe: Recipe, record: RunRecord,
                  out: Path) -> _Inputs:
-    model, meta, lineage = _load(cfg, record)
+    model, meta, lineage, harm = _load(cfg, record)
     if meta["task"] == EMBEDDING_TASK and recipe.task != "classification":
         raise ConfigError(f"model {cfg.model} has no head: its export is gated on the kNN accuracy of its embeddings, "
                           f"which needs a labelled classification recipe; {recipe.name!r} is a {recipe.task} task")
@@ -150,14 +161,19 @@ def _load_inputs(cfg: DictConfig, settings: ExportSettings, recipe: Recipe, reco
     table = dm.prepare()
     record.set_data(recipe.name, recipe.to_dict(), table.fingerprint)
     rows = _calibration_rows(settings, int(cfg.seed), dm) if mode is Quantize.STATIC else None
-    return _Inputs(model, meta, lineage, mode, recipe, dm, rows)
+    return _Inputs(model, meta, lineage, mode, recipe, dm, rows, harm)
 
 
-def _load(cfg: DictConfig, record: RunRecord) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
-    """The model to export (adapter merged in) and its header; lineage hashes for the metadata."""
+def _load(cfg: DictConfig, record: RunRecord) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any],
+                                                      dict[str, Any] | None]:
+    """The model to export (adapter merged in), its header, lineage hashes for the metadata and, with an adapter,
+    its do-no-harm verdict (an adapter that does not beat its base is refused here unless ``force=true``)."""
     loaded = load_model_or_adapted(cfg.model, cfg.adapter_file, merge=True, allow_unfinished=allow_unfinished(cfg))
     record_sources(record, loaded)
     model, meta, header = loaded.model, loaded.meta, loaded.adapter
+    harm = release_check(header, forced(cfg), header["path"]) if header is not None else None
+    if harm is not None:
+        record.set("do_no_harm", harm)
     if header is not None:
         lineage = {"base_sha256": header["base"]["sha256"], "adapter_sha256": header["weights_sha256"],
                    "adapter_method": header["method"]["name"], "recipe": header["lineage"].get("recipe")}
@@ -165,7 +181,7 @@ def _load(cfg: DictConfig, record: RunRecord) -> tuple[torch.nn.Module, dict[str
         lineage = {"base_sha256": meta.get("lineage", {}).get("base_sha256", meta["weights_sha256"]),
                    "adapter_sha256": meta.get("lineage", {}).get("adapter_sha256"),
                    "model_sha256": meta["weights_sha256"], "recipe": meta.get("lineage", {}).get("recipe")}
-    return model.eval().float().cpu(), meta, lineage
+    return model.eval().float().cpu(), meta, lineage, harm
 
 
 def _collect(dm: RecipeDataModule, split: str, limit: int | None = None) -> np.ndarray:
@@ -288,7 +304,8 @@ def _record(out: Path, inputs: _Inputs, converted: _Converted, scored: _Scored, 
                  "num_outputs": int(meta["num_outputs"]) or int(meta["embed_dim"]), "preprocess": meta["preprocess"],
                  "input_name": INPUT_NAME, "output_name": output_name(meta["task"]), "input_layout": "NCHW",
                  "backbone": meta["backbone"]["name"], "exporter": settings.exporter, "opset": settings.opset,
-                 "lineage": lineage, "gates": scored.gates, "gates_passed": passed}
+                 "lineage": lineage, "gates": scored.gates, "gates_passed": passed,
+                 **({"do_no_harm": inputs.do_no_harm} if inputs.do_no_harm is not None else {})}
     staged = _stage(converted, base_meta, mode)
     triton = None
     if passed and settings.triton:
@@ -390,7 +407,8 @@ def _metrics(inputs: _Inputs, converted: _Converted, scored: _Scored, settings: 
             # RMS difference of the INT8 outputs (logits) from ONNX fp32's: finer than top-1 agreement
             "int8_fp32_rmse": float(np.sqrt(np.mean((outputs["onnx_int8"] - outputs["onnx_fp32"]) ** 2)))
             if int8 else None,
-            "lineage": lineage, "files": {k: str(v) for k, v in released.items()}}
+            "lineage": lineage, "files": {k: str(v) for k, v in released.items()},
+            "do_no_harm": inputs.do_no_harm}
 
 
 def _rejection(gates: list[dict[str, Any]], folder: Path) -> str:
@@ -423,6 +441,10 @@ def _summary(m: dict[str, Any]) -> str:
         b32 = next((v for k, v in r.items() if k.startswith("batch_32_")), float("nan"))
         size = f"{r['mb']:.2f}" if r["mb"] is not None else ""
         lines.append(f"| {r['variant']} | {r['file'] or ''} | {size} | {b1:.2f} | {b32:.2f} | {r['accuracy']:.4f} |")
+    harm = m.get("do_no_harm")
+    if harm is not None:
+        lines += ["", f"Do no harm (the adapter against its base): {describe(harm)}"
+                  + ("; **released with force=true**" if harm.get("forced") else "") + "."]
     lines += ["", "Latency: median of repeated runs on this machine's CPU.", "",
               "| gate | value | limit | passed |", "|---|---:|---:|---|"]
     for g in m["gates"]:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fmtransfer.adapters import check_method_fits
+from fmtransfer.adapters.harm import DoNoHarmRefused, describe, unchecked
 from fmtransfer.adapters.regional import REGIONAL_METHODS
 from fmtransfer.config import build_dataclass, compose_stage, require, to_plain
 from fmtransfer.data import build_datamodule, load_recipe
@@ -202,7 +203,7 @@ def _regional_step(settings: PipelineSettings, adapter: str, size: int) -> str:
 
 def compose_steps(cfg: DictConfig, settings: PipelineSettings, out: Path) -> Steps:
     """Every step's config, composed before anything runs."""
-    require(cfg, "region", "split", "accelerator", "export", "curation", *TRAINING_KEYS)
+    require(cfg, "region", "split", "accelerator", "export", "curation", "force", *TRAINING_KEYS)
     for adapter in dict.fromkeys(a for a, _ in settings.adapt_runs()):  # first: an unknown one has no config
         try:
             check_method_fits(adapter, cfg.backbone.name)
@@ -216,13 +217,17 @@ def compose_steps(cfg: DictConfig, settings: PipelineSettings, out: Path) -> Ste
         steps.compose("curate", "curate", nodes=_nodes(cfg, "seed", "accelerator", "data", "loader", "curation"))
         if settings.pretrain_curated:
             steps.compose("pretrain_curated", "pretrain", nodes=_nodes(cfg, *TRAINING_KEYS, resolve=False))
-    def adapt_overrides(adapter: str, size: int) -> list[str]:
+    def adapt_overrides(adapter: str, size: int, checked: bool = False) -> list[str]:
+        # the do-no-harm check costs K extra fits: only the region's adapter (the one exported) gets it
         return [f"adapter={adapter}", f"calibration.size={size}", f"calibration.strategy={settings.calibration.strategy}",
-                f"seed={cfg.seed}", *settings.adapt_overrides]
+                f"seed={cfg.seed}", *([] if checked else ["do_no_harm.folds=0"]), *settings.adapt_overrides]
+
+    region_run = (settings.adapter, settings.calibration.size)
 
     adapt_nodes = {**region, **_nodes(cfg, "logger", "deterministic", resolve=False)}
     for adapter, size in settings.adapt_runs():
-        steps.compose(_adapt_step(settings, adapter, size), "adapt", adapt_overrides(adapter, size), nodes=adapt_nodes)
+        steps.compose(_adapt_step(settings, adapter, size), "adapt",
+                      adapt_overrides(adapter, size, (adapter, size) == region_run), nodes=adapt_nodes)
     for i, (adapter, size) in enumerate(settings.regional_runs()):
         # the first run pretrains; the others take its pretraining (the same base, method, data and seed)
         first = out / _regional_step(settings, *settings.regional_runs()[0])
@@ -233,7 +238,7 @@ def compose_steps(cfg: DictConfig, settings: PipelineSettings, out: Path) -> Ste
                       [*adapt_overrides(adapter, size), regional, "regional_pretrain.compare=false"], nodes=adapt_nodes)
     steps.compose("plan", "plan", nodes={"sweep": str(out / "adapt")})
     if settings.export_region_model:
-        steps.compose("export", "export", nodes={**_nodes(cfg, "seed", "loader", "export"), **region})
+        steps.compose("export", "export", nodes={**_nodes(cfg, "seed", "loader", "export", "force"), **region})
     return steps
 
 
@@ -268,8 +273,9 @@ def _check(steps: Steps, settings: PipelineSettings) -> None:
                               f"{global_pool} samples of the global {curation.split} split")
 
 
-def _run(steps: Steps, settings: PipelineSettings) -> GateFailed | None:
-    """The stages in order, each with what the earlier ones produced; a rejected export is returned."""
+def _run(steps: Steps, settings: PipelineSettings) -> GateFailed | DoNoHarmRefused | None:
+    """The stages in order, each with what the earlier ones produced; a rejected export (or an adapter refused for
+    not beating its base) is returned."""
     pre = steps.run("pretrain")
     steps.run("zero_shot", {"model": str(pre.run_dir)})
     if "curate" in steps.configs:
@@ -288,12 +294,13 @@ def _run(steps: Steps, settings: PipelineSettings) -> GateFailed | None:
         region = steps.results[_adapt_step(settings, settings.adapter, settings.calibration.size)]
         try:
             steps.run("export", {"adapter_file": str(region.outputs["adapter"])})
-        except GateFailed as e:  # report everything first, then fail
+        except (GateFailed, DoNoHarmRefused) as e:  # report everything first, then fail
             return e
     return None
 
 
-def _report(steps: Steps, settings: PipelineSettings, record: RunRecord, rejected: GateFailed | None) -> StageResult:
+def _report(steps: Steps, settings: PipelineSettings, record: RunRecord,
+            rejected: GateFailed | DoNoHarmRefused | None) -> StageResult:
     """``report.md`` from the steps' results: tables, their sections, pictures and the stages' folders."""
     results = steps.results
     pre, zero, planned = results["pretrain"], results["zero_shot"], results["plan"]
@@ -305,6 +312,7 @@ def _report(steps: Steps, settings: PipelineSettings, record: RunRecord, rejecte
                 ("Results", _results(pre, curated, curated_pre, zero, region,
                                      regional.get(settings.calibration.size, (None, None))[1])),
                 *([("Regional pretraining", _regional_section(regional, pre.metrics["task"]))] if regional else []),
+                ("Do no harm", _harm_section(region, rejected if isinstance(rejected, DoNoHarmRefused) else None)),
                 *(curated.sections if curated else []), *planned.sections]
     if exported is not None:
         sections += [(heading, body if rejected is None else f"**Rejected**: {rejected}\n\n{body}")
@@ -315,6 +323,8 @@ def _report(steps: Steps, settings: PipelineSettings, record: RunRecord, rejecte
          f"- region adapter: `{region.outputs['adapter']}`", f"- adaptation sweep: `{steps.out / 'adapt'}`",
          *([f"- with regional pretraining: `{steps.out / 'adapt_regional'}`"] if regional else []),
          f"- plan: `{planned.run_dir}`",
+         *(["- edge export: refused, the adapter does not beat its base (force=true overrides)"]
+           if isinstance(rejected, DoNoHarmRefused) else []),
          *([f"- edge export: rejected, `{exported.run_dir / 'rejected'}`" if rejected is not None
             else f"- edge export: `{exported.outputs['model']}`"] if exported else [])])))
     zm, am = zero.metrics, region.metrics
@@ -331,6 +341,19 @@ def _report(steps: Steps, settings: PipelineSettings, record: RunRecord, rejecte
     record.add_output(report, "report")
     return StageResult("pipeline", steps.out, outputs={"report": report}, sections=sections,
                        steps={**results, "adapt": region})
+
+
+def _harm_section(region: StageResult, refused: DoNoHarmRefused | None) -> str:
+    """The region's adapter against its base on the calibration set (adapt's do_no_harm), and what export made of
+    it."""
+    harm = region.metrics.get("do_no_harm") or unchecked("no do_no_harm record")
+    body = f"The region's adapter against its base: {describe(harm)}."
+    if harm.get("checked"):
+        body += (f" Interval: {harm['interval_method']}. beats_base is true only when the whole interval lies above "
+                 f"0 (docs/do_no_harm.md).")
+    if refused is not None:
+        body += f"\n\n**Not exported**: {refused}"
+    return body
 
 
 def _setup(pre: StageResult, zero: StageResult, region: StageResult) -> str:

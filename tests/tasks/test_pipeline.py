@@ -20,7 +20,9 @@ def test_pipeline_report(cfg_factory, tmp_path):
                                   "calibration.size=30", 'adapt_overrides=["adapter.steps=4"]',
                                   # a smoke model has near-tied logits: INT8 gates are for real models
                                   "export.gates.min_int8_agreement=0", "export.gates.max_accuracy_drop=1",
-                                  "export.latency.repeats=2"))
+                                  "export.latency.repeats=2",
+                                  # 4 steps on 30 labels cannot beat the base on the calibration set: exported anyway
+                                  "force=true"))
     out = tmp_path / "pipeline"
     report = (out / "report.md").read_text()
     assert "| global test_resnet | mnist_global | global | test |" in report
@@ -34,6 +36,7 @@ def test_pipeline_report(cfg_factory, tmp_path):
     stages = [p["stage"] for p in record["parents"]]
     assert stages[:2] == ["pretrain", "evaluate"] and stages.count("adapt") == 5 and stages[-2:] == ["plan", "export"]
     assert "## Edge export" in report and "ONNX INT8 (static)" in report
+    assert "## Do no harm" in report and "released with force=true" in report
     assert "## Data curation" in report and "curated 20% of the train split" in report
     assert stages[2:4] == ["curate", "pretrain"] and result.steps["pretrain_curated"].metrics["data"]["splits"][
         "train"] == result.steps["curate"].metrics["selected"]
@@ -51,7 +54,7 @@ def test_pipeline_reports_a_rejected_export_then_fails(cfg_factory, tmp_path):
         pipeline(cfg_factory("pipeline", "experiment=smoke", "region.limit=200", "sweep.sizes=[20]",
                              "sweep.adapters=[lora]", "calibration.size=20", 'adapt_overrides=["adapter.steps=2"]',
                              "curate_global=false", "export.quantize=none", "export.latency.repeats=1",
-                             "export.gates.max_abs_diff=0"))
+                             "export.gates.max_abs_diff=0", "force=true"))
     out = tmp_path / "pipeline"
     report = (out / "report.md").read_text()
     assert "## Edge export" in report and "**Rejected**: export rejected: fp32_parity" in report
@@ -105,6 +108,10 @@ def test_every_step_is_composed_from_its_stage_config(cfg_factory, tmp_path):
     assert steps.configs["zero_shot"].adapter_file is None and steps.configs["zero_shot"].data.limit == 200
     assert steps.configs["export"].export.gates.max_accuracy_drop == 0.5
     assert steps.configs["adapt/2_lora_n100"].calibration.size == 100
+    # only the region's adapter (lora at calibration.size, the one exported) pays for the do-no-harm check
+    folds = OmegaConf.load(config_dir() / "adapt.yaml").do_no_harm.folds
+    assert folds >= 2 and steps.configs["adapt/2_lora_n100"].do_no_harm.folds == folds
+    assert steps.configs["adapt/0_lora_n20"].do_no_harm.folds == steps.configs["adapt/1_linear_probe_n20"].do_no_harm.folds == 0
     assert steps.configs["pretrain"].trainer.limit_train_batches == 3  # the smoke trainer
     assert steps.configs["adapt/0_lora_n20"].trainer.limit_train_batches is None  # adapt's own trainer
 
