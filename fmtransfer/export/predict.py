@@ -217,35 +217,60 @@ class _Queue:
         return np.stack([self.outputs[i] for i in indices])
 
 
+def _interleaved(frames: list[Frame]) -> list[int]:
+    """Frame positions taken one per site in turn (each site's first frame, then each site's second, ...): a batch
+    then holds frames of many sites, and a site's next frame rarely waits on its own pending prediction."""
+    rank: dict[str, int] = {}
+    keys = []
+    for i, frame in enumerate(frames):
+        keys.append((rank.get(frame.site, 0), i))
+        rank[frame.site] = rank.get(frame.site, 0) + 1
+    return [i for _, i in sorted(keys)]
+
+
 def predict_sequence(onnx_model: OnnxModel, frames: list[Frame], settings: SceneSettings, batch_size: int,
                      skipped: list[tuple[str, str]], progress: bool = False
                      ) -> tuple[list[str], list[list[str]], dict[str, Any]]:
-    """Frames grouped by site and in order -> the CSV header, its rows and the scene summary.
+    """Frames grouped by site and in order -> the CSV header, its rows (in ``frames``' order) and the scene summary.
 
     Each readable frame is decoded once; its signature decides (:class:`ChangeGate`) whether the model runs on it or
-    it reuses the prediction of its site's last processed frame (``reused_from`` names that frame's path). With
-    ``settings.verify`` the model also runs on the reused frames, apart (its time is not counted), for the agreement.
+    it reuses the prediction of its site's last processed frame (``reused_from`` names that frame's path), unless that
+    prediction's confidence is under ``settings.min_confidence``. With ``settings.verify`` the model also runs on the
+    reused frames, apart (its time is not counted), for the agreement.
     """
     pre = onnx_model.meta["preprocess"]
     classification = onnx_model.meta["task"] == "classification"
     gate = ChangeGate(settings.threshold, settings.max_skips)
     model, check = _Queue(onnx_model, batch_size), _Queue(onnx_model, batch_size)
-    kept: list[Frame] = []
+    kept: list[int] = []  # positions in frames, in the gate's order
     reused: list[int | None] = []
+    refused = 0
+
+    def trusted(index: int) -> bool:
+        nonlocal refused
+        if not classification or settings.min_confidence <= 0:
+            return True
+        if index not in model.outputs:
+            model.flush()  # the site's last processed frame is still queued: its confidence is needed now
+        ok = float(softmax(model.outputs[index][None])[0].max()) >= settings.min_confidence
+        refused += not ok
+        return ok
+
     gate_seconds = 0.0
     bar = _progress(len(frames), progress)
-    for frame in frames:
+    for position in _interleaved(frames):
+        frame = frames[position]
         bar.update(1)
         try:
             arr = read_image(frame.path, int(pre["channels"]))
         except (UnreadableImage, ChannelMismatch) as e:
             skipped.append((str(frame.path), str(e) if isinstance(e, UnreadableImage) else f"channels: {e}"))
             continue
-        start = time.perf_counter()
-        source = gate.decide(frame.site, signature(arr, settings.size))
-        gate_seconds += time.perf_counter() - start
+        start, in_model = time.perf_counter(), model.seconds
+        source = gate.decide(frame.site, signature(arr, settings.size), trusted)
+        gate_seconds += time.perf_counter() - start - (model.seconds - in_model)
         index = len(kept)
-        kept.append(frame)
+        kept.append(position)
         reused.append(source)
         if source is None:
             model.add(index, preprocess_array(arr, pre))
@@ -258,22 +283,24 @@ def predict_sequence(onnx_model: OnnxModel, frames: list[Frame], settings: Scene
         return [], [], {}
     written = model.stacked([i if r is None else r for i, r in enumerate(reused)])
     summary = scene_summary(reused, gate_seconds, model.seconds, len(model.outputs))
-    summary.update(threshold=settings.threshold, max_skips=settings.max_skips, size=settings.size,
-                   sites=len(gate.sites))
+    summary.update(threshold=settings.threshold, min_confidence=settings.min_confidence,
+                   max_skips=settings.max_skips, size=settings.size, sites=len(gate.sites),
+                   processed_for_low_confidence=refused)
     header = ["path", settings.site_column, settings.order_column, *_header(onnx_model.classes, classification),
               "reused_from", "change"]
-    full = None
+    full_cells = None
     if settings.verify:
         full = np.stack([model.outputs[i] if r is None else check.outputs[i] for i, r in enumerate(reused)])
         summary["verify"] = agreement(reused, _decision(written, classification), _decision(full, classification),
                                       classification)
         header.append("full_prediction")
+        full_cells = _cells(full, onnx_model.classes, classification)
     cells = _cells(written, onnx_model.classes, classification)
-    full_cells = _cells(full, onnx_model.classes, classification) if full is not None else None
     rows = []
-    for i, (frame, r) in enumerate(zip(kept, reused, strict=True)):
-        row = [str(frame.path), frame.site, frame.order, *cells[i], "" if r is None else str(kept[r].path),
-               "" if gate.changes[i] is None else f"{gate.changes[i]:.4f}"]
+    for i in sorted(range(len(kept)), key=kept.__getitem__):
+        frame, r, change = frames[kept[i]], reused[i], gate.changes[i]
+        row = [str(frame.path), frame.site, frame.order, *cells[i], "" if r is None else str(frames[kept[r]].path),
+               "" if change is None else f"{change:.4f}"]
         if full_cells is not None:
             row.append(full_cells[i][0])
         rows.append(row)

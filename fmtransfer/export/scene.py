@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from fmtransfer.errors import ConfigError, DataError
 DEFAULT_THRESHOLD = 0.25
 DEFAULT_SIZE = 8
 DEFAULT_MAX_SKIPS = 10
+DEFAULT_MIN_CONFIDENCE = 0.9
 # the standard deviation below which an image counts as flat: its signature is not blown up from sensor noise
 MIN_STD = 0.02
 
@@ -43,24 +44,25 @@ def signature(image: np.ndarray, size: int = DEFAULT_SIZE) -> np.ndarray:
 
     Grey (the channel mean), box-averaged to ``size`` x ``size``, standardised (a flat image gives zeros).
     """
-    arr = np.asarray(image, dtype=np.float32)
+    arr = np.asarray(image)
     if arr.ndim == 3:
-        arr = arr.mean(axis=2)
+        arr = arr[:, :, 0] if arr.shape[2] == 1 else arr.mean(axis=2, dtype=np.float32)
     if arr.ndim != 2 or arr.size == 0:
         raise DataError(f"signature needs an (H, W) or (H, W, C) image; got shape {np.shape(image)}")
-    if np.asarray(image).dtype == np.uint8:
-        arr = arr / 255.0
-    small = np.asarray(Image.fromarray(np.ascontiguousarray(arr), mode="F").resize((size, size), Image.BOX),
-                       dtype=np.float32).ravel()
-    centred = small - small.mean()
-    return centred / max(float(centred.std()), MIN_STD)
+    scale = np.float32(1 / 255) if np.asarray(image).dtype == np.uint8 else np.float32(1)
+    grey = np.ascontiguousarray(arr, dtype=np.float32)
+    small = np.asarray(Image.fromarray(grey, mode="F").resize((size, size), Image.BOX), dtype=np.float32).ravel()
+    centred = (small - small.mean()) * scale
+    std = float(np.sqrt(centred.dot(centred) / centred.size))
+    return centred / max(std, MIN_STD)
 
 
 def distance(a: np.ndarray, b: np.ndarray) -> float:
     """Root mean square difference of two signatures (0: the same scene; about 1.41: unrelated)."""
     if a.shape != b.shape:
         raise DataError(f"signatures of different sizes: {a.shape} and {b.shape}")
-    return float(np.sqrt(np.mean((a - b) ** 2)))
+    diff = a - b
+    return float(np.sqrt(diff.dot(diff) / diff.size))
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ class SceneSettings:
 
     Attributes:
         threshold: a distance below this reuses the site's last processed prediction.
+        min_confidence: classification only: a processed prediction whose top probability is below this is never
+            reused (an ambiguous image flips class under noise the gate cannot see); 0 reuses any.
         max_skips: after this many reuses in a row, a site's next image is processed whatever its distance
             (0: never reuse).
         size: the signature's side in pixels.
@@ -77,6 +81,7 @@ class SceneSettings:
     """
 
     threshold: float = DEFAULT_THRESHOLD
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE
     max_skips: int = DEFAULT_MAX_SKIPS
     size: int = DEFAULT_SIZE
     path_column: str = "path"
@@ -89,6 +94,10 @@ class SceneSettings:
                 or not math.isfinite(self.threshold) or self.threshold < 0:
             raise ConfigError(f"scene.threshold={self.threshold!r}: expected a distance >= 0 (signatures of the same "
                               f"scene lie near 0, unrelated ones near 1.41; default {DEFAULT_THRESHOLD})")
+        if isinstance(self.min_confidence, bool) or not isinstance(self.min_confidence, (int, float)) \
+                or not 0 <= self.min_confidence <= 1:
+            raise ConfigError(f"scene.min_confidence={self.min_confidence!r}: expected a probability in [0, 1] (0 "
+                              f"reuses any prediction)")
         if isinstance(self.max_skips, bool) or not isinstance(self.max_skips, int) or self.max_skips < 0:
             raise ConfigError(f"scene.max_skips={self.max_skips!r}: expected an integer >= 0 (0 processes every "
                               f"image)")
@@ -189,12 +198,15 @@ class ChangeGate:
     # per frame, its distance to its site's last processed frame (None for a site's first frame)
     changes: list[float | None] = field(default_factory=list)
 
-    def decide(self, site: str, sig: np.ndarray) -> int | None:
+    def decide(self, site: str, sig: np.ndarray, trusted: Callable[[int], bool] | None = None) -> int | None:
+        """``trusted(index)``: whether that processed frame's prediction may be reused (asked only when the distance
+        and ``max_skips`` would reuse it); None trusts every one."""
         index = len(self.changes)
         state = self.sites.get(site)
         d = None if state is None else distance(sig, state.signature)
         self.changes.append(d)
-        if state is not None and d < self.threshold and state.skips < self.max_skips:
+        if state is not None and d < self.threshold and state.skips < self.max_skips \
+                and (trusted is None or trusted(state.index)):
             state.skips += 1
             return state.index
         self.sites[site] = _SiteState(sig, index)

@@ -215,3 +215,59 @@ def test_predict_sequence_lists_unreadable_frames(tmp_path):
     _, rows, summary = predict_sequence(_BrightnessModel(), read_sequence(src, SceneSettings()), SceneSettings(), 8,
                                         skipped)
     assert [p.rsplit("/", 1)[-1] for p, _ in skipped] == ["a1.png"] and len(rows) == 5 and summary["frames"] == 5
+
+
+def test_gate_asks_trust_only_when_it_would_reuse():
+    asked = []
+
+    def trusted(index):
+        asked.append(index)
+        return index != 2
+
+    gate = ChangeGate(threshold=0.25, max_skips=10)
+    decisions = [gate.decide("a", _vec(v), trusted) for v in (0, 0, 9, 9, 9)]
+    # frame 2 is a change (not asked); frame 3 would reuse it but it is not trusted: processed; frame 4 reuses 3
+    assert decisions == [None, 0, None, None, 3] and asked == [0, 2, 3]
+
+
+def test_predict_sequence_does_not_reuse_an_unconfident_prediction(tmp_path):
+    rng = np.random.default_rng(0)
+    grey = (rng.random((16, 16)) * 20 + 118).astype(np.uint8)  # mean ~0.5: the stand-in model is ~50/50
+    for t in range(3):
+        save_image(grey[:, :, None], tmp_path / f"g{t}.png")
+    src = _manifest(tmp_path / "g.csv", [(f"g{t}.png", "s", str(t)) for t in range(3)])
+    frames = read_sequence(src, SceneSettings())
+    model = _BrightnessModel()
+    _, rows, summary = predict_sequence(model, frames, SceneSettings(), 64, [])
+    assert model.seen == 3 and summary["processed_for_low_confidence"] == 2 and summary["skipped"] == 0
+    anyway = _BrightnessModel()
+    _, _, summary0 = predict_sequence(anyway, frames, SceneSettings(min_confidence=0.0), 64, [])
+    assert anyway.seen == 1 and summary0["skipped"] == 2
+
+
+def test_predict_sequence_batches_across_sites(tmp_path):
+    """One frame per site in turn: with 3 sites of 2 changed frames each, two batches of 3, not six of 1."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for s in range(3):
+        for t in range(2):
+            save_image((rng.random((16, 16, 1)) * 255).astype(np.uint8), tmp_path / f"{s}_{t}.png")
+            rows.append((f"{s}_{t}.png", f"site{s}", str(t)))
+    frames = read_sequence(_manifest(tmp_path / "m.csv", rows), SceneSettings())
+    batches = []
+    model = _BrightnessModel()
+    run = model.run
+    model.run = lambda x, batch_size=256: batches.append(len(x)) or run(x, batch_size)
+    _, out, _ = predict_sequence(model, frames, SceneSettings(min_confidence=0.0), 3, [])
+    assert batches == [3, 3]
+    assert [r[0].rsplit("/", 1)[-1] for r in out] == ["0_0.png", "0_1.png", "1_0.png", "1_1.png", "2_0.png", "2_1.png"]
+
+
+def test_the_predict_config_holds_the_code_defaults():
+    from omegaconf import OmegaConf
+
+    from fmtransfer.config import config_dir
+
+    node = OmegaConf.to_container(OmegaConf.load(f"{config_dir()}/predict.yaml").scene)
+    assert node.pop("enabled") is False
+    assert SceneSettings.from_dict(node) == SceneSettings()

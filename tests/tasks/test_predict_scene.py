@@ -52,8 +52,9 @@ SCENE = ["scene.enabled=true", "scene.path_column=file", "scene.site_column=came
 
 def test_scene_skips_repeats_and_reports_agreement(onnx_model, sequence, tmp_path):
     run = tmp_path / "run"
-    result = predict(make_cfg("predict", [f"model={onnx_model}", f"input={sequence}", *SCENE, "scene.verify=true"],
-                              run))
+    # min_confidence 0: the tiny smoke model is unsure of everything, and unsure predictions are never reused
+    result = predict(make_cfg("predict", [f"model={onnx_model}", f"input={sequence}", *SCENE, "scene.verify=true",
+                                          "scene.min_confidence=0"], run))
     with open(run / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["path"].rsplit("/", 1)[-1] for r in rows] == [f"cam{s}_{t}.png" for s in (2, 1) for t in range(4)]
