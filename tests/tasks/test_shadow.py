@@ -1,0 +1,79 @@
+"""``shadow`` end to end on the tiny base: against its own ONNX export and against itself; bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from fmtransfer.errors import DataError
+from fmtransfer.tasks.evaluate import evaluate
+from fmtransfer.tasks.export import export
+from fmtransfer.tasks.shadow import KEEP, shadow
+from tests.conftest import make_cfg
+
+pytestmark = pytest.mark.slow
+
+DATA = ["data=mnist_global", "data.limit=300"]
+FAST = [*DATA, "latency.repeats=2", "latency.warmup=0", "latency.batch_size=8", "resamples=2000",
+        "accelerator=cpu"]
+
+
+@pytest.fixture(scope="module")
+def onnx_model(base, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shadow")
+    exported = export(make_cfg("export", [f"model={base}", *DATA, "export.quantize=none", "export.latency.repeats=1",
+                                          "export.latency.warmup=0"], folder / "export"))
+    return exported.outputs["model"]
+
+
+def test_shadow_of_a_model_and_its_export(base, onnx_model, tmp_path):
+    run = tmp_path / "shadow"
+    result = shadow(make_cfg("shadow", [f"production={base}", f"candidate={onnx_model}", *FAST], run))
+    report = json.loads((run / "shadow.json").read_text())
+    s = report["stats"]
+    assert s["n"] == 30  # the test split of 300 rows
+    scored = evaluate(make_cfg("evaluate", [f"model={base}", *DATA, "split=test"], tmp_path / "eval"))
+    assert s["production_accuracy"] == pytest.approx(scored.metrics["overall"]["accuracy"])
+    assert s["agreement"] == 1.0 and s["disagreements"] == 0  # fp32 ONNX decides as PyTorch does
+    assert s["gain_interval"] == [0.0, 0.0]
+    assert report["recommendation"] == KEEP and "not more accurate" in report["reasons"][0]
+    assert report["production"]["kind"] == "torch" and report["candidate"]["kind"] == "onnx"
+    for role in ("production", "candidate"):
+        assert report["latency"][role]["ms_per_sample"] > 0 and report["latency"][role]["batch_size"] == 8
+    with open(run / "disagreements.csv", newline="") as f:
+        assert list(csv.DictReader(f)) == []
+    assert "Recommendation: keep production" in (run / "shadow.md").read_text()
+    assert result.metrics["recommendation"] == KEEP and result.outputs["disagreements"] == run / "disagreements.csv"
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory):
+    """Another tiny model (another seed): it disagrees with ``base`` on some rows."""
+    from fmtransfer.tasks.pretrain import pretrain
+
+    folder = tmp_path_factory.mktemp("other")
+    return pretrain(make_cfg("pretrain", ["experiment=smoke", "seed=7"], folder / "run")).run_dir
+
+
+def test_shadow_lists_disagreements_and_counts_them(base, other, tmp_path):
+    run = tmp_path / "shadow"
+    shadow(make_cfg("shadow", [f"production={base}", f"candidate={other}", *FAST, "split=all"], run))
+    report = json.loads((run / "shadow.json").read_text())
+    s = report["stats"]
+    with open(run / "disagreements.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert s["n"] == 300 and s["disagreements"] > 0 and len(rows) == s["disagreements"]
+    assert s["agreement"] == pytest.approx(1 - len(rows) / 300)
+    assert all(r["production"] != r["candidate"] and r["label"] and r["id"].startswith("mnist:") for r in rows)
+    right = sum(r["candidate"] == r["label"] for r in rows) - sum(r["production"] == r["label"] for r in rows)
+    assert s["gain"] == pytest.approx(right / 300)  # the gain comes only from the rows where they disagree
+    lo, hi = s["gain_interval"]
+    assert lo <= s["gain"] <= hi and report["recommendation"] in ("promote", "keep production", "inconclusive")
+
+
+def test_shadow_refuses_an_empty_split(base, onnx_model, tmp_path):
+    with pytest.raises(DataError, match="no samples in split 'test'"):
+        shadow(make_cfg("shadow", [f"production={base}", f"candidate={onnx_model}", *FAST, "data.split.train=0.9",
+                                   "data.split.val=0.1", "data.split.test=0.0"], tmp_path / "empty"))
