@@ -32,6 +32,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "predict": ("fmtransfer.tasks.predict:predict", "run an exported ONNX model over images, without torch"),
     "monitor": ("fmtransfer.tasks.monitor:monitor",
                 "drift tests, a label-free accuracy estimate and per-sample OOD scores of new data against a reference"),
+    "shadow": ("fmtransfer.tasks.shadow:shadow",
+               "run a candidate model beside production on the same inputs: agreement, accuracy, latency, a verdict"),
     "pipeline": ("fmtransfer.tasks.pipeline:pipeline",
                  "the main job: pretrain globally, evaluate globally and zero-shot on a region, write report.md"),
 }
