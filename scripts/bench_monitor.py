@@ -192,10 +192,23 @@ def throughput(runner, got: dict, permutations: int, onnx: bool, batch_size: int
     return result
 
 
-def table(rates: dict, label: str) -> list[str]:
+def wilson(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson interval of a binomial rate measured over ``n`` trials."""
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def table(rates: dict, label: str, trials: int | None = None) -> list[str]:
+    """Rates per row; with ``trials``, a last row pooling every row (rate and 95% Wilson interval)."""
     lines = [f"| {label} | " + " | ".join(TESTS) + " |", "|---:|" + "---:|" * len(TESTS)]
     for key, row in rates.items():
         lines.append(f"| {key} | " + " | ".join(f"{row[t]:.2f}" for t in TESTS) + " |")
+    if trials:
+        pooled = {t: float(np.mean([row[t] for row in rates.values()])) for t in TESTS}
+        n = trials * len(rates)
+        cells = [f"{pooled[t]:.3f} [{wilson(pooled[t], n)[0]:.3f}, {wilson(pooled[t], n)[1]:.3f}]" for t in TESTS]
+        lines.append(f"| all ({n}) | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -238,7 +251,8 @@ def main() -> None:
                                                                                region.embeddings, k, scale)
     accuracy = accuracy_estimates(val, test, region)
     speed = throughput(runner, got, args.permutations, not args.no_onnx, args.batch_size)
-    result = {"model": runner.identity, "trials": args.trials, "power_trials": args.power_trials,
+    pooled = {t: float(np.mean([row[t] for row in false_alarms.values()])) for t in TESTS}
+    result = {"model": runner.identity, "false_alarms_pooled": pooled, "trials": args.trials, "power_trials": args.power_trials,
               "reference_per_trial": args.reference, "permutations": args.permutations, "alpha": 0.05,
               "false_alarms": false_alarms, "power": power, "gradual_drift_n200": gradual, "ood": ood,
               "accuracy_estimate": accuracy, "throughput": speed, "seconds": time.perf_counter() - started,
@@ -255,7 +269,9 @@ def main() -> None:
     md = [f"# bench_monitor ({result['command']})", "", f"Model {runner.identity['path']} (sha256 "
           f"{runner.identity['sha256'][:12]}...), alpha 0.05, reference {args.reference} global samples per trial, "
           f"{args.permutations} MMD permutations, {time.perf_counter() - started:.0f} s.", "",
-          f"## False alarms ({args.trials} trials)", "", *table(false_alarms, "n"), "",
+          f"## False alarms ({args.trials} trials)", "", *table(false_alarms, "n", args.trials), "",
+          f"A rate over {args.trials} trials has a 95% interval of about +-4.4 points around 5%; the last row pools "
+          f"every n (Wilson interval).", "",
           f"## Power, global vs region ({args.power_trials} trials)", "", *table(power, "n"), "",
           f"## Gradual drift, n=200 ({args.power_trials} trials)", "",
           *table({f"{100 * k:.0f}%": v for k, v in gradual.items()}, "region share"), "",
