@@ -5,8 +5,9 @@ distance to the k-th nearest reference embedding (FAISS, exact search). Their k 
 embeddings (CIFAR-10's training set); on subsampled ImageNet they scale k with the bank's size (k = 10 at 1%), and so
 does :func:`scaled_k` (``k * n_bank / 50,000``, at least 1): with k = 50 over a bank of 500 (50 per class), the 50th
 neighbour of a reference sample lies in another class and the score stops measuring anything (AUROC 0.708 against
-0.946 with the scaled k, global test vs region, in scripts/bench_monitor.py). The threshold is the reference's own quantile: each reference sample's leave-one-out score (its
-k-th nearest *other* reference sample), at ``quantile`` (0.95: about 5% of in-distribution samples are flagged).
+0.946 with the scaled k, global test vs region, in scripts/bench_monitor.py). The threshold is the reference's own
+quantile: each reference sample's leave-one-out score (its k-th nearest *other* reference sample), at ``quantile``
+(0.95: about 5% of in-distribution samples are flagged).
 """
 
 from __future__ import annotations
