@@ -113,8 +113,7 @@ class Curation:
 def curate_embeddings(x: np.ndarray, settings: CurationSettings, *, strata: np.ndarray | None = None,
                       seed: int = 0, log=print) -> Curation:
     """x: (n, d) embeddings (a memmap is fine) -> the chosen rows, the dedup groups and the cluster tree."""
-    check_embeddings(x)
-    _check_distinct(x)
+    check_embeddings(x, distinct=True)
     n = len(x)
     target = settings.target(n)
     if settings.levels[0] > n:
@@ -126,7 +125,7 @@ def curate_embeddings(x: np.ndarray, settings: CurationSettings, *, strata: np.n
                                how=Resample(settings.resample), niter=settings.niter, seed=seed,
                                per_cluster=settings.resample_per_cluster, plusplus=settings.init == "kmeans++",
                                gpu=settings.gpu, refit_niter=settings.refit_niter,
-                               sample_per_centroid=settings.resample_sample)
+                               sample_per_centroid=settings.resample_sample, checked=True)
     seconds["kmeans"] = time.perf_counter() - t
     log(f"hierarchical k-means {settings.levels}: {seconds['kmeans']:.1f} s")
     t = time.perf_counter()
@@ -134,7 +133,7 @@ def curate_embeddings(x: np.ndarray, settings: CurationSettings, *, strata: np.n
     if settings.dedup:
         # in a large pool, near-duplicates are searched inside the finest clusters (they share one)
         rep, threshold = near_duplicates(x, threshold=settings.dedup_threshold, quantile=settings.dedup_quantile,
-                                         k=settings.dedup_k, partition=tree.labels)
+                                         k=settings.dedup_k, partition=tree.labels, checked=True)
     else:
         rep = np.arange(n)
     seconds["dedup"] = time.perf_counter() - t
@@ -157,17 +156,6 @@ def curate_embeddings(x: np.ndarray, settings: CurationSettings, *, strata: np.n
                                    floor=settings.balance_floor)
     seconds["sampling"] = time.perf_counter() - t
     return Curation(selected, rep, tree, seconds, threshold)
-
-
-def _check_distinct(x: np.ndarray, batch: int = 65536) -> None:
-    """Refuse embeddings that are all one row (a constant model, a broken export): nothing to cluster or balance."""
-    first = np.asarray(x[0])
-    for start in range(0, len(x), batch):
-        if not np.array_equal(np.asarray(x[start:start + batch]), np.broadcast_to(first, (min(batch, len(x) - start),
-                                                                                           len(first)))):
-            return
-    raise DataError(f"the {len(x)} embeddings are all the same row: the model gives every sample one embedding (a "
-                    f"collapsed or untrained model?), so there is nothing to cluster, deduplicate or balance")
 
 
 def largest_share(labels: np.ndarray, k: int, top_fraction: float = 0.1) -> float:

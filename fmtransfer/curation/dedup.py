@@ -50,7 +50,8 @@ def _close_pairs(u: np.ndarray, threshold: float, k: int) -> tuple[np.ndarray, n
 
 def near_duplicates(x: np.ndarray, *, threshold: float | None = 0.99, quantile: float | None = None, k: int = 8,
                     center: bool = True, batch: int = ASSIGN_BATCH, partition: np.ndarray | None = None,
-                    exact_up_to: int = EXACT_UP_TO, max_cell: int = MAX_CELL) -> tuple[np.ndarray, float]:
+                    exact_up_to: int = EXACT_UP_TO, max_cell: int = MAX_CELL,
+                    checked: bool = False) -> tuple[np.ndarray, float]:
     """Each point's representative and the threshold used: itself when it is kept, else a kept point within the
     threshold of it.
 
@@ -76,10 +77,12 @@ def near_duplicates(x: np.ndarray, *, threshold: float | None = 0.99, quantile: 
             the points' nearest-neighbour similarities lie, read from the same search (0.01: the closest 1%).
         k: neighbours searched per point.
         partition: (n,) int labels of the cells to search within when n > ``exact_up_to``.
+        checked: the caller ran :func:`check_embeddings` (a large memmap is not read again for it).
     Returns:
         (n,) int64 representatives (``rep == arange(n)`` marks the kept points), and the threshold used.
     """
-    check_embeddings(x)
+    if not checked:
+        check_embeddings(x)
     if quantile is not None:
         if not 0 < quantile < 1:
             raise ConfigError(f"curation.dedup_quantile={quantile}: a share of the pool's nearest-neighbour "

@@ -24,15 +24,22 @@ class Resample(str, Enum):
     RANDOM = "random"  # r random points
 
 
-def check_embeddings(x: np.ndarray, name: str = "embeddings", batch: int = ASSIGN_BATCH) -> None:
-    """Raise DataError for a non-2-D array or one holding NaN/inf (checked in batches; memmaps stay unread)."""
+def check_embeddings(x: np.ndarray, name: str = "embeddings", batch: int = ASSIGN_BATCH, distinct: bool = False) -> None:
+    """Raise DataError for a non-2-D array or one holding NaN/inf, and with ``distinct`` for one whose rows are all
+    the same (a constant model, a broken export: nothing to cluster or balance). One pass in batches: a memmap is read
+    once and not held."""
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise DataError(f"{name}: expected a non-empty (n, d) array, got shape {x.shape}")
+    first, varied = np.asarray(x[0]), not distinct
     for start in range(0, len(x), batch):
         chunk = np.asarray(x[start:start + batch])
         if not np.isfinite(chunk).all():
             row = start + int(np.argwhere(~np.isfinite(chunk))[0, 0])
             raise DataError(f"{name}: row {row} holds NaN or inf; embeddings must be finite")
+        varied = varied or not (chunk == first).all()
+    if not varied:
+        raise DataError(f"the {len(x)} {name} are all the same row: the model gives every sample one embedding (a "
+                        f"collapsed or untrained model?), so there is nothing to cluster, deduplicate or balance")
 
 
 def pick_per_cluster(labels: np.ndarray, sq_dist: np.ndarray, r: int, how: Resample,
@@ -111,10 +118,11 @@ class Hierarchy:
 def hierarchical_kmeans(x: np.ndarray, levels: list[int], *, steps: int = 10, how: Resample = Resample.CLOSEST,
                         niter: int = 20, seed: int = 0, per_cluster: int | None = None, plusplus: bool = True,
                         gpu: bool = False, refit_niter: int | None = None,
-                        sample_per_centroid: int | None = None) -> Hierarchy:
+                        sample_per_centroid: int | None = None, checked: bool = False) -> Hierarchy:
     """Level 0 clusters the points; level t clusters the centroids of level t-1. ``levels`` finest first and
-    decreasing, e.g. [1000, 100, 10] for a million points."""
-    check_embeddings(x)
+    decreasing, e.g. [1000, 100, 10] for a million points. ``checked``: the caller ran :func:`check_embeddings`."""
+    if not checked:
+        check_embeddings(x)
     if not levels or any(b >= a for a, b in zip(levels, levels[1:], strict=False)):
         raise DataError(f"curation levels {levels}: give decreasing cluster counts, finest first")
     if levels[0] > len(x):
