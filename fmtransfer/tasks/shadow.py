@@ -122,6 +122,10 @@ def recommend(stats: dict[str, Any], latency_ratio: float | None, gates: Gates) 
     if slow:
         reasons.append(f"the candidate takes {latency_ratio:.2f}x production's time per sample, more than "
                        f"gates.max_latency_ratio={gates.max_latency_ratio}")
+    elif latency_ratio is not None:
+        # said even when it passes: a ratio near the gate can flip on a busy machine
+        reasons.append(f"its time per sample is {latency_ratio:.2f}x production's (gates.max_latency_ratio="
+                       f"{gates.max_latency_ratio})")
     lo_a, hi_a = stats["agreement_interval"]
     if "gain" not in stats:
         reasons.append("the data has no labels, so accuracy cannot decide")
@@ -151,7 +155,7 @@ def recommend(stats: dict[str, Any], latency_ratio: float | None, gates: Gates) 
     discordant = stats["only_candidate_right"] + stats["only_production_right"]
     return INCONCLUSIVE, [f"the gain is not certain: {gain}; the interval spans gates.min_accuracy_gain="
                           f"{gates.min_accuracy_gain}; only {discordant} of {stats['n']} rows tell the models apart: "
-                          f"more labelled rows narrow it"]
+                          f"more labelled rows narrow it", *reasons]
 
 
 def class_map(production: list[str] | None, candidate: list[str] | None, names: tuple[str, str]) -> np.ndarray:

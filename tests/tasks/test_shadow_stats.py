@@ -83,9 +83,9 @@ def _stats(gain_interval, agreement=0.95, n=1000, labels=True):
 ])
 def test_recommendation_with_labels(interval, ratio, expected):
     decision, reasons = recommend(_stats(interval), ratio, Gates())
-    assert decision == expected and reasons
-    if ratio > 1.5:
-        assert any("max_latency_ratio" in r for r in reasons)
+    assert decision == expected
+    # the latency is always among the reasons: a ratio near the gate can flip on a busy machine
+    assert any(f"{ratio:.2f}x production" in r and "max_latency_ratio" in r for r in reasons)
 
 
 def test_min_accuracy_gain_moves_the_bar():
