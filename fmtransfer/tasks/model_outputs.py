@@ -46,6 +46,7 @@ class ModelOutputs:
         regions: (n,) their region names.
         logits: (n, K) the head's raw outputs (logits, or a regression model's values); None without a head.
         paths: (n,) image files for file sources, else None.
+        fingerprint: the recipe's content fingerprint (its sample table's), for run records.
     """
 
     probs: np.ndarray | None
@@ -58,6 +59,7 @@ class ModelOutputs:
     regions: np.ndarray | None = None
     logits: np.ndarray | None = None
     paths: list[str] | None = field(default=None, repr=False)
+    fingerprint: str | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -199,7 +201,8 @@ class ModelRunner:
                             targets=table.targets[rows].astype(np.int64) if labelled else None,
                             classes=self.identity["classes"], rows=rows, seconds=seconds, ids=table.ids[rows],
                             regions=table.regions[rows], logits=logits,
-                            paths=[str(table.paths[r]) for r in rows] if table.paths is not None else None)
+                            paths=[str(table.paths[r]) for r in rows] if table.paths is not None else None,
+                            fingerprint=table.fingerprint)
 
     def _fit_meta(self) -> Mapping[str, Any]:
         return self.meta

@@ -485,6 +485,9 @@ def monitor(cfg: DictConfig) -> StageResult:
                                  accelerator=cfg.accelerator, limit=cfg.current_limit,
                                  num_workers=cfg.loader.num_workers)
         _check_outputs(outputs, f"current={cur.text}")
+        if ref.recipe is not None:
+            record.set_data(ref.recipe["name"], ref.recipe, stats.data["fingerprint"], role="reference")
+        record.set_data(cur.recipe["name"], cur.recipe, outputs.fingerprint, role="current")
         order = order_values(settings, cur, outputs)
         verdicts = compare(stats, outputs, settings, int(cfg.seed))
         for test, reason in skipped.items():

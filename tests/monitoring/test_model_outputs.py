@@ -75,6 +75,7 @@ def test_torch_model_outputs(tmp_path):
     table = dm.prepare()
     np.testing.assert_array_equal(out.rows, table.indices("test"))
     np.testing.assert_array_equal(out.targets, table.targets[out.rows])
+    assert out.fingerprint == table.fingerprint
     x = torch.stack([dm.dataset("test")[i][0] for i in range(n)])
     with torch.no_grad():
         np.testing.assert_allclose(out.logits, model(x).numpy(), atol=1e-5)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fmtransfer.errors import ArtifactError, ConfigError, DataError
-from fmtransfer.lineage import verify_record
+from fmtransfer.lineage import load_record, verify_record
 from fmtransfer.tasks.model_outputs import ModelOutputs
 from fmtransfer.tasks.monitor import _check_outputs, monitor
 from tests.fixtures import make_image_folder
@@ -57,6 +57,8 @@ def test_region_drift_estimate_ood_and_reuse(model, cfg_factory, tmp_path):
     assert "drift detected by" in md and "Estimated accuracy" in md and "label_first.csv" in md
     assert (result.run_dir / "ood_scores.png").stat().st_size > 1000
     assert verify_record(result.run_dir) == []
+    assert {d["role"]: d["recipe"] for d in load_record(result.run_dir)["data"]} == {
+        "reference": "mnist_global", "current": "uci_digits_region"}
     # the same model and reference again: statistics reused; the stored file as reference= works too
     again = _run(cfg_factory, tmp_path, "again", f"model={model}", "current=mnist_global/test")
     assert again.metrics["reference"]["statistics"] == "reused"
