@@ -197,6 +197,7 @@ class _Queue:
         self.model, self.batch_size = model, batch_size
         self.pending: list[tuple[int, np.ndarray]] = []
         self.outputs: dict[int, np.ndarray] = {}
+        self.confidence: dict[int, float] = {}  # top softmax probability, classification only
         self.seconds = 0.0
 
     def add(self, index: int, x: np.ndarray) -> None:
@@ -211,6 +212,8 @@ class _Queue:
         out = self.model.run(np.stack([x for _, x in self.pending]), self.batch_size)
         self.seconds += time.perf_counter() - start
         self.outputs.update((i, row) for (i, _), row in zip(self.pending, out, strict=True))
+        if self.model.meta["task"] == "classification":
+            self.confidence.update((i, float(c)) for (i, _), c in zip(self.pending, softmax(out).max(1), strict=True))
         self.pending = []
 
     def stacked(self, indices: list[int]) -> np.ndarray:
@@ -250,9 +253,9 @@ def predict_sequence(onnx_model: OnnxModel, frames: list[Frame], settings: Scene
         nonlocal refused
         if not classification or settings.min_confidence <= 0:
             return True
-        if index not in model.outputs:
+        if index not in model.confidence:
             model.flush()  # the site's last processed frame is still queued: its confidence is needed now
-        ok = float(softmax(model.outputs[index][None])[0].max()) >= settings.min_confidence
+        ok = model.confidence[index] >= settings.min_confidence
         refused += not ok
         return ok
 

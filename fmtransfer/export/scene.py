@@ -15,6 +15,7 @@ difference, far less than a forward pass.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from fmtransfer.errors import ConfigError, DataError
 
@@ -39,10 +39,23 @@ DEFAULT_MIN_CONFIDENCE = 0.9
 MIN_STD = 0.02
 
 
+@functools.lru_cache(maxsize=64)
+def _box_weights(n: int, size: int) -> np.ndarray:
+    """(size, n) float32: row i averages the input pixels under output cell i, each weighted by the length of it that
+    the cell covers (area averaging, as PIL's box filter; an input smaller than ``size`` is spread over cells)."""
+    step = n / size
+    edges = np.arange(size + 1) * step
+    lo, hi = edges[:-1, None], edges[1:, None]
+    pixels = np.arange(n)[None, :]
+    overlap = np.clip(np.minimum(hi, pixels + 1) - np.maximum(lo, pixels), 0, None)
+    return (overlap / step).astype(np.float32)
+
+
 def signature(image: np.ndarray, size: int = DEFAULT_SIZE) -> np.ndarray:
     """A decoded image ``(H, W)`` or ``(H, W, C)`` (float in [0, 1] or uint8) -> ``(size * size,)`` float32.
 
-    Grey (the channel mean), box-averaged to ``size`` x ``size``, standardised (a flat image gives zeros).
+    Grey (the channel mean), box-averaged to ``size`` x ``size`` (two small matrix products: far cheaper than
+    resizing through PIL), standardised (a flat image gives zeros).
     """
     arr = np.asarray(image)
     if arr.ndim == 3:
@@ -50,8 +63,8 @@ def signature(image: np.ndarray, size: int = DEFAULT_SIZE) -> np.ndarray:
     if arr.ndim != 2 or arr.size == 0:
         raise DataError(f"signature needs an (H, W) or (H, W, C) image; got shape {np.shape(image)}")
     scale = np.float32(1 / 255) if np.asarray(image).dtype == np.uint8 else np.float32(1)
-    grey = np.ascontiguousarray(arr, dtype=np.float32)
-    small = np.asarray(Image.fromarray(grey, mode="F").resize((size, size), Image.BOX), dtype=np.float32).ravel()
+    small = (_box_weights(arr.shape[0], size) @ arr.astype(np.float32, copy=False)
+             @ _box_weights(arr.shape[1], size).T).ravel()
     centred = (small - small.mean()) * scale
     std = float(np.sqrt(centred.dot(centred) / centred.size))
     return centred / max(std, MIN_STD)
