@@ -37,6 +37,21 @@ def test_signature_is_standardised_and_blind_to_brightness_and_contrast():
     np.testing.assert_allclose(signature(rgb, 8), sig, atol=1e-5)  # colour: the channel mean
 
 
+def test_signature_is_the_block_mean_where_blocks_divide_and_an_area_average_elsewhere():
+    img = _scene(3)  # 32x32: 4x4 blocks
+    blocks = img.reshape(8, 4, 8, 4).mean(axis=(1, 3)).ravel()
+    expected = (blocks - blocks.mean()) / blocks.std()
+    np.testing.assert_allclose(signature(img, 8), expected, atol=1e-4)
+    odd = np.random.default_rng(4).random((21, 13)).astype(np.float32)  # 2.625 x 1.625 pixels per cell
+    odd_sig = signature(odd, 8)
+    # a cell's value is the mean of the area it covers: a constant image gives the same value everywhere, and
+    # the whole image's mean is kept by the averaging
+    ones = np.ones((21, 13), np.float32)
+    assert np.abs(signature(ones, 8)).max() < 1e-4 and odd_sig.shape == (64,)
+    tilted = np.tile(np.arange(13, dtype=np.float32), (21, 1))  # a ramp along the width: cells must rise with it
+    assert np.all(np.diff(signature(tilted, 8).reshape(8, 8), axis=1) > 0)
+
+
 def test_signature_of_a_flat_image_is_not_blown_up_from_noise():
     flat = np.full((32, 32), 0.5, np.float32)
     assert not signature(flat).any()
