@@ -26,7 +26,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from fmtransfer.config import require, run_dir
-from fmtransfer.errors import ConfigError
+from fmtransfer.errors import ArtifactError, ConfigError
 from fmtransfer.lineage import RunRecord, write_json_atomic, write_text_atomic
 from fmtransfer.tasks.result import StageResult
 
@@ -247,8 +247,11 @@ def markdown(result: dict[str, Any]) -> str:
 def _open(cfg: DictConfig, role: str):
     from fmtransfer.tasks.model_outputs import open_model
 
-    return open_model(cfg[role], adapter_base=cfg.get(f"{role}_base"), allow_unfinished=cfg.allow_unfinished,
-                      force=cfg.force)
+    try:
+        return open_model(cfg[role], adapter_base=cfg.get(f"{role}_base"), allow_unfinished=cfg.allow_unfinished,
+                          force=cfg.force)
+    except (ArtifactError, ConfigError) as e:  # its message says model=...; say which of the two it was
+        raise type(e)(f"{role}: {e}") from e
 
 
 def _check_same_rows(prod, cand) -> None:

@@ -120,3 +120,17 @@ def test_class_map_reorders_or_refuses():
     with pytest.raises(ConfigError, match="cand.onnx has no class list"):
         class_map(["a"], None, ("prod.onnx", "cand.onnx"))
     assert not math.isnan(wilson(1, 2)[0])
+
+
+def test_a_missing_model_is_named_by_its_role(tmp_path):
+    from fmtransfer.errors import ArtifactError
+    from fmtransfer.tasks.shadow import shadow
+    from tests.conftest import make_cfg
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ArtifactError, match=r"^production: model=.*nowhere: no such file"):
+        shadow(make_cfg("shadow", [f"production={tmp_path / 'nowhere'}", f"candidate={tmp_path / 'empty'}"],
+                        tmp_path / "run"))
+    with pytest.raises(ArtifactError, match=r"^production: .*empty holds no model"):
+        shadow(make_cfg("shadow", [f"production={tmp_path / 'empty'}", f"candidate={tmp_path / 'nowhere'}"],
+                        tmp_path / "run2"))
