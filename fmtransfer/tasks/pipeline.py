@@ -85,6 +85,7 @@ class PipelineSettings:
         adapt_overrides: extra ``adapt`` overrides for every adapt run.
         export_region_model: export the region's model (ONNX fp32 + INT8, gated).
         curate_global: curate the global set with the global model's embeddings.
+        curate_with: another model whose embeddings curate instead (e.g. a self-supervised run), or None.
         pretrain_curated: pretrain a second model on the curated subset.
         pretrain_curated_steps: equal (as many optimisation steps as the full pretraining) or epochs (as many
             epochs).
@@ -97,6 +98,7 @@ class PipelineSettings:
     adapt_overrides: list[str]
     export_region_model: bool
     curate_global: bool
+    curate_with: str | None
     pretrain_curated: bool
     pretrain_curated_steps: Literal["equal", "epochs"]
     regional_pretrain: RegionalSwitch
@@ -214,7 +216,9 @@ def compose_steps(cfg: DictConfig, settings: PipelineSettings, out: Path) -> Ste
     steps.compose("pretrain", "pretrain", nodes=_nodes(cfg, *TRAINING_KEYS, resolve=False))
     steps.compose("zero_shot", "evaluate", nodes={**_nodes(cfg, "seed", "split", "accelerator", "loader"), **region})
     if settings.curate_global:
-        steps.compose("curate", "curate", nodes=_nodes(cfg, "seed", "accelerator", "data", "loader", "curation"))
+        curate = steps.compose("curate", "curate", nodes=_nodes(cfg, "seed", "accelerator", "data", "loader",
+                                                                "curation"))
+        curate.base = settings.curate_with  # None: the global model, once trained
         if settings.pretrain_curated:
             steps.compose("pretrain_curated", "pretrain", nodes=_nodes(cfg, *TRAINING_KEYS, resolve=False))
     def adapt_overrides(adapter: str, size: int, checked: bool = False) -> list[str]:
@@ -262,6 +266,13 @@ def _check(steps: Steps, settings: PipelineSettings) -> None:
                           f"{region.name!r} ({pool} samples)")
     if "export" in configs:
         export_settings(configs["export"])
+    if settings.curate_with and not settings.curate_global:
+        raise ConfigError(f"curate_with={settings.curate_with!r} names the model that curates the global set, but "
+                          f"curate_global=false: set curate_global=true, or drop curate_with")
+    if settings.curate_with and not Path(settings.curate_with).exists():
+        raise ConfigError(f"curate_with={settings.curate_with!r}: no such file or folder; give the model whose "
+                          f"embeddings curate the global set (a run dir, model.json or .ckpt), or null for the "
+                          f"global model")
     if "curate" in configs:
         curation = configs["curate"].curation
         curated = curation_settings(configs["curate"])
@@ -279,7 +290,7 @@ def _run(steps: Steps, settings: PipelineSettings) -> GateFailed | DoNoHarmRefus
     pre = steps.run("pretrain")
     steps.run("zero_shot", {"model": str(pre.run_dir)})
     if "curate" in steps.configs:
-        curated = steps.run("curate", {"base": str(pre.run_dir)})
+        curated = steps.run("curate", {} if settings.curate_with else {"base": str(pre.run_dir)})
         if "pretrain_curated" in steps.configs:
             produced: dict[str, Any] = {"data.subset": str(curated.outputs["manifest"])}
             if settings.pretrain_curated_steps == "equal":  # as many optimisation steps as `pre`

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -121,3 +122,37 @@ def test_the_deterministic_switch_reaches_every_training_step(cfg_factory, tmp_p
     steps = compose_steps(cfg, pipeline_settings(cfg), tmp_path / "pipeline")
     trained = [n for n, sub in steps.configs.items() if sub.stage in ("pretrain", "adapt")]
     assert len(trained) == 5 and all(steps.configs[n].deterministic == "warn" for n in trained)
+
+
+def test_curate_with_gives_the_curation_another_model(cfg_factory, tmp_path, monkeypatch):
+    """curate_with: the curate step embeds with the model given (e.g. a DINO run), not the global model the pipeline
+    trains; a missing path, or curate_with without curation, is refused before anything trains."""
+    from fmtransfer.tasks import pipeline as pipeline_module
+    from fmtransfer.tasks.result import StageResult
+
+    dino = tmp_path / "dino_run"
+    dino.mkdir()
+    with pytest.raises(ConfigError, match="curate_with='/no/such/run': no such file or folder"):
+        pipeline(cfg_factory("pipeline", "experiment=smoke", "sweep.sizes=[20]", "curate_with=/no/such/run"))
+    with pytest.raises(ConfigError, match="curate_global=false"):
+        pipeline(cfg_factory("pipeline", "experiment=smoke", "sweep.sizes=[20]", f"curate_with={dino}",
+                             "curate_global=false"))
+    assert not (tmp_path / "pipeline" / "pretrain").exists()
+
+    cfg = cfg_factory("pipeline", "experiment=smoke", "sweep.sizes=[20]", f"curate_with={dino}",
+                      "pretrain_curated=false", "export_region_model=false")
+    settings = pipeline_settings(cfg)
+    steps = compose_steps(cfg, settings, tmp_path / "pipeline")
+    bases = {}
+
+    def fake(sub):
+        bases[sub.stage] = sub.get("base")
+        metrics = {"global_step": 1, "selected": 1}
+        return StageResult(sub.stage, Path(sub.run_dir), metrics, {"manifest": "m.csv", "adapter": "a"})
+
+    monkeypatch.setattr(pipeline_module, "STAGE_FUNCTIONS", dict.fromkeys(pipeline_module.STAGE_FUNCTIONS, fake))
+    steps.record = type("Record", (), {"add_parent": lambda self, _: None})()
+    pipeline_module._run(steps, settings)
+    assert bases["curate"] == str(dino)
+    assert bases["adapt"] == str(tmp_path / "pipeline" / "pretrain")  # the adapters still sit on the global model
+
