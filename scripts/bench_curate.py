@@ -143,8 +143,14 @@ def quality(out: Path, fraction: float, seed: int = 0) -> dict:
                                                           "largest_10pct_clusters_share")}}
 
 
-def sets(out: Path, data: str, fraction: float, seed: int, floors: tuple[str, ...] = ("0.0", "0.25", "0.5")) -> dict:
-    """One seed of the curated-vs-random-vs-full comparison on one recipe (see the module docstring)."""
+DINO_EMBEDDER = ["method=dino", "trainer.max_epochs=8"]  # the README's measured DINO defaults on these recipes
+
+
+def sets(out: Path, data: str, fraction: float, seed: int, floors: tuple[str, ...] = ("0.0", "0.25", "0.5"),
+         embedders: tuple[str, ...] = ("supervised",)) -> dict:
+    """One seed of the curated-vs-random-vs-full comparison on one recipe (see the module docstring). ``embedders``:
+    whose embeddings curate: supervised (the full-data model) and/or dino (a `pretrain method=dino` run on the same
+    train split, labels unused)."""
     from fmtransfer.config import compose_stage
     from fmtransfer.data import RecipeDataModule, load_recipe
     from fmtransfer.tasks.pretrain import epochs_for_steps
@@ -154,18 +160,26 @@ def sets(out: Path, data: str, fraction: float, seed: int, floors: tuple[str, ..
             f"seed={seed}", "trainer.enable_progress_bar=false"]
     full = _run("pretrain", q / "full", base)
     row: dict = {"data": data, "seed": seed, "steps": full["global_step"], "full": full["test"]["overall"]["accuracy"]}
-    for floor in floors:
-        cur = _run("curate", q / f"curate_f{floor}", [f"base={q / 'full'}", f"data={data}",
-                                                      f"curation.target_size={fraction}",
-                                                      f"curation.balance_floor={floor}", f"seed={seed}"])
-        epochs = epochs_for_steps(full["global_step"], cur["selected"], 128)
-        m = _run("pretrain", q / f"pre_f{floor}", [*base, f"data.subset={q / f'curate_f{floor}' / 'curated.csv'}",
-                                                   f"trainer.max_epochs={epochs}"])
-        checks = cur["self_checks"]
-        row[f"curated_f{floor}"] = m["test"]["overall"]["accuracy"]
-        row[f"warnings_f{floor}"] = len(checks["warnings"])
-        row[f"min_class_ratio_f{floor}"] = min(g["share_ratio"] for g in checks["by"]["class"]["groups"].values())
-        row[f"dedup_share_f{floor}"] = checks["dedup_share"]
+    for embedder in embedders:
+        model, tag = q / "full", ""  # supervised keeps the earlier runs' folder and key names
+        if embedder == "dino":
+            model, tag = q / "dino", "dino_"
+            dino = _run("pretrain", model, [o for o in base if not o.startswith(("trainer.max_epochs", "loader."))]
+                        + DINO_EMBEDDER)
+            row["dino_test_knn"] = dino["test"]["overall"]["accuracy"]
+        for floor in floors:
+            cur = _run("curate", q / f"curate_{tag}f{floor}", [f"base={model}", f"data={data}",
+                                                               f"curation.target_size={fraction}",
+                                                               f"curation.balance_floor={floor}", f"seed={seed}"])
+            epochs = epochs_for_steps(full["global_step"], cur["selected"], 128)
+            m = _run("pretrain", q / f"pre_{tag}f{floor}",
+                     [*base, f"data.subset={q / f'curate_{tag}f{floor}' / 'curated.csv'}", f"trainer.max_epochs={epochs}"])
+            checks = cur["self_checks"]
+            row[f"curated_{tag}f{floor}"] = m["test"]["overall"]["accuracy"]
+            row[f"warnings_{tag}f{floor}"] = len(checks["warnings"])
+            row[f"min_class_ratio_{tag}f{floor}"] = min(g["share_ratio"]
+                                                        for g in checks["by"]["class"]["groups"].values())
+            row[f"dedup_share_{tag}f{floor}"] = checks["dedup_share"]
     dm = RecipeDataModule(load_recipe(compose_stage("pretrain", [f"data={data}", "run_dir=/tmp/x"]).data))
     train_ids = dm.prepare().ids[dm.rows("train")]
     random_ids = np.random.default_rng(seed).choice(train_ids, size=cur["selected"], replace=False)
@@ -309,11 +323,18 @@ def speed(out: Path, n: int, dim: int, parts: list[str]) -> dict:
     return result
 
 
+def _curated_label(key: str) -> str:
+    """'f0.5' -> 'curated, floor 0.5'; 'dino_f0.5' -> 'curated (DINO embeddings), floor 0.5'."""
+    return f"curated{' (DINO embeddings)' if key.startswith('dino_') else ''}, floor {key.split('f')[-1]}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", nargs="+", default=["quality", "sets", "skew", "speed"])
     p.add_argument("--sets", nargs="+", default=["mnist_global", "uci_digits_region"], help="sets: the recipes")
     p.add_argument("--floors", nargs="+", default=["0.0", "0.25", "0.5"], help="sets: curation.balance_floor values")
+    p.add_argument("--embedders", nargs="+", default=["supervised"], choices=["supervised", "dino"],
+                   help="sets: whose embeddings curate (dino: a `pretrain method=dino` run on the same train split)")
     p.add_argument("--fraction", type=float, default=0.2)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="quality: one full comparison per seed")
     p.add_argument("--skew-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="skew: curation seeds")
@@ -333,8 +354,8 @@ def main() -> None:
                for k in ("global_test", "region_zero_shot", "region_lora_100")}
             for label in runs[0]["rows"]}}
     if "sets" in args.parts:
-        results["sets"] = {d: [sets(args.out, d, args.fraction, seed, tuple(args.floors)) for seed in args.seeds]
-                           for d in args.sets}
+        results["sets"] = {d: [sets(args.out, d, args.fraction, seed, tuple(args.floors), tuple(args.embedders))
+                               for seed in args.seeds] for d in args.sets}
     if "skew" in args.parts:
         results["skew"] = skew(args.out, args.fraction, args.skew_seeds)
     if "speed" in args.parts:
@@ -354,21 +375,24 @@ def main() -> None:
                   f"{v.get('region_lora_100_sd', 0):.4f} |" for k, v in q.items()]
         lines.append("")
     if "sets" in results:
-        floors = sorted({k[len("curated_f"):] for runs in results["sets"].values() for k in runs[0]
-                         if k.startswith("curated_f")}, key=float)
+        floors = sorted({k[len("curated_"):] for runs in results["sets"].values() for k in runs[0]
+                         if k.startswith("curated_")}, key=lambda f: (f.startswith("dino"), float(f.split("f")[-1])))
         lines += ["Curated 20% against random 20% and all, at equal steps (ResNet-18, test accuracy, mean +- sd "
                   "over seeds; class ratio: the smallest class's curated share over its pool share):", "",
-                  "| recipe | all | " + " | ".join(f"curated, floor {f}" for f in floors) + " | random | "
-                  + " | ".join(f"class ratio, floor {f}" for f in floors) + " |",
+                  "| recipe | all | " + " | ".join(_curated_label(f) for f in floors) + " | random | "
+                  + " | ".join(f"class ratio, {_curated_label(f)}" for f in floors) + " |",
                   "|---|---:|" + "---:|" * (2 * len(floors) + 1)]
         for data, runs in results["sets"].items():
             def ms(key, runs=runs):
                 v = [r[key] for r in runs]
                 return f"{np.mean(v):.4f} +- {np.std(v, ddof=1) if len(v) > 1 else 0:.4f}"
-            lines.append(f"| {data} | {ms('full')} | " + " | ".join(ms(f"curated_f{f}") for f in floors)
+            lines.append(f"| {data} | {ms('full')} | "
+                         + " | ".join(ms(f"curated_{f}") if f"curated_{f}" in runs[0] else "-" for f in floors)
                          + f" | {ms('random')} | "
-                         + " | ".join(f"{np.mean([r[f'min_class_ratio_f{f}'] for r in runs]):.2f}" for f in floors)
-                         + " |")
+                         + " | ".join(f"{np.mean([r[f'min_class_ratio_{f}'] for r in runs]):.2f}"
+                                      if f"min_class_ratio_{f}" in runs[0] else "-" for f in floors) + " |")
+            if "dino_test_knn" in runs[0]:
+                lines.append(f"| {data}: the DINO embedder's own test kNN | {ms('dino_test_knn')} |")
         lines.append("")
     if "skew" in results:
         s = results["skew"]
