@@ -20,12 +20,20 @@ class GateSettings:
         max_accuracy_drop: PyTorch fp32 accuracy (R^2 for regression) minus INT8, at most (0.01 = 1 point).
         min_accuracy: the released model's own accuracy (R^2 for regression) on the gate split, at least; None:
             no floor. The relative gates pass a model that was poor before export; this one does not.
+        min_embedding_cosine: the ``embedding`` output of ONNX fp32 against PyTorch's: the smallest per-sample
+            cosine similarity allowed (parity: any sample off is a broken export). Cosine because monitoring
+            L2-normalises embeddings before its k-NN distances (for unit vectors ``|a - b|^2 = 2 (1 - cos)``).
+        min_int8_embedding_cosine: the INT8 model's ``embedding`` against PyTorch's: the MEAN per-sample cosine
+            similarity allowed. INT8 rounding moves every sample a little and a few more (the worst sample of the
+            shared ResNet-18 sat at 0.93 with a mean of 0.98); a broken quantizer moves all of them.
     """
 
     max_abs_diff: float
     min_int8_agreement: float
     max_accuracy_drop: float
     min_accuracy: float | None
+    min_embedding_cosine: float
+    min_int8_embedding_cosine: float
 
     def __post_init__(self) -> None:
         if not self.max_abs_diff >= 0:  # NaN too: no difference is ever below it
@@ -40,6 +48,10 @@ class GateSettings:
         if self.min_accuracy is not None and self.min_accuracy > 1:
             raise ConfigError(f"export.gates.min_accuracy={self.min_accuracy}: accuracy and R^2 are at most 1, so "
                               f"no model could pass; expected a value <= 1, or null for no floor")
+        for key in ("min_embedding_cosine", "min_int8_embedding_cosine"):
+            if not -1 <= getattr(self, key) <= 1:
+                raise ConfigError(f"export.gates.{key}={getattr(self, key)}: a cosine similarity lies in [-1, 1]; "
+                                  f"expected e.g. 0.99")
 
     def to_dict(self) -> dict[str, float | None]:
         return asdict(self)
@@ -79,3 +91,29 @@ def floor_gate(value: float, metric: str, variant: str, settings: GateSettings) 
     floor = float(settings.min_accuracy)
     return gate("min_accuracy", value, floor, value >= floor - 1e-12,
                 f"{variant} {metric} {value:.4f}, at least export.gates.min_accuracy")
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N,) cosine similarity of each row pair of a, b (N, d); two all-zero rows count as identical (1)."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    both_zero = (na < 1e-12) & (nb < 1e-12)
+    cos = (a * b).sum(1) / np.maximum(na * nb, 1e-24)
+    return np.where(both_zero, 1.0, np.clip(cos, -1.0, 1.0))
+
+
+def embedding_gate(reference: np.ndarray, candidate: np.ndarray, precision: str,
+                   settings: GateSettings) -> dict[str, Any]:
+    """The ``embedding`` output of an ONNX variant (``precision``: fp32 or int8) against PyTorch's, on the same
+    inputs: fp32, the smallest per-sample cosine similarity; INT8, the mean (see :class:`GateSettings`)."""
+    cos = cosine_rows(reference, candidate)
+    worst, mean = (float(cos.min()), float(cos.mean())) if len(cos) else (1.0, 1.0)
+    diff = float(np.abs(reference.astype(np.float64) - candidate.astype(np.float64)).max()) if len(cos) else 0.0
+    if precision == "fp32":
+        return gate("fp32_embedding_cosine", worst, settings.min_embedding_cosine,
+                    worst >= settings.min_embedding_cosine,
+                    f"min cosine(ONNX fp32 embedding, PyTorch) over {len(cos)} real inputs (max abs diff {diff:.3g})")
+    return gate("int8_embedding_cosine", mean, settings.min_int8_embedding_cosine,
+                mean >= settings.min_int8_embedding_cosine,
+                f"mean cosine(ONNX INT8 embedding, PyTorch) over {len(cos)} test inputs (min {worst:.4f}, max abs "
+                f"diff {diff:.3g})")

@@ -19,37 +19,65 @@ from fmtransfer.lineage.io import seal_header
 
 Exporter = Literal["torchscript", "dynamo"]
 INPUT_NAME = "input"
+# the second output (a model with a head and ``embedding=True``): the (n, d) pre-head features, for monitoring
+EMBEDDING_OUTPUT = "embedding"
 
 
 def output_name(task: str) -> str:
     """The ONNX output's name: ``logits`` (classification), ``embedding`` (a head-less backbone) or ``prediction``."""
-    return {"classification": "logits", "embedding": "embedding"}.get(task, "prediction")
+    return {"classification": "logits", "embedding": EMBEDDING_OUTPUT}.get(task, "prediction")
+
+
+def output_names(task: str, embedding: bool) -> list[str]:
+    """The graph's outputs in order: the task's output, then ``embedding`` when asked for and the model has a head
+    (a head-less backbone's only output is its embedding already)."""
+    first = output_name(task)
+    return [first, EMBEDDING_OUTPUT] if embedding and first != EMBEDDING_OUTPUT else [first]
+
+
+class WithEmbedding(nn.Module):
+    """A classifier's head output and its pre-head features from one forward pass: ``(head(f), f)``, f =
+    ``model.features(x)`` (what ``model(x)`` computes on the way to its head, so the first output is unchanged)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.features(x)
+        return self.model.head(features), features
 
 
 def export_onnx(model: nn.Module, sample: torch.Tensor, path: str | Path, *, task: str, opset: int = 17,
-                exporter: Exporter = "torchscript", crop_padding: bool = True) -> Path:
+                exporter: Exporter = "torchscript", crop_padding: bool = True, embedding: bool = False) -> Path:
     """Export ``model`` (eval mode, CPU, fp32) for inputs shaped like ``sample`` (N, C, H, W), batch axis dynamic.
 
     ``torchscript`` is the TorchScript-based exporter (``dynamo=False``); ``dynamo`` goes through
     ``torch.export``. Both write one self-contained file. Value-info annotations are dropped from the graph:
     onnxruntime's quantizer re-infers shapes, and stale annotations from the dynamo exporter break it.
     ``crop_padding``: drop the convolution taps that only ever read zero padding (:func:`crop_padding_taps`).
+    ``embedding``: a model with a head gets a second output ``embedding``, its (N, d) pre-head features
+    (:func:`output_names`).
     """
     import onnx
 
     path = Path(path)
     model = model.eval().float().cpu()
-    out = output_name(task)
+    outs = output_names(task, embedding)
+    if len(outs) > 1:
+        # eval() on the wrapper too: the exporter restores the exported module's mode afterwards, recursively, and a
+        # new module is in training mode (the model would leave the export with its batch norms training)
+        model = WithEmbedding(model).eval()
     with torch.inference_mode(False), torch.no_grad(), _quiet():
         try:
             if exporter == "dynamo":
                 batch = torch.export.Dim("batch", min=1, max=4096)
-                torch.onnx.export(model, (sample,), str(path), input_names=[INPUT_NAME], output_names=[out],
+                torch.onnx.export(model, (sample,), str(path), input_names=[INPUT_NAME], output_names=outs,
                                   dynamic_shapes=({0: batch},), opset_version=max(opset, 18), dynamo=True,
                                   external_data=False, verbose=False)
             elif exporter == "torchscript":
-                torch.onnx.export(model, (sample,), str(path), input_names=[INPUT_NAME], output_names=[out],
-                                  dynamic_axes={INPUT_NAME: {0: "batch"}, out: {0: "batch"}},
+                torch.onnx.export(model, (sample,), str(path), input_names=[INPUT_NAME], output_names=outs,
+                                  dynamic_axes={INPUT_NAME: {0: "batch"}, **{o: {0: "batch"} for o in outs}},
                                   opset_version=opset, dynamo=False)
             else:
                 raise ArtifactError(f"export.exporter={exporter!r}: choose torchscript or dynamo")

@@ -114,10 +114,26 @@ class OnnxModel:
     def classes(self) -> list[str] | None:
         return self.meta.get("classes")
 
+    @property
+    def output_names(self) -> list[str]:
+        """The graph's outputs in order (the task's first; ``embedding`` second where the export added it)."""
+        return [o.name for o in self.session.get_outputs()]
+
+    def run_outputs(self, x: np.ndarray, names: list[str], batch_size: int = 256) -> list[np.ndarray]:
+        """x: (N, C, H, W) float32, preprocessed -> one (N, k) float32 array per output in ``names``, computed in one
+        pass per chunk of ``batch_size``."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        parts = [self.session.run(names, {self.input_name: x[i:i + batch_size]}) for i in range(0, len(x), batch_size)]
+        if not parts:
+            return [np.zeros((0, 0), dtype=np.float32) for _ in names]
+        return [np.concatenate([p[k] for p in parts]).astype(np.float32, copy=False) for k in range(len(names))]
+
     def run(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """x: (N, C, H, W) float32, preprocessed -> (N, num_outputs) float32, in chunks of ``batch_size``."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        parts = [self.session.run(None, {self.input_name: x[i:i + batch_size]})[0]
+        # only the task's output: an ``embedding`` output beside it is not computed for nothing
+        names = [self.meta["output_name"]] if self.meta.get("output_name") else None
+        parts = [self.session.run(names, {self.input_name: x[i:i + batch_size]})[0]
                  for i in range(0, len(x), batch_size)]
         if not parts:
             return np.zeros((0, int(self.meta["num_outputs"])), dtype=np.float32)

@@ -75,6 +75,28 @@ class LatencySettings:
 
 
 @dataclass(frozen=True)
+class ExportReference:
+    """``export.reference``: monitoring reference statistics written beside each released ONNX file, so that
+    ``predict monitor.enabled=true`` can score drift and OOD on a device with no training data.
+
+    Attributes:
+        enabled: write them (needs the ``embedding`` output, or a head-less model).
+        split: the split of ``data`` whose outputs are the reference (labelled: the temperature is fitted on it).
+        max_bank: at most this many train-split embeddings in the OOD bank (a seeded sample): it bounds the file at
+            ``4 x d x max_bank`` bytes.
+    """
+
+    enabled: bool
+    split: str
+    max_bank: int
+
+    def __post_init__(self) -> None:
+        if self.max_bank < 2:
+            raise ConfigError(f"export.reference.max_bank={self.max_bank} must be >= 2 (the OOD threshold comes from "
+                              f"the bank's leave-one-out scores); e.g. 10000")
+
+
+@dataclass(frozen=True)
 class ExportSettings:
     """``export``: how a model becomes ONNX fp32 + INT8 and what it must pass to be released.
 
@@ -92,6 +114,9 @@ class ExportSettings:
         triton: write a Triton model repository of the released model.
         triton_max_batch_size: its ``max_batch_size``.
         name: the model's name there (None: ``<recipe>_<adapter method or base>``).
+        embedding_output: a model with a head gets a second ONNX output ``embedding`` (its (n, d) pre-head
+            features), gated for parity like the head's output.
+        reference: the monitoring reference statistics written beside the released files.
     """
 
     quantize: Quantize
@@ -107,6 +132,8 @@ class ExportSettings:
     triton: bool
     triton_max_batch_size: int
     name: str | None
+    embedding_output: bool
+    reference: ExportReference
 
     def __post_init__(self) -> None:
         if self.calibration.split == self.split:
@@ -116,3 +143,6 @@ class ExportSettings:
             raise ConfigError(f"export.parity_samples={self.parity_samples} must be >= 1")
         if self.triton_max_batch_size < 1:
             raise ConfigError(f"export.triton_max_batch_size={self.triton_max_batch_size} must be >= 1")
+        if self.reference.split == self.split:
+            raise ConfigError(f"export.reference.split={self.reference.split!r} is the split the gates score on "
+                              f"(export.split); the reference is what the model is known to work on: use val")

@@ -15,14 +15,20 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 def config_pbtxt(name: str, meta: dict[str, Any], max_batch_size: int = 64) -> str:
-    """The ``config.pbtxt`` of an ONNX Runtime model with a dynamic batch axis."""
+    """The ``config.pbtxt`` of an ONNX Runtime model with a dynamic batch axis; every graph output is listed (the
+    task's, then ``embedding`` where the export added it: Triton refuses a request for an unlisted output)."""
     channels, (h, w) = int(meta["preprocess"]["channels"]), meta["preprocess"]["image_size"]
     label = '\n    label_filename: "labels.txt"' if meta.get("classes") else ""
+    outputs = [(meta["output_name"], int(meta["num_outputs"]), label)]
+    embedding = meta.get("embedding")
+    if embedding and embedding["name"] != meta["output_name"]:  # the second output (export.embedding_output)
+        outputs.append((embedding["name"], int(embedding["dim"]), ""))
+    listed = ",\n".join(f'  {{\n    name: "{o}"\n    data_type: TYPE_FP32\n    dims: [ {dim} ]{extra}\n  }}'
+                        for o, dim, extra in outputs)
     return (f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {max_batch_size}\n'
             f'input [\n  {{\n    name: "{meta["input_name"]}"\n    data_type: TYPE_FP32\n'
             f'    dims: [ {channels}, {h}, {w} ]\n  }}\n]\n'
-            f'output [\n  {{\n    name: "{meta["output_name"]}"\n    data_type: TYPE_FP32\n'
-            f'    dims: [ {int(meta["num_outputs"])} ]{label}\n  }}\n]\n'
+            f'output [\n{listed}\n]\n'
             f'dynamic_batching {{ }}\n')
 
 

@@ -4,8 +4,10 @@
 
 The run dir gets ``model.onnx`` (fp32) and, when quantizing, ``model.int8.onnx``, each with a sidecar
 ``.onnx.json``; ``triton/<name>/`` (a Triton model repository of the released model); ``export.md`` and
-``metrics.json`` (sizes, latency, accuracy, gates). When a gate fails the ONNX files go to ``rejected/`` with
-``reason.json`` instead, and the stage raises :class:`GateFailed` (the CLI exits non-zero).
+``metrics.json`` (sizes, latency, accuracy, gates); ``monitoring/`` (each released file's monitoring reference
+statistics, for ``predict monitor.enabled=true``). With ``export.embedding_output`` a model with a head has a second
+output ``embedding`` (its pre-head features), gated like the first. When a gate fails the ONNX files go to
+``rejected/`` with ``reason.json`` instead, and the stage raises :class:`GateFailed` (the CLI exits non-zero).
 
 A release is per run: every file (ONNX, sidecars, the Triton repository or ``rejected/``) is made in ``.staging/``
 first; then whatever an earlier export left in the run dir is withdrawn and the new files are moved in, each
@@ -15,6 +17,7 @@ rejected re-export leaves no stale released model behind.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +33,23 @@ from fmtransfer.config import build_dataclass, require, run_dir
 from fmtransfer.data import Recipe, RecipeDataModule, build_datamodule, load_recipe
 from fmtransfer.data.table import read_manifest
 from fmtransfer.errors import ConfigError, DataError, FmtError
-from fmtransfer.export.gates import accuracy_gate, agreement, agreement_gate, floor_gate, parity_gate
+from fmtransfer.export.gates import (
+    accuracy_gate,
+    agreement,
+    agreement_gate,
+    embedding_gate,
+    floor_gate,
+    parity_gate,
+)
 from fmtransfer.export.latency import measure_latency
-from fmtransfer.export.onnx_export import INPUT_NAME, embed_metadata, export_onnx, output_name
+from fmtransfer.export.onnx_export import (
+    EMBEDDING_OUTPUT,
+    INPUT_NAME,
+    embed_metadata,
+    export_onnx,
+    output_name,
+    output_names,
+)
 from fmtransfer.export.quantize import Quantize, fp32_nodes, quantize_model
 from fmtransfer.export.runtime import (
     ONNX_FORMAT,
@@ -52,8 +69,11 @@ from fmtransfer.models.probes import knn_loo_accuracy
 from fmtransfer.tasks.common import record_sources, score
 from fmtransfer.tasks.result import StageResult
 
+log = logging.getLogger(__name__)
+
 FP32_FILE, INT8_FILE = "model.onnx", "model.int8.onnx"
 REJECTED_DIR, TRITON_DIR, REASON_FILE = "rejected", "triton", "reason.json"
+REFERENCE_DIR = "monitoring"  # where `fmtransfer monitor` looks for a model's reference statistics
 
 
 class GateFailed(FmtError):
@@ -94,13 +114,15 @@ class _Converted:
 
 @dataclass
 class _Scored:
-    """Every variant over the gate split: outputs, accuracy, gates, latency."""
+    """Every variant over the gate split: outputs (and ``embedding`` outputs where the export has them),
+    accuracy, gates, latency."""
 
     outputs: dict[str, np.ndarray]
     targets: np.ndarray
     accuracy: dict[str, float]
     gates: list[dict[str, Any]]
     latency: dict[str, dict]
+    embeddings: dict[str, np.ndarray]
 
     @property
     def passed(self) -> bool:
@@ -125,7 +147,7 @@ def export(cfg: DictConfig) -> StageResult:
         inputs = _load_inputs(cfg, settings, recipe, record, out)
         converted = _convert(inputs, settings, out / ".staging")
         scored = _score(inputs, converted, settings, cfg)
-        result = _record(out, inputs, converted, scored, settings, record)
+        result = _record(out, inputs, converted, scored, settings, record, cfg)
         if not scored.passed:
             raise GateFailed(_rejection(scored.gates, out / "rejected"), result)
     return result
@@ -227,8 +249,9 @@ def _convert(inputs: _Inputs, settings: ExportSettings, staging: Path) -> _Conve
     model, dm, mode = inputs.model, inputs.dm, inputs.mode
     parity_x = _collect(dm, settings.split, settings.parity_samples)
     files = {"fp32": export_onnx(model, torch.from_numpy(parity_x[:2]), staging / FP32_FILE, task=inputs.meta["task"],
-                                 opset=settings.opset, exporter=settings.exporter)}
-    sessions = {"onnx_fp32": _session(files["fp32"])}
+                                 opset=settings.opset, exporter=settings.exporter,
+                                 embedding=settings.embedding_output)}
+    sessions = {"onnx_fp32": _session(files["fp32"], inputs.meta["task"])}
     with torch.inference_mode():
         reference = model(torch.from_numpy(parity_x)).float().numpy()
     parity = parity_gate(reference, sessions["onnx_fp32"].run(parity_x), settings.gates)
@@ -244,16 +267,19 @@ def _convert(inputs: _Inputs, settings: ExportSettings, staging: Path) -> _Conve
                                        calibration=calibration, per_channel=settings.per_channel,
                                        method=settings.calibration.method, keep_fp32=kept,
                                        bias_correction=bias_corrected)
-        sessions["onnx_int8"] = _session(files["int8"])
+        sessions["onnx_int8"] = _session(files["int8"], inputs.meta["task"])
     return _Converted(staging, files, sessions, parity_x, parity, kept, bias_corrected)
 
 
 def _score(inputs: _Inputs, converted: _Converted, settings: ExportSettings, cfg: DictConfig) -> _Scored:
     """Every variant over the gate split: accuracy (R^2 for regression), the gates, latency."""
     task, classes = inputs.meta["task"], inputs.meta["classes"]
-    outputs, targets = _outputs(inputs.model, converted.sessions, inputs.dm, settings.split)
+    outputs, embeddings, targets = _outputs(inputs.model, converted.sessions, inputs.dm, settings.split)
     accuracy = {k: _metric(task, v, targets, len(classes) if classes else None) for k, v in outputs.items()}
     gates = [converted.parity]
+    for variant in ("onnx_fp32", "onnx_int8"):  # the second output, gated like the first
+        if variant in embeddings:
+            gates.append(embedding_gate(embeddings["pytorch"], embeddings[variant], variant[5:], settings.gates))
     if "onnx_int8" in outputs:
         if task == "classification":
             gates.append(agreement_gate(outputs["onnx_fp32"], outputs["onnx_int8"], settings.gates))
@@ -264,20 +290,32 @@ def _score(inputs: _Inputs, converted: _Converted, settings: ExportSettings, cfg
                                 "ONNX INT8" if final == "onnx_int8" else "ONNX fp32", settings.gates))
     latency = measure_latency(inputs.model, {f"onnx_{k}": f for k, f in converted.files.items()},
                               converted.parity_x, settings.latency, input_name=INPUT_NAME)
-    return _Scored(outputs, targets, accuracy, gates, latency)
+    return _Scored(outputs, targets, accuracy, gates, latency, embeddings)
 
 
 def _outputs(model: torch.nn.Module, sessions: dict[str, OnnxModel], dm: RecipeDataModule, split: str):
-    """Outputs of PyTorch and every ONNX variant over ``split`` (streamed in batches) and the targets."""
+    """Outputs of PyTorch and every ONNX variant over ``split`` (streamed in batches), their ``embedding`` outputs
+    where the ONNX files have them (PyTorch's: ``model.features``, from the same forward pass) and the targets."""
+    names = next(iter(sessions.values())).output_names
     outs: dict[str, list[np.ndarray]] = {"pytorch": [], **{k: [] for k in sessions}}
+    embs: dict[str, list[np.ndarray]] = {k: [] for k in outs} if EMBEDDING_OUTPUT in names[1:] else {}
     targets = []
     with torch.inference_mode():
         for x, y, _ in dm.dataloader(split):
-            outs["pytorch"].append(model(x).float().numpy())
+            if embs:
+                features = model.features(x)
+                outs["pytorch"].append(model.head(features).float().numpy())
+                embs["pytorch"].append(features.float().numpy())
+            else:
+                outs["pytorch"].append(model(x).float().numpy())
             for name, sess in sessions.items():
-                outs[name].append(sess.run(x.numpy()))
+                got = sess.run_outputs(x.numpy(), names[:2] if embs else names[:1])
+                outs[name].append(got[0])
+                if embs:
+                    embs[name].append(got[1])
             targets.append(y.numpy())
-    return {k: np.concatenate(v) for k, v in outs.items()}, np.concatenate(targets)
+    return ({k: np.concatenate(v) for k, v in outs.items()}, {k: np.concatenate(v) for k, v in embs.items()},
+            np.concatenate(targets))
 
 
 def _metric_name(task: str) -> str:
@@ -292,17 +330,19 @@ def _metric(task: str, outputs: np.ndarray, targets: np.ndarray, num_classes: in
 
 
 def _record(out: Path, inputs: _Inputs, converted: _Converted, scored: _Scored, settings: ExportSettings,
-            record: RunRecord) -> StageResult:
+            record: RunRecord, cfg: DictConfig) -> StageResult:
     """Metadata into every ONNX file and its sidecar; the files released into the run dir (or ``rejected/``), a
     Triton repository when released; ``metrics.json``, ``export.md`` and the run record's outputs."""
     recipe, meta, mode = inputs.recipe, inputs.meta, inputs.mode
     passed = scored.passed
     lineage = {**inputs.lineage, "recipe_fingerprint": inputs.dm.prepare().fingerprint, "gate_recipe": recipe.name,
                "run_id": record.data["run_id"], "run_dir": str(out.resolve())}
+    names = output_names(meta["task"], settings.embedding_output)
     base_meta = {"format": ONNX_FORMAT, "format_version": ONNX_FORMAT_VERSION, "task": meta["task"],
                  "classes": meta["classes"],
                  "num_outputs": int(meta["num_outputs"]) or int(meta["embed_dim"]), "preprocess": meta["preprocess"],
-                 "input_name": INPUT_NAME, "output_name": output_name(meta["task"]), "input_layout": "NCHW",
+                 "input_name": INPUT_NAME, "output_name": output_name(meta["task"]), "output_names": names,
+                 "embedding": _embedding_meta(meta, names), "input_layout": "NCHW",
                  "backbone": meta["backbone"]["name"], "exporter": settings.exporter, "opset": settings.opset,
                  "lineage": lineage, "gates": scored.gates, "gates_passed": passed,
                  **({"do_no_harm": inputs.do_no_harm} if inputs.do_no_harm is not None else {})}
@@ -315,6 +355,8 @@ def _record(out: Path, inputs: _Inputs, converted: _Converted, scored: _Scored, 
     reason = None if passed else {"failed": [g for g in scored.gates if not g["passed"]], "gates": scored.gates}
     released = _release(converted.staging, staged, out, reason)
     metrics = _metrics(inputs, converted, scored, settings, lineage, released)
+    if passed:
+        metrics["monitoring_reference"] = _references(cfg, out, released, settings, record)
     outputs: dict[str, Path] = {"model": released.get("int8", released["fp32"])}
     if triton is not None:
         outputs["triton"] = out / TRITON_DIR / triton.name
@@ -357,7 +399,7 @@ def _withdraw(out: Path) -> None:
     for name in (FP32_FILE, INT8_FILE):
         for path in (out / name, sidecar_path(out / name)):
             path.unlink(missing_ok=True)
-    for folder in (out / TRITON_DIR, out / REJECTED_DIR):
+    for folder in (out / TRITON_DIR, out / REJECTED_DIR, out / REFERENCE_DIR):
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -416,9 +458,49 @@ def _rejection(gates: list[dict[str, Any]], folder: Path) -> str:
     return f"export rejected: {failed}. The files are in {folder} with reason.json"
 
 
-def _session(path: Path) -> OnnxModel:
+def _references(cfg: DictConfig, out: Path, released: dict[str, Path], settings: ExportSettings,
+                record: RunRecord) -> dict[str, Any]:
+    """Monitoring reference statistics beside each released ONNX file (``export.reference``), computed with that
+    file itself (INT8 embeddings differ from fp32's, and a device compares its own outputs), so ``predict
+    monitor.enabled=true`` needs no training data. Skipped, with a log line, for a file without embeddings."""
+    if not settings.reference.enabled:
+        return {}
+    from fmtransfer.config import to_plain
+    from fmtransfer.tasks.model_outputs import open_model
+    from fmtransfer.tasks.monitor import default_settings, store_reference
+
+    monitor_settings = default_settings()
+    recipe = to_plain(cfg.data)
+    written = {}
+    for precision, path in released.items():
+        runner = open_model(path)
+        if not runner.gives_embeddings:
+            log.info("no monitoring reference for %s: it has no embedding output (export.embedding_output=true "
+                     "adds one)", path)
+            continue
+        stats = store_reference(runner, recipe, settings.reference.split, out / REFERENCE_DIR,
+                                settings=monitor_settings, batch_size=int(cfg.loader.batch_size),
+                                max_bank=settings.reference.max_bank, seed=int(cfg.seed))
+        for kind, file in stats.files.items():
+            record.add_output(file, f"reference_{precision}_{kind}")
+        written[precision] = {"json": stats.files["json"], "n": stats.data["n"], "bank": stats.data["ood_bank"],
+                              "ood_threshold": stats.ood.threshold if stats.ood else None,
+                              "bytes": sum(Path(p).stat().st_size for p in stats.files.values())}
+    return written
+
+
+def _session(path: Path, task: str) -> OnnxModel:
     """A staged file, before its metadata exists (so no metadata or sidecar checks)."""
-    return OnnxModel(path, {"input_name": INPUT_NAME}, create_session(path))
+    return OnnxModel(path, {"input_name": INPUT_NAME, "output_name": output_name(task)}, create_session(path))
+
+
+def _embedding_meta(meta: dict[str, Any], names: list[str]) -> dict[str, Any] | None:
+    """What the metadata says of the ``embedding`` output (None: the file has none)."""
+    if EMBEDDING_OUTPUT not in names:
+        return None
+    return {"name": EMBEDDING_OUTPUT, "dim": int(meta["embed_dim"]), "shape": ["batch", int(meta["embed_dim"])],
+            "dtype": "float32", "what": "the backbone's pre-head features (the head's input), not normalised",
+            "output_index": names.index(EMBEDDING_OUTPUT)}
 
 
 def _default_name(recipe: str, lineage: dict[str, Any]) -> str:
@@ -445,6 +527,14 @@ def _summary(m: dict[str, Any]) -> str:
     if harm is not None:
         lines += ["", f"Do no harm (the adapter against its base): {describe(harm)}"
                   + ("; **released with force=true**" if harm.get("forced") else "") + "."]
+    refs = m.get("monitoring_reference")
+    if refs:
+        lines += ["", "Outputs `logits` and `embedding` (the pre-head features, for monitoring on the device). Monitoring "
+                  "reference beside each file (`fmtransfer predict monitor.enabled=true` and `fmtransfer monitor` "
+                  "use it): " + "; ".join(
+                      f"{precision}: `monitoring/{Path(r['json']).name}` ({r['n']} reference samples, OOD bank "
+                      f"{r['bank']}, threshold {r['ood_threshold']:.4f}, {r['bytes'] / 1e6:.1f} MB)"
+                      for precision, r in refs.items()) + "."]
     lines += ["", "Latency: median of repeated runs on this machine's CPU.", "",
               "| gate | value | limit | passed |", "|---|---:|---:|---|"]
     for g in m["gates"]:

@@ -234,6 +234,39 @@ def reference_stats(cfg: DictConfig, ref: DataRef, runner: ModelRunner, settings
     return stats, "computed"
 
 
+def default_settings() -> MonitorSettings:
+    """``monitor``'s settings as configs/monitor.yaml holds them (what ``export`` stores reference statistics with,
+    so that a later ``fmtransfer monitor`` with its defaults reuses them)."""
+    return MonitorSettings.from_cfg(compose_stage("monitor", []).monitor)
+
+
+def store_reference(runner: ModelRunner, recipe: dict[str, Any], split: str, folder: Path, *,
+                    settings: MonitorSettings, batch_size: int, max_bank: int, seed: int) -> ReferenceStats:
+    """Compute reference statistics of ``runner`` on ``split`` of ``recipe`` and store them in ``folder`` under the
+    name ``monitor`` looks up (``reference_<recipe>_<split>_<sha12>``), for a model deployed without its data.
+
+    The OOD bank is the recipe's train split (``settings.ood_bank=train``), at most ``max_bank`` embeddings (a
+    sample seeded by ``seed``, kept in table order): the bank is most of the file's size.
+    """
+    ref = DataRef(f"{recipe['name']}/{split}", recipe, split)
+    outputs = runner.outputs(recipe, split, batch_size=batch_size, accelerator="cpu", num_workers=0)
+    _check_outputs(outputs, f"reference {ref.text}")
+    bank = None
+    if settings.ood_bank == "train" and outputs.embeddings is not None and split not in ("train", ALL_ROWS):
+        train = runner.outputs(recipe, "train", batch_size=batch_size, accelerator="cpu", num_workers=0)
+        _check_outputs(train, f"reference {recipe['name']}/train (the OOD bank)")
+        bank = train.embeddings
+        if len(bank) > max_bank:
+            bank = bank[np.sort(np.random.default_rng(seed).choice(len(bank), max_bank, replace=False))]
+    data = {"recipe": recipe["name"], "split": split, "fingerprint": f"{outputs.fingerprint}:{split}",
+            "n": len(outputs),
+            "ood_bank": "reference" if bank is None else f"{recipe['name']}/train ({len(bank)})"}
+    stats = build_reference(runner.identity, data, settings.reference_settings(), outputs.probs, outputs.embeddings,
+                            outputs.targets, bank)
+    stats.save(folder, _stats_name(ref, runner))
+    return stats
+
+
 def _ood_bank(cfg: DictConfig, ref: DataRef, runner: ModelRunner, settings: MonitorSettings,
               outputs: ModelOutputs) -> np.ndarray | None:
     """The train split's embeddings (``monitor.ood.bank=train``), or None: the reference's own."""

@@ -46,7 +46,8 @@ def exported(adapter, tmp_path_factory):
 def test_export_writes_gated_onnx_with_metadata(exported, adapter):
     out = exported.run_dir
     m = exported.metrics
-    assert m["passed"] and {g["name"] for g in m["gates"]} == {"fp32_parity", "int8_agreement", "int8_accuracy_drop"}
+    assert m["passed"] and {g["name"] for g in m["gates"]} == {"fp32_parity", "int8_agreement", "int8_accuracy_drop",
+                                                               "fp32_embedding_cosine", "int8_embedding_cosine"}
     assert m["gates"][0]["value"] <= 1e-4
     assert [v["variant"] for v in m["variants"]] == ["PyTorch eager fp32", "ONNX fp32", "ONNX INT8 (static)"]
     assert all(v["batch_1_ms"] > 0 and v["batch_32_ms"] > 0 and 0 <= v["accuracy"] <= 1 for v in m["variants"])

@@ -59,3 +59,43 @@ def test_a_cropped_kernel_computes_the_same_convolution(size, kernel, stride, pa
                    dilation=dilation)
     assert out.shape == expected.shape
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+class _Tiny(torch.nn.Module):
+    """A classifier's shape: ``features`` then ``head``, and forward = head(features(x))."""
+
+    def __init__(self, head: int = 3):
+        super().__init__()
+        self.backbone = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4),
+                                            torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.head = torch.nn.Linear(4, head) if head else torch.nn.Identity()
+
+    def features(self, x):
+        return self.backbone(x)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", pytest.param("dynamo", marks=pytest.mark.slow)])
+def test_the_embedding_is_a_second_output_and_the_model_stays_in_eval(tmp_path, exporter):
+    torch.manual_seed(0)
+    model = _Tiny().eval()
+    x = torch.randn(5, 1, 6, 6)
+    path = export_onnx(model, x[:2], tmp_path / "m.onnx", task="classification", exporter=exporter, embedding=True)
+    session = create_session(path)
+    assert [o.name for o in session.get_outputs()] == ["logits", "embedding"]
+    logits, embedding = session.run(None, {INPUT_NAME: x.numpy()})
+    with torch.inference_mode():
+        np.testing.assert_allclose(logits, model(x).numpy(), atol=1e-5)
+        np.testing.assert_allclose(embedding, model.features(x).numpy(), atol=1e-5)
+    # the exporter restores the exported module's mode: the wrapper must not hand training mode back to the model
+    assert not any(m.training for m in model.modules())
+
+
+def test_without_the_flag_or_for_a_headless_model_there_is_one_output(tmp_path):
+    x = torch.randn(2, 1, 6, 6)
+    plain = export_onnx(_Tiny().eval(), x, tmp_path / "plain.onnx", task="classification")
+    headless = export_onnx(_Tiny(head=0).eval(), x, tmp_path / "headless.onnx", task="embedding", embedding=True)
+    assert [o.name for o in create_session(plain).get_outputs()] == ["logits"]
+    assert [o.name for o in create_session(headless).get_outputs()] == ["embedding"]
