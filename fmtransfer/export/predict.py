@@ -22,7 +22,15 @@ import numpy as np
 from PIL import Image
 
 from fmtransfer.data.images import ChannelMismatch, UnreadableImage, read_image
-from fmtransfer.errors import DataError
+from fmtransfer.errors import ConfigError, DataError
+from fmtransfer.export.device_monitor import (
+    EMBEDDING_OUTPUT,
+    DeviceMonitor,
+    DeviceMonitorSettings,
+    find_reference,
+    open_reference,
+    require_embedding,
+)
 from fmtransfer.export.runtime import OnnxModel, softmax
 from fmtransfer.export.scene import (
     ChangeGate,
@@ -33,7 +41,7 @@ from fmtransfer.export.scene import (
     scene_summary,
     signature,
 )
-from fmtransfer.lineage.io import write_text_atomic
+from fmtransfer.lineage.io import sha256_file, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -128,23 +136,30 @@ def _cells(out: np.ndarray, classes: list[str] | None, classification: bool) -> 
 
 
 def predict_files(model: str | Path, source: str | Path, output: str | Path, *, batch_size: int = 64,
-                  progress: bool = True, force: bool = False, scene: SceneSettings | None = None) -> dict[str, Any]:
+                  progress: bool = True, force: bool = False, scene: SceneSettings | None = None,
+                  monitor: DeviceMonitorSettings | None = None) -> dict[str, Any]:
     """Predict every image of ``source`` and write ``output`` (CSV) atomically.
 
     Classification rows: ``path, prediction, confidence, p_<class>...``; regression: ``path, prediction``.
     Skipped images go to ``<output stem>.skipped.csv`` (path, reason) and a warning. ``force``: serve a model its
     export's gates rejected (refused otherwise). ``scene``: ``source`` is a CSV of site sequences and an image that
     barely changed since its site's last processed one reuses that prediction (:func:`predict_sequence`).
+    ``monitor``: each row also gets ``ood_score`` and ``ood_flag`` (the model's ``embedding`` output against the
+    reference statistics stored beside it), and the result the input's drift statistics (:class:`DeviceMonitor`).
 
     Returns:
         ``{"output", "n", "skipped", "skipped_file", "model"}``, and ``"scene"`` (:func:`scene_summary`) with
-        ``scene``.
+        ``scene``, ``"monitor"`` (:meth:`DeviceMonitor.summary`) with ``monitor``.
     """
     onnx_model = OnnxModel.load(model, force=force)
     meta = onnx_model.meta
     if meta["task"] == "embedding":
         raise DataError(f"model {model} is a head-less backbone: it outputs embeddings, not predictions; give it a "
                         f"head with fmtransfer adapt and export that")
+    if scene is not None and monitor is not None:
+        raise ConfigError("scene.enabled and monitor.enabled together: a reused prediction has no embedding of its "
+                          "own to score; run one of them")
+    device = _device_monitor(onnx_model, monitor) if monitor is not None else None
     skipped: list[tuple[str, str]] = []
     output = Path(output)
     if scene is not None:
@@ -155,12 +170,30 @@ def predict_files(model: str | Path, source: str | Path, output: str | Path, *, 
         paths = list_inputs(source)
         n_listed, summary = len(paths), None
         header, rows = ["path", *_header(onnx_model.classes, meta["task"] == "classification")], []
+        seen: dict[str, list[np.ndarray]] = {"logits": [], "embeddings": [], "scores": []}
         bar = _progress(len(paths), progress)
         for done, x in _batches(paths, meta["preprocess"], batch_size, skipped):
-            cells = _cells(onnx_model.run(x, batch_size), onnx_model.classes, meta["task"] == "classification")
+            if device is None:
+                out = onnx_model.run(x, batch_size)
+                cells = _cells(out, onnx_model.classes, meta["task"] == "classification")
+            else:
+                out, emb = onnx_model.run_outputs(x, [meta["output_name"], EMBEDDING_OUTPUT], batch_size)
+                scores = device.ood(emb)
+                cells = [[*c, f"{v:.6f}", str(int(f))] for c, v, f in zip(
+                    _cells(out, onnx_model.classes, meta["task"] == "classification"), scores,
+                    device.stats.ood.flags(scores), strict=True)]
+                for key, value in (("logits", out), ("embeddings", emb), ("scores", scores)):
+                    seen[key].append(value)
             rows.extend([str(path), *c] for path, c in zip(done, cells, strict=True))
             bar.update(len(done))
         bar.close()
+        if device is not None:
+            header += ["ood_score", "ood_flag"]
+            if rows:
+                logits = np.concatenate(seen["logits"])
+                summary = {"monitor": device.summary(
+                    softmax(logits) if meta["task"] == "classification" else None,
+                    np.concatenate(seen["embeddings"]), np.concatenate(seen["scores"]))}
     skipped_file = _write_skipped(output, skipped, n_listed) if skipped else None
     if not rows:
         raise DataError(f"no image of {source} could be read ({len(skipped)} skipped, see {skipped_file}); "
@@ -173,8 +206,17 @@ def predict_files(model: str | Path, source: str | Path, output: str | Path, *, 
     result = {"output": str(output), "n": len(rows), "skipped": len(skipped),
               "skipped_file": str(skipped_file) if skipped_file else None, "model": str(onnx_model.path)}
     if summary is not None:
-        result["scene"] = summary
+        result.update(summary if device is not None else {"scene": summary})
     return result
+
+
+def _device_monitor(onnx_model: OnnxModel, settings: DeviceMonitorSettings) -> DeviceMonitor:
+    """The model's ``embedding`` output checked, and the reference statistics stored for this very file."""
+    require_embedding(onnx_model.path, onnx_model.output_names)
+    sha = sha256_file(onnx_model.path)
+    path = find_reference(onnx_model.path, sha, settings.reference)
+    dim = (onnx_model.meta.get("embedding") or {}).get("dim")
+    return DeviceMonitor(open_reference(path, onnx_model.path, sha, dim), settings)
 
 
 def _write_skipped(output: Path, skipped: list[tuple[str, str]], n_listed: int) -> Path:

@@ -58,3 +58,26 @@ def test_absolute_output_is_honoured(onnx_model, images, tmp_path):
                               tmp_path / "run"))
     assert result.outputs["output"] == target and len(_rows(target)) == 3
     assert not (tmp_path / "run" / "p.csv").exists() and not (tmp_path / "run" / "predictions.csv").exists()
+
+
+def test_monitoring_on_the_device_writes_ood_columns_and_drift_into_metrics(onnx_model, images, tmp_path):
+    import json
+
+    from fmtransfer.errors import ConfigError
+
+    run = tmp_path / "run"
+    result = predict(make_cfg("predict", [f"model={onnx_model}", f"input={images}", "monitor.enabled=true"], run))
+    rows = _rows(run / "predictions.csv")
+    assert len(rows) == 3 and all(float(r["ood_score"]) >= 0 and r["ood_flag"] in ("0", "1") for r in rows)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["monitor"]["n"] == 3 and set(metrics["monitor"]["drift"]) == {"bbsd", "mmd", "domain_classifier",
+                                                                                  "label_shift"}
+    assert all(v["skipped"] for v in metrics["monitor"]["drift"].values())  # 3 images: too few for any test
+    inputs = {o["role"]: o["path"] for o in load_record(run)["inputs"]}
+    assert inputs["monitoring_reference"].endswith(".json") and result.outputs["metrics"] == run / "metrics.json"
+    with pytest.raises(ConfigError, match="scene.enabled=true and monitor.enabled=true"):
+        predict(make_cfg("predict", [f"model={onnx_model}", f"input={images}", "monitor.enabled=true",
+                                     "scene.enabled=true"], tmp_path / "both"))
+    with pytest.raises(ConfigError, match="monitor.enabled='yes'"):
+        predict(make_cfg("predict", [f"model={onnx_model}", f"input={images}", "monitor.enabled=yes"],
+                         tmp_path / "bad"))
