@@ -127,32 +127,23 @@ def accuracy_estimates(val, test, region) -> dict:
 
 
 def export_onnx_with_embedding(runner, folder: Path) -> Path:
-    """The model as ONNX fp32 with outputs 'logits' and 'embedding' (the second output #15 item 4 asks `export`
-    for), its metadata sealed as `fmtransfer export` seals it."""
+    """The model as ONNX fp32 with outputs 'logits' and 'embedding' (``export_onnx(embedding=True)``, what
+    ``fmtransfer export`` writes with ``export.embedding_output=true``), its metadata sealed as export seals it; no
+    INT8 and no gates (``fmtransfer export`` and scripts/bench_device_monitor.py measure those)."""
     import torch
 
-    from fmtransfer.export.onnx_export import embed_metadata
+    from fmtransfer.export.onnx_export import embed_metadata, export_onnx, output_names
     from fmtransfer.export.runtime import ONNX_FORMAT, ONNX_FORMAT_VERSION
-
-    class Both(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, x):
-            f = self.model.features(x)
-            return self.model.head(f), f
 
     meta = runner.meta
     pre = meta["preprocess"]
     path = folder / "model.onnx"
     sample = torch.zeros(2, int(pre["channels"]), *pre["image_size"])
-    torch.onnx.export(Both(runner.model.cpu().eval()), (sample,), str(path), input_names=["input"],
-                      output_names=["logits", "embedding"], opset_version=17, dynamo=False,
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}, "embedding": {0: "batch"}})
+    export_onnx(runner.model.cpu().eval(), sample, path, task=meta["task"], embedding=True)
     embed_metadata(path, {"format": ONNX_FORMAT, "format_version": ONNX_FORMAT_VERSION, "task": meta["task"],
                           "classes": meta["classes"], "num_outputs": int(meta["num_outputs"]), "preprocess": pre,
-                          "input_name": "input", "output_name": "logits", "backbone": meta["backbone"]["name"],
+                          "input_name": "input", "output_name": "logits",
+                          "output_names": output_names(meta["task"], True), "backbone": meta["backbone"]["name"],
                           "gates_passed": True, "gates": [], "note": "bench_monitor's own export (fp32, no gates)"})
     return path
 
