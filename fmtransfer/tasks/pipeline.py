@@ -28,6 +28,7 @@ from fmtransfer.tasks.common import run_dir
 from fmtransfer.tasks.curate import curate, curation_settings
 from fmtransfer.tasks.evaluate import evaluate
 from fmtransfer.tasks.export import GateFailed, export, export_settings
+from fmtransfer.tasks.monitor import MonitorSettings, monitor
 from fmtransfer.tasks.plan import plan
 from fmtransfer.tasks.pretrain import epochs_for_steps, pretrain, validate
 from fmtransfer.tasks.pretrain_dino import is_self_supervised
@@ -35,7 +36,8 @@ from fmtransfer.tasks.report import metric_rows, results_table, write_report
 from fmtransfer.tasks.result import StageResult
 
 STAGE_FUNCTIONS: dict[str, Callable[[DictConfig], StageResult]] = {
-    "pretrain": pretrain, "evaluate": evaluate, "curate": curate, "adapt": adapt, "plan": plan, "export": export}
+    "pretrain": pretrain, "evaluate": evaluate, "curate": curate, "adapt": adapt, "plan": plan, "export": export,
+    "monitor": monitor}
 # what the global pretraining takes from the pipeline's config (the pipeline's groups are its groups)
 TRAINING_KEYS = ("seed", "deterministic", "data", "backbone", "method", "augment", "trainer", "logger", "loader",
                  "resume", "resume_force", "checkpoint", "callbacks")
@@ -84,6 +86,7 @@ class PipelineSettings:
         sweep: the adapt runs that feed the plan.
         adapt_overrides: extra ``adapt`` overrides for every adapt run.
         export_region_model: export the region's model (ONNX fp32 + INT8, gated).
+        monitor_region: monitor the region (current) against the global val split (reference) with the global model.
         curate_global: curate the global set with the global model's embeddings.
         curate_with: another model whose embeddings curate instead (e.g. a self-supervised run), or None.
         pretrain_curated: pretrain a second model on the curated subset.
@@ -97,6 +100,7 @@ class PipelineSettings:
     sweep: Sweep
     adapt_overrides: list[str]
     export_region_model: bool
+    monitor_region: bool
     curate_global: bool
     curate_with: str | None
     pretrain_curated: bool
@@ -215,6 +219,9 @@ def compose_steps(cfg: DictConfig, settings: PipelineSettings, out: Path) -> Ste
     region = {"data": to_plain(cfg.region)}
     steps.compose("pretrain", "pretrain", nodes=_nodes(cfg, *TRAINING_KEYS, resolve=False))
     steps.compose("zero_shot", "evaluate", nodes={**_nodes(cfg, "seed", "split", "accelerator", "loader"), **region})
+    if settings.monitor_region:  # the recipes themselves: a region of one's own need not be a named recipe
+        steps.compose("monitor", "monitor", nodes={**_nodes(cfg, "seed", "accelerator", "loader"),
+                                                   "reference": to_plain(cfg.data), "current": to_plain(cfg.region)})
     if settings.curate_global:
         curate = steps.compose("curate", "curate", nodes=_nodes(cfg, "seed", "accelerator", "data", "loader",
                                                                 "curation"))
@@ -266,6 +273,8 @@ def _check(steps: Steps, settings: PipelineSettings) -> None:
                           f"{region.name!r} ({pool} samples)")
     if "export" in configs:
         export_settings(configs["export"])
+    if "monitor" in configs:
+        MonitorSettings.from_cfg(configs["monitor"].monitor)
     if settings.curate_with and not settings.curate_global:
         raise ConfigError(f"curate_with={settings.curate_with!r} names the model that curates the global set, but "
                           f"curate_global=false: set curate_global=true, or drop curate_with")
@@ -289,6 +298,8 @@ def _run(steps: Steps, settings: PipelineSettings) -> GateFailed | DoNoHarmRefus
     not beating its base) is returned."""
     pre = steps.run("pretrain")
     steps.run("zero_shot", {"model": str(pre.run_dir)})
+    if "monitor" in steps.configs:
+        steps.run("monitor", {"model": str(pre.run_dir)})
     if "curate" in steps.configs:
         curated = steps.run("curate", {} if settings.curate_with else {"base": str(pre.run_dir)})
         if "pretrain_curated" in steps.configs:
@@ -317,12 +328,15 @@ def _report(steps: Steps, settings: PipelineSettings, record: RunRecord,
     pre, zero, planned = results["pretrain"], results["zero_shot"], results["plan"]
     region = results[_adapt_step(settings, settings.adapter, settings.calibration.size)]
     curated, curated_pre, exported = results.get("curate"), results.get("pretrain_curated"), results.get("export")
+    monitored = results.get("monitor")
     regional = {size: (results[_adapt_step(settings, adapter, size)], results[_regional_step(settings, adapter, size)])
                 for adapter, size in settings.regional_runs()}
     sections = [("Setup", _setup(pre, zero, region)),
                 ("Results", _results(pre, curated, curated_pre, zero, region,
                                      regional.get(settings.calibration.size, (None, None))[1])),
                 *([("Regional pretraining", _regional_section(regional, pre.metrics["task"]))] if regional else []),
+                *([("Monitoring: the region against the global data", _without_images(monitored.sections[0][1]))]
+                  if monitored else []),
                 ("Do no harm", _harm_section(region, rejected if isinstance(rejected, DoNoHarmRefused) else None)),
                 *(curated.sections if curated else []), *planned.sections]
     if exported is not None:
@@ -330,6 +344,7 @@ def _report(steps: Steps, settings: PipelineSettings, record: RunRecord,
                      for heading, body in exported.sections]
     sections.append(("Stages", "\n".join(
         [f"- pretrain: `{pre.run_dir}`", f"- zero-shot: `{zero.run_dir}`",
+         *([f"- monitoring: `{monitored.run_dir}`"] if monitored else []),
          *([f"- curation: `{curated.outputs['manifest']}`"] if curated else []),
          f"- region adapter: `{region.outputs['adapter']}`", f"- adaptation sweep: `{steps.out / 'adapt'}`",
          *([f"- with regional pretraining: `{steps.out / 'adapt_regional'}`"] if regional else []),
@@ -347,11 +362,19 @@ def _report(steps: Steps, settings: PipelineSettings, record: RunRecord,
     if curated:
         images += [("Curation: cluster sizes", curated.outputs.get("cluster_sizes")),
                    ("Curation: PCA map", curated.outputs.get("pca"))]
+    if monitored:
+        images += [("Monitoring: OOD scores, global reference against the region", monitored.outputs.get("ood_plot"))]
     report = write_report(steps.out / "report.md", title="fmtransfer pipeline report", run=record.data,
                           sections=sections, images=[(c, p) for c, p in images if p is not None])
     record.add_output(report, "report")
     return StageResult("pipeline", steps.out, outputs={"report": report}, sections=sections,
                        steps={**results, "adapt": region})
+
+
+def _without_images(markdown: str) -> str:
+    """A step's report section without its pictures: their links are relative to the step's own folder, and the
+    pipeline's report shows the pictures itself."""
+    return "\n".join(line for line in markdown.splitlines() if not line.lstrip().startswith("!["))
 
 
 def _harm_section(region: StageResult, refused: DoNoHarmRefused | None) -> str:

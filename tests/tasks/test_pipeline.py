@@ -32,14 +32,17 @@ def test_pipeline_report(cfg_factory, tmp_path):
     assert "## Calibration-size plan" in report and "| linear_probe |" in report
     for image in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report):
         assert (out / image).is_file(), image
-    assert len(re.findall(r"!\[", report)) == 7
+    assert len(re.findall(r"!\[", report)) == 8
+    # the region monitored against the global data: drift verdicts, the accuracy estimate, the OOD share
+    assert "## Monitoring: the region against the global data" in report and "BBSD" in report
+    assert result.steps["monitor"].metrics["current"]["n"] == 60  # the region's test split, its limit kept
     record = load_record(out)
     stages = [p["stage"] for p in record["parents"]]
     assert stages[:2] == ["pretrain", "evaluate"] and stages.count("adapt") == 5 and stages[-2:] == ["plan", "export"]
     assert "## Edge export" in report and "ONNX INT8 (static)" in report
     assert "## Do no harm" in report and "released with force=true" in report
     assert "## Data curation" in report and "curated 20% of the train split" in report
-    assert stages[2:4] == ["curate", "pretrain"] and result.steps["pretrain_curated"].metrics["data"]["splits"][
+    assert stages[2:5] == ["monitor", "curate", "pretrain"] and result.steps["pretrain_curated"].metrics["data"]["splits"][
         "train"] == result.steps["curate"].metrics["selected"]
     # pretrain_curated_steps=equal: the curated subset trains for as many optimisation steps as the full data
     full_steps = result.steps["pretrain"].metrics["global_step"]
@@ -96,7 +99,7 @@ def test_every_step_is_composed_from_its_stage_config(cfg_factory, tmp_path):
                       "export.gates.max_accuracy_drop=0.5")
     out = tmp_path / "pipeline"
     steps = compose_steps(cfg, pipeline_settings(cfg), out)
-    assert list(steps.configs) == ["pretrain", "zero_shot", "curate", "pretrain_curated", "adapt/0_lora_n20",
+    assert list(steps.configs) == ["pretrain", "zero_shot", "monitor", "curate", "pretrain_curated", "adapt/0_lora_n20",
                                    "adapt/1_linear_probe_n20", "adapt/2_lora_n100", "plan", "export"]
     plan_yaml = OmegaConf.load(config_dir() / "plan.yaml")
     assert list(steps.configs["plan"].targets) == list(plan_yaml.targets)  # not a copy in the pipeline
@@ -107,6 +110,9 @@ def test_every_step_is_composed_from_its_stage_config(cfg_factory, tmp_path):
         stage_yaml = OmegaConf.load(config_dir() / f"{sub.stage}.yaml")
         assert set(stage_yaml) - {"defaults"} <= set(sub), name  # every key of the stage's own config
     assert steps.configs["zero_shot"].adapter_file is None and steps.configs["zero_shot"].data.limit == 200
+    # monitoring compares the region's recipe (as composed, a limit included) with the global one
+    assert steps.configs["monitor"].current.limit == 200 and steps.configs["monitor"].current.name == cfg.region.name
+    assert steps.configs["monitor"].reference.name == cfg.data.name
     assert steps.configs["export"].export.gates.max_accuracy_drop == 0.5
     assert steps.configs["adapt/2_lora_n100"].calibration.size == 100
     # only the region's adapter (lora at calibration.size, the one exported) pays for the do-no-harm check
