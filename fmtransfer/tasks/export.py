@@ -188,12 +188,16 @@ def _load_inputs(cfg: DictConfig, settings: ExportSettings, recipe: Recipe, reco
 
 def _load(cfg: DictConfig, record: RunRecord) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any],
                                                       dict[str, Any] | None]:
-    """The model to export (adapter merged in), its header, lineage hashes for the metadata and, with an adapter,
-    its do-no-harm verdict (an adapter that does not beat its base is refused here unless ``force=true``)."""
+    """The model to export (adapter merged in), its header, lineage hashes for the metadata and, with an adapter (or
+    a model ``merge`` made of one), its do-no-harm verdict (an adapter that does not beat its base is refused here
+    unless ``force=true``)."""
     loaded = load_model_or_adapted(cfg.model, cfg.adapter_file, merge=True, allow_unfinished=allow_unfinished(cfg))
     record_sources(record, loaded)
     model, meta, header = loaded.model, loaded.meta, loaded.adapter
     harm = release_check(header, forced(cfg), header["path"]) if header is not None else None
+    if header is None and meta.get("lineage", {}).get("adapter_sha256"):  # a merged adapter: its own check holds
+        harm = release_check({"do_no_harm": meta.get("do_no_harm")}, forced(cfg),
+                             f"{meta['lineage']['adapter_sha256'][:12]} (merged into {cfg.model})")
     if harm is not None:
         record.set("do_no_harm", harm)
     if header is not None:

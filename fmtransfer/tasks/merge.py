@@ -23,6 +23,9 @@ def merge(cfg: DictConfig) -> StageResult:
                            "base_sha256": header["base"]["sha256"], "adapter_sha256": header["weights_sha256"],
                            "recipe": header["lineage"].get("recipe")}
         meta.pop("weights_sha256", None)
+        # the adapter's check against its base travels with the merged model: export refuses it as it would the
+        # adapter (an adapter written before the check has none: refused there as unchecked)
+        meta["do_no_harm"] = header.get("do_no_harm")
         weights, model_json = save_model(model, meta, out)
         record.add_output(weights, "weights")
         record.add_output(model_json, "model")

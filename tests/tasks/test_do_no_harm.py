@@ -68,6 +68,19 @@ def test_export_refuses_it_unless_forced(no_gain, tmp_path, caplog):
 
 
 @pytest.mark.slow
+def test_merging_does_not_bypass_the_check(no_gain, tmp_path):
+    """merge, then export model=<merged>: the adapter's verdict travels in model.json and is refused the same way."""
+    from fmtransfer.tasks.merge import merge
+
+    merged = merge(make_cfg("merge", [f"adapter_file={no_gain.outputs['adapter']}"], tmp_path / "merged"))
+    with pytest.raises(DoNoHarmRefused, match=r"does not beat its base.*inconclusive.*force=true"):
+        export(make_cfg("export", [f"model={merged.outputs['model']}", *REGION, *FAST], tmp_path / "refused"))
+    result = export(make_cfg("export", [f"model={merged.outputs['model']}", *REGION, *FAST, "force=true"],
+                             tmp_path / "forced"))
+    assert result.metrics["do_no_harm"]["forced"] is True
+
+
+@pytest.mark.slow
 def test_an_adapter_without_the_check_is_refused_as_unchecked(no_gain, tmp_path):
     header, state = read_adapter(no_gain.outputs["adapter"])
     old = tmp_path / "old" / "adapter.safetensors"
