@@ -38,12 +38,14 @@ PLUSPLUS_POINTS_PER_CENTROID = 16
 
 
 def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, init: np.ndarray | None = None,
-           max_points_per_centroid: int = 256, plusplus: bool = True, gpu: bool = False) -> np.ndarray:
+           max_points_per_centroid: int = 256, plusplus: bool = True, gpu: bool = False,
+           plusplus_per_centroid: int = PLUSPLUS_POINTS_PER_CENTROID) -> np.ndarray:
     """FAISS k-means. x: (n, d) float32 -> centroids (k, d) float32.
 
     FAISS trains on at most ``k * max_points_per_centroid`` points (a random sample), which bounds memory and
     time for large n; assign everything afterwards with :func:`assign`. Unless ``init`` is given, the seeds are
-    k-means++ on a sample of ``16 k`` of those points (``plusplus=False``: FAISS's uniform random seeds).
+    k-means++ on a sample of ``plusplus_per_centroid * k`` of those points (``plusplus=False``: FAISS's uniform
+    random seeds). k-means++ is sequential: each of the k seeds reads that whole sample once.
     """
     import faiss
 
@@ -58,7 +60,7 @@ def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, init: np.nd
         sample = x[np.sort(rng.choice(n, size=k * max_points_per_centroid, replace=False))]
     if init is None and plusplus and k > 1:
         rng = np.random.default_rng(seed + 1)
-        m = min(len(sample), k * PLUSPLUS_POINTS_PER_CENTROID)
+        m = min(len(sample), k * plusplus_per_centroid)
         init = kmeans_plusplus(sample[rng.choice(len(sample), size=m, replace=False)] if m < len(sample) else sample,
                                k, rng)
     km.train(np.ascontiguousarray(sample, dtype=np.float32),

@@ -10,15 +10,18 @@ quality: pretrain a ResNet-18 on the full global set (mnist_global), on a curate
 sets: on every real recipe here (--sets; mnist_global and uci_digits_region by default), per seed: a ResNet-18
     trained on the whole train split (the demo's settings), curated 20% subsets with curation.balance_floor 0 and
     0.5 embedded by that model, and a random 20%, each trained for the same number of steps; the test accuracy of
-    each, the curation's self-check warnings and its smallest class share ratio.
+    each, the curation's self-check warnings and its smallest class share ratio. --embedders supervised dino also
+    curates with a DINO run's embeddings (`pretrain method=dino`, 8 epochs, on the same train split, labels unused).
 skew: duplicate one class of the global train split 20x with small noise, curate, and compare the class shares
     of the pool and the curated subset (and what dedup removed), over 5 curation seeds, with the default levels
     and with the earlier default [100, 20, 5].
 speed: a Gaussian mixture of --n x --dim float32 embeddings with very uneven cluster sizes, as a .npy on disk;
-    the whole curation (curate_embeddings: hierarchical k-means [1000, 100, 10] with k-means++ seeding and 10
-    resampling steps, near-duplicate removal inside the finest clusters, balanced sampling to 20%), the same
-    with FAISS's uniform seeding and no dedup (an ablation), and scikit-learn's MiniBatchKMeans at k=1000, each
-    in its own process: wall time, peak RSS, and how the mixture components are represented.
+    the whole curation with the defaults (curate_embeddings: hierarchical k-means [1000, 100, 10] with k-means++
+    seeding and 10 resampling steps, run on a sample of curation.resample_sample points a cluster where the level
+    is larger, near-duplicate removal inside the finest clusters, balanced sampling to 20%), the same with the
+    paper's refinement (every refit on the whole pool, every point re-assigned at every step), the same with FAISS's
+    uniform seeding and no dedup (an ablation), and scikit-learn's MiniBatchKMeans at k=1000, each in its own
+    process: wall time, peak RSS, and how the mixture components are represented.
 Writes bench_curate.json and bench_curate.md under --out.
 """
 
@@ -269,9 +272,10 @@ import numpy as np, time, json, resource, sys
 from fmtransfer.curation.curate import CurationSettings, curate_embeddings
 x = np.load(sys.argv[1], mmap_mode="r")
 init, dedup = sys.argv[2], sys.argv[3] == "dedup"
+extra = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
 t = time.perf_counter()
 settings = CurationSettings(target_size=0.2, levels=[1000, 100, 10], resampling_steps=10, init=init, dedup=dedup,
-                            dedup_threshold=0.99)
+                            dedup_threshold=0.99, **extra)
 cur = curate_embeddings(x, settings, seed=0, log=lambda m: print(m, file=sys.stderr, flush=True))
 total = time.perf_counter() - t
 comp = np.load(sys.argv[1].replace(".npy", ".components.npy"))
@@ -290,8 +294,11 @@ print(json.dumps({"seconds": total, **{f"{k}_seconds": v for k, v in cur.seconds
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 CHILD = {
-    # the whole curation (k-means++ seeding, resampling, dedup inside the finest clusters, balanced sampling)
+    # the whole curation with the defaults (k-means++ seeding, resampling refinements on a sample of
+    # curation.resample_sample points a cluster, dedup inside the finest clusters, balanced sampling)
     "curation": (CURATION, ["kmeans++", "dedup"]),
+    # the same with the paper's refinement: every refit curation.niter iterations, every point re-assigned each step
+    "curation_paper_refits": (CURATION, ["kmeans++", "dedup", '{"resample_sample": null, "refit_niter": null}']),
     # the same without k-means++ (FAISS's uniform seeds) and without dedup: what the seeding buys
     "curation_random_init": (CURATION, ["random", "nodedup"]),
     "minibatch_kmeans": ("""

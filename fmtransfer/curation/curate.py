@@ -28,9 +28,10 @@ class CurationSettings:
         init: how every k-means fit is seeded: kmeans++ (separated small modes get a seed) or random (FAISS's
             uniform draw, which follows density).
         niter: k-means iterations per fit.
-        refit_niter: k-means iterations of every resampling refit (null: ``niter``, as the first fit).
-        resample_sample: the resampling refits of a level run on a random sample of this many points per cluster,
-            and every point is assigned once at the end (null: on all points, every point assigned at every step).
+        resample_sample: a level of more than k x this many points is refined on a random sample of this many
+            points per cluster, with lighter fits, and every point is assigned once at the end (null: always the
+            paper's scheme, every point re-assigned at every step; smaller pools always get it).
+        refit_niter: k-means iterations of a refit on that sample (null: ``niter``).
         within_cluster: which points a finest cluster gives once its quota is known: random or closest.
         balance_floor: this share of the budget is spread over the finest clusters in proportion to their size,
             the rest balanced (0: plain balance, which can starve a class whose samples look alike; 1: proportional).
@@ -51,8 +52,8 @@ class CurationSettings:
     resample_per_cluster: int | None = None
     init: Literal["kmeans++", "random"] = "kmeans++"
     niter: int = 20
-    refit_niter: int | None = None
-    resample_sample: int | None = None
+    refit_niter: int | None = 5
+    resample_sample: int | None = 128
     within_cluster: Literal["random", "closest"] = "random"
     balance_floor: float = 0.5
     dedup: bool = True

@@ -16,6 +16,9 @@ import numpy as np
 from fmtransfer.clustering import ASSIGN_BATCH, assign, kmeans
 from fmtransfer.errors import DataError
 
+LIGHT_FIT_POINTS = 64  # points per centroid that train the first fit of a sampled refinement
+LIGHT_SEED_POINTS = 8  # points per centroid that k-means++ seeds from in a sampled refinement
+
 
 class Resample(str, Enum):
     """Which points of each cluster re-fit the centroids in a resampling step."""
@@ -63,29 +66,33 @@ def resampled_kmeans(x: np.ndarray, k: int, *, steps: int = 10, per_cluster: int
     on a balanced sample cannot undo that. A refit must start afresh: started from the centroids it refines, its
     sample (each centroid's closest points) holds those centroids in place, and nothing leaves a dense region.
 
-    Two savings for large pools (both off: the paper's scheme, every refit ``niter`` iterations, every point
-    re-assigned at every step):
-        refit_niter: iterations of each refit.
-        sample_per_centroid: the refinements run on a random sample of ``k * sample_per_centroid`` points; every
-            point is assigned once, at the end.
+    A large pool (more than ``k * sample_per_centroid`` points) is refined on a random sample of that many points,
+    and every point is assigned once, at the end; on that sample the refits run ``refit_niter`` iterations (None:
+    ``niter``), the first fit trains on 64 points a cluster and k-means++ seeds from 4 a cluster. A smaller pool, or
+    ``sample_per_centroid=None``, gets the paper's scheme: every refit ``niter`` iterations on the whole pool, every
+    point re-assigned at every step.
 
     Returns:
         centroids (k, d) float32; labels (n,) int64 of every point of x.
     """
     n = len(x)
     rng = np.random.default_rng(seed)
-    work = x
+    work, lighter, refit_iters = x, {}, niter
     if sample_per_centroid is not None and n > k * sample_per_centroid:
         work = np.asarray(x[np.sort(rng.choice(n, size=k * sample_per_centroid, replace=False))])
-    centroids = kmeans(work, k, niter=niter, seed=seed, plusplus=plusplus, gpu=gpu)
+        # a large pool: the first fit only chooses the first resample, and a refit's points are already spread
+        # evenly over the clusters, so fewer points train the first fit and fewer seed each fit
+        lighter = {"max_points_per_centroid": LIGHT_FIT_POINTS, "plusplus_per_centroid": LIGHT_SEED_POINTS}
+        refit_iters = refit_niter or niter
+    centroids = kmeans(work, k, niter=niter, seed=seed, plusplus=plusplus, gpu=gpu, **lighter)
     r = per_cluster or max(1, min(len(work) // (2 * k), 64))
     for step in range(steps):
         labels, dist = assign(work, centroids)
         chosen = pick_per_cluster(labels, dist, r, how, rng)
         if len(chosen) < k:
             break
-        centroids = kmeans(np.asarray(work[chosen]), k, niter=refit_niter or niter, seed=seed + step + 1,
-                           plusplus=plusplus, gpu=gpu)
+        centroids = kmeans(np.asarray(work[chosen]), k, niter=refit_iters, seed=seed + step + 1,
+                           plusplus=plusplus, gpu=gpu, **lighter)
     labels, _ = assign(x, centroids)
     return centroids, labels
 

@@ -126,8 +126,7 @@ def test_seeding_and_resampling_spread_centroids_out_of_the_dense_region():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("saving", [{"refit_niter": 5}, {"sample_per_centroid": 32},
-                                    {"refit_niter": 5, "sample_per_centroid": 32}])
+@pytest.mark.parametrize("saving", [{"sample_per_centroid": 32}, {"refit_niter": 5, "sample_per_centroid": 32}])
 def test_the_cheaper_refinements_still_spread_centroids_out_of_the_dense_region(saving):
     """Shorter refits and refinement on a sample (what large pools use) keep what the resampling is for: every small
     mode keeps a centroid, and fewer centroids sit in the dense cluster than after the first fit."""
