@@ -6,7 +6,9 @@ the region's unlabelled train split, and the sample nearest each centroid.
 
 from __future__ import annotations
 
+import csv
 from enum import Enum
+from pathlib import Path
 
 import numpy as np
 
@@ -27,6 +29,22 @@ def parse_strategy(value: str) -> Strategy:
     except ValueError:
         raise ConfigError(f"calibration.strategy={value!r}; expected one of: "
                           f"{', '.join(s.value for s in Strategy)}") from None
+
+
+def manifest_ids(path: str | Path) -> list[str]:
+    """The ``id`` column of a calibration manifest, in file order (duplicates dropped, the first kept)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"calibration.manifest={path}: no such file; give a CSV with an id column (e.g. monitor's "
+                          f"label_first.csv or curate's curated.csv)")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if "id" not in (reader.fieldnames or []):
+            raise ConfigError(f"calibration.manifest={path}: no 'id' column (columns: {reader.fieldnames})")
+        ids = [row["id"] for row in reader if row["id"]]
+    if not ids:
+        raise ConfigError(f"calibration.manifest={path} lists no ids")
+    return list(dict.fromkeys(ids))
 
 
 def select_random(n_pool: int, k: int, seed: int) -> np.ndarray:

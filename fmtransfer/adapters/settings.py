@@ -38,14 +38,17 @@ class CalibrationSettings:
     """``calibration``: the labelled region samples the adapter trains on, from the region's train split only.
 
     Attributes:
-        size: how many (None: the whole train split).
+        size: how many (None: the whole train split, or the whole manifest).
         strategy: random, stratified (class balance) or diverse (k-means on the base's embeddings).
         seed: the draw's seed.
+        manifest: a CSV with an ``id`` column (``monitor``'s label_first.csv, a curated.csv, a list of one's own):
+            the first ``size`` of its ids, in file order, are the calibration set; ``strategy`` is then unused.
     """
 
     size: int | None
     strategy: Strategy
     seed: int
+    manifest: str | None
 
     def __post_init__(self) -> None:
         if self.size is not None and self.size < 1:

@@ -21,7 +21,13 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fmtransfer.adapters.artifact import ADAPTER_FILE, adapted_meta, save_adapter
-from fmtransfer.adapters.calibration import Strategy, select_diverse, select_random, select_stratified
+from fmtransfer.adapters.calibration import (
+    Strategy,
+    manifest_ids,
+    select_diverse,
+    select_random,
+    select_stratified,
+)
 from fmtransfer.adapters.harm import (
     INTERVAL_METHOD,
     compare,
@@ -37,7 +43,7 @@ from fmtransfer.adapters.settings import AdaptSettings
 from fmtransfer.config import build, build_dataclass, require, to_plain
 from fmtransfer.data import Preprocess, Recipe, RecipeDataModule, build_datamodule, load_recipe
 from fmtransfer.errors import ConfigError
-from fmtransfer.lineage import RunRecord, write_json_atomic, write_text_atomic
+from fmtransfer.lineage import RunRecord, sha256_file, write_json_atomic, write_text_atomic
 from fmtransfer.models.backbone import backbone_spec, check_input_size, create_backbone
 from fmtransfer.models.classifier import META_FILE, Classifier, model_meta, save_model
 from fmtransfer.models.inference import embed, predict
@@ -73,11 +79,31 @@ from fmtransfer.tasks.result import StageResult
 log = logging.getLogger(__name__)
 
 
+def manifest_rows(dm: RecipeDataModule, manifest: str) -> np.ndarray:
+    """Table rows of a calibration manifest's ids, in its order; ids outside the train split are refused."""
+    table = dm.prepare()
+    where = {str(i): r for r, i in enumerate(table.ids)}
+    ids = manifest_ids(manifest)
+    unknown = [i for i in ids if i not in where]
+    if unknown:
+        raise ConfigError(f"calibration.manifest={manifest}: {len(unknown)} id(s) are not in the recipe "
+                          f"{dm.recipe.name!r}, e.g. {unknown[:3]}")
+    rows = np.array([where[i] for i in ids], dtype=np.int64)
+    outside = rows[~np.isin(rows, table.indices("train"))]
+    if len(outside):
+        raise ConfigError(f"calibration.manifest={manifest}: {len(outside)} id(s) lie in the val or test split, e.g. "
+                          f"{[str(table.ids[r]) for r in outside[:3]]}; val and test are never used for calibration")
+    return rows
+
+
 def choose_calibration(dm: RecipeDataModule, model, strategy: Strategy, size: int, seed: int,
-                       accelerator: str = "auto") -> np.ndarray:
-    """Table rows of the calibration set, drawn from the train split only (never val or test)."""
+                       accelerator: str = "auto", manifest: str | None = None) -> np.ndarray:
+    """Table rows of the calibration set, drawn from the train split only (never val or test): the first ``size``
+    of a manifest's ids, or drawn by ``strategy``."""
     table = dm.prepare()
     pool = table.indices("train")
+    if manifest is not None:
+        return np.sort(manifest_rows(dm, manifest)[:size])
     if strategy is Strategy.RANDOM:
         pick = select_random(len(pool), size, seed)
     elif strategy is Strategy.STRATIFIED:
@@ -163,6 +189,8 @@ def adapt(cfg: DictConfig) -> StageResult:
         _record_inputs(record, inputs)
         zero_shot = _zero_shot(inputs, settings, out)
         files["calibration"] = _calibrate(inputs, settings, out)
+        if settings.calibration.manifest is not None:
+            record.add_input(settings.calibration.manifest, "calibration_manifest")
         base_view = _base_on_calibration(cfg, settings, inputs)
         fitted = _fit(cfg, settings, inputs, record, out)
         fitted.header["do_no_harm"], harm_files = _do_no_harm(cfg, settings, inputs, fitted, base_view, out)
@@ -189,10 +217,15 @@ def _load_inputs(cfg: DictConfig, settings: AdaptSettings, recipe: Recipe, metho
         check_method_fits(method.name, base_meta["backbone"]["name"])
         dm = build_datamodule(recipe, cfg.loader, model_meta=base_meta, seed=cfg.seed)
         pool = len(dm.prepare().indices("train"))
+        manifest = settings.calibration.manifest
+        if manifest is not None:  # the manifest's ids are the pool: checked before anything trains
+            pool = len(manifest_rows(dm, manifest))
         size = pool if settings.calibration.size is None else settings.calibration.size
         if size > pool:
-            raise ConfigError(f"calibration.size={size} is larger than the train split of {recipe.name!r} ({pool} "
-                              f"samples; val and test are never used for calibration)")
+            where = f"calibration.manifest={manifest} ({pool} ids" if manifest else \
+                f"the train split of {recipe.name!r} ({pool} samples"
+            raise ConfigError(f"calibration.size={size} is larger than {where}; val and test are never used for "
+                              f"calibration)")
         resume = resolve_resume(settings.resume)
         setup = setup_fingerprint(cfg, SETUP_KEYS, recipe, dm.prepare().fingerprint,
                                   **{"base.sha256": base_meta["weights_sha256"]})
@@ -274,7 +307,8 @@ def _zero_shot(inputs: _Inputs, settings: AdaptSettings, out: Path) -> dict[str,
 def _calibrate(inputs: _Inputs, settings: AdaptSettings, out: Path) -> Path:
     """Choose the calibration rows, restrict the train split to them, and save their ids."""
     cal = settings.calibration
-    rows = choose_calibration(inputs.dm, inputs.model, cal.strategy, inputs.size, cal.seed, settings.accelerator)
+    rows = choose_calibration(inputs.dm, inputs.model, cal.strategy, inputs.size, cal.seed, settings.accelerator,
+                              manifest=cal.manifest)
     inputs.dm.use_rows("train", rows)
     return write_text_atomic(out / "calibration.csv", _calibration_csv(inputs.dm.prepare(), rows))
 
@@ -306,7 +340,10 @@ def _fit(cfg: DictConfig, settings: AdaptSettings, inputs: _Inputs, record: RunR
         "task": recipe.task, "classes": table.classes, "num_outputs": dm.num_outputs,
         "preprocess": base_meta["preprocess"], "head": head_note,
         "calibration": {"size": size, "strategy": settings.calibration.strategy.value,
-                        "seed": settings.calibration.seed},
+                        "seed": settings.calibration.seed,
+                        **({"manifest": str(settings.calibration.manifest),
+                            "manifest_sha256": sha256_file(settings.calibration.manifest)}
+                           if settings.calibration.manifest is not None else {})},
         "trainable_parameters": trainable, "total_parameters": total,
         "lineage": {"run_id": record.data["run_id"], "run_dir": str(out.resolve()), "recipe": recipe.name,
                     "data_fingerprint": table.fingerprint},

@@ -163,3 +163,38 @@ def test_val_split_is_scored_and_resume_continues(base, cfg_factory, tmp_path):
     assert again.metrics["test"]["overall"] == m["test"]["overall"]  # a finished run resumes to the same end
     assert load_record(tmp_path / "b")["inputs"][0]["role"] == "base"
     assert not (tmp_path / "b" / "checkpoints").exists()  # by default only the adapter stays
+
+
+def test_a_calibration_manifest_picks_its_first_ids(base, cfg_factory, tmp_path):
+    """calibration.manifest (e.g. monitor's label_first.csv): the first calibration.size ids in file order are the
+    calibration set, recorded with the manifest's sha256; ids in val or test, or not in the recipe, are refused
+    before anything trains."""
+    first = adapt(cfg_factory("adapt", f"base={base}", *REGION, *QUICK, "do_no_harm.folds=0", run_dir=tmp_path / "a"))
+    with open(first.run_dir / "data" / "uci_digits_region.splits.csv") as f:
+        split_of = {r["id"]: r["split"] for r in csv.DictReader(f)}
+    train = [i for i, s in split_of.items() if s == "train"]
+    wanted = train[::-1][:40]  # not the recipe's order: the manifest's order decides
+    manifest = tmp_path / "label_first.csv"
+    manifest.write_text("id,ood_score\n" + "".join(f"{i},{1 - j / 100}\n" for j, i in enumerate(wanted)))
+    result = adapt(cfg_factory("adapt", f"base={base}", *REGION, *QUICK, "do_no_harm.folds=0",
+                               f"calibration.manifest={manifest}", run_dir=tmp_path / "b"))
+    with open(result.run_dir / "calibration.csv") as f:
+        chosen = {r["id"] for r in csv.DictReader(f)}
+    assert chosen == set(wanted[:30])
+    cal = result.metrics["calibration"]
+    assert cal["manifest"] == str(manifest) and len(cal["manifest_sha256"]) == 64
+    assert any(i["role"] == "calibration_manifest" for i in load_record(result.run_dir)["inputs"])
+
+    leak = tmp_path / "leak.csv"
+    test_id = next(i for i, s in split_of.items() if s == "test")
+    leak.write_text(f"id\n{test_id}\n" + "".join(f"{i}\n" for i in wanted))
+    with pytest.raises(ConfigError, match="lie in the val or test split"):
+        adapt(cfg_factory("adapt", f"base={base}", *REGION, *QUICK, f"calibration.manifest={leak}",
+                          run_dir=tmp_path / "c"))
+    with pytest.raises(ConfigError, match=r"calibration.size=30 is larger than calibration.manifest=.*\(20 ids"):
+        short = tmp_path / "short.csv"
+        short.write_text("id\n" + "".join(f"{i}\n" for i in wanted[:20]))
+        adapt(cfg_factory("adapt", f"base={base}", *REGION, *QUICK, f"calibration.manifest={short}",
+                          run_dir=tmp_path / "d"))
+    assert not (tmp_path / "c" / "adapter.safetensors").exists()
+
