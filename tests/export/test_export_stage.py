@@ -248,7 +248,9 @@ def test_regression_model_exports_and_predicts(tmp_path):
                                         "export.gates.max_accuracy_drop=10"], tmp_path / "run"))
     m = result.metrics
     assert m["passed"] and m["task"] == "regression"
-    assert {g["name"] for g in m["gates"]} == {"fp32_parity", "int8_accuracy_drop"}  # no top-1 for regression
+    # no top-1 agreement for regression; the embedding output is gated like a classifier's
+    assert {g["name"] for g in m["gates"]} == {"fp32_parity", "int8_accuracy_drop", "fp32_embedding_cosine",
+                                               "int8_embedding_cosine"}
     meta = OnnxModel.load(result.outputs["model"]).meta
     assert meta["output_name"] == "prediction" and meta["classes"] is None and meta["preprocess"]["channels"] == 4
     import tifffile
