@@ -233,7 +233,8 @@ def compose_steps(cfg: DictConfig, settings: PipelineSettings, out: Path) -> Ste
         return [f"adapter={adapter}", f"calibration.size={size}", f"calibration.strategy={settings.calibration.strategy}",
                 f"seed={cfg.seed}", *([] if checked else ["do_no_harm.folds=0"]), *settings.adapt_overrides]
 
-    region_run = (settings.adapter, settings.calibration.size)
+    # the adapter the pipeline releases; with export_region_model=false nothing is released, and nothing is checked
+    region_run = (settings.adapter, settings.calibration.size) if settings.export_region_model else None
 
     adapt_nodes = {**region, **_nodes(cfg, "logger", "deterministic", resolve=False)}
     for adapter, size in settings.adapt_runs():

@@ -119,6 +119,9 @@ def test_every_step_is_composed_from_its_stage_config(cfg_factory, tmp_path):
     folds = OmegaConf.load(config_dir() / "adapt.yaml").do_no_harm.folds
     assert folds >= 2 and steps.configs["adapt/2_lora_n100"].do_no_harm.folds == folds
     assert steps.configs["adapt/0_lora_n20"].do_no_harm.folds == steps.configs["adapt/1_linear_probe_n20"].do_no_harm.folds == 0
+    # nothing exported, nothing released: no adapter pays for the check
+    quiet = compose_steps(cfg, pipeline_settings(OmegaConf.merge(cfg, {"export_region_model": False})), out)
+    assert quiet.configs["adapt/2_lora_n100"].do_no_harm.folds == 0
     assert steps.configs["pretrain"].trainer.limit_train_batches == 3  # the smoke trainer
     assert steps.configs["adapt/0_lora_n20"].trainer.limit_train_batches is None  # adapt's own trainer
 
