@@ -249,7 +249,7 @@ def main() -> None:
               "accuracy_estimate": accuracy, "throughput": speed, "seconds": time.perf_counter() - started,
               "command": " ".join(["OMP_NUM_THREADS=1", "python", *sys.argv])}
     (out / "bench_monitor.json").write_text(json.dumps(result, indent=2, default=str))
-    from fmtransfer.monitoring.figures import rates_png
+    from fmtransfer.plots import rates_png
 
     rates_png(list(power), {t: [power[n][t] for n in power] for t in TESTS}, out / "power.png",
               "detection rate, global reference vs region current", "current samples n", 0.9, log_x=True)

@@ -1,8 +1,8 @@
 """Watching a deployed model without labels: drift tests, a label-free accuracy estimate and per-sample OOD scores.
 
 Arrays in, verdicts out: numpy, scipy, scikit-learn and FAISS only (no torch), so an edge device running the model
-with onnxruntime can use it too. ``fmtransfer.tasks.monitor`` feeds it a model's outputs; the figures are in
-``monitoring.figures`` (matplotlib, imported only there).
+with onnxruntime can use it too. ``fmtransfer.tasks.monitor`` feeds it a model's outputs; its figures are in
+``fmtransfer.plots`` (matplotlib, imported only where figures are drawn).
 
 - ``drift``: BBSD (KS per class probability, Bonferroni), MMD on PCA-reduced embeddings (permutation p-value), a
   domain classifier (held-out AUC, Mann-Whitney p-value), label shift (chi-square on predicted classes), and the

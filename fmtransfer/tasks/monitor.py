@@ -576,7 +576,7 @@ def _ood(out: Path, stats: ReferenceStats, outputs: ModelOutputs, settings: Moni
         return {"skipped": "monitor.ood.enabled=false"}
     if stats.ood is None or outputs.embeddings is None:
         return {"skipped": "the model gives no embeddings (an ONNX export without an 'embedding' output)"}
-    from fmtransfer.monitoring.figures import ood_histogram_png
+    from fmtransfer.plots import ood_histogram_png
 
     scores = stats.ood.score(outputs.embeddings)
     files.update(write_ood(out, outputs, scores, stats.ood.threshold, settings.manifest_size))
@@ -590,7 +590,7 @@ def _ood(out: Path, stats: ReferenceStats, outputs: ModelOutputs, settings: Moni
 
 
 def _windows_plot(out: Path, win: list[dict[str, Any]], settings: MonitorSettings) -> Path:
-    from fmtransfer.monitoring.figures import windows_png
+    from fmtransfer.plots import windows_png
 
     labels = [f"{w['first']:g}" for w in win]
     p_values = {t: [w["tests"][t]["p_value"] for w in win] for t in win[0]["tests"]}
