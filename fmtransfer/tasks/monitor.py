@@ -475,7 +475,8 @@ def report_md(m: dict[str, Any]) -> str:
                   f"reference than its own {ood['quantile']:.0%} quantile (distance to the {ood['k']}-th nearest "
                   f"embedding of the bank, {ood['bank']}, > {ood['threshold']:.4f}; about {1 - ood['quantile']:.0%} of reference-like "
                   f"data would be). The {ood['manifest_n']} most unusual are in `label_first.csv`: label these first "
-                  f"(`data.subset=` takes it as a manifest).", "", "![OOD scores](ood_scores.png)"]
+                  f"(`adapt calibration.manifest=<this run>/label_first.csv` takes them as its calibration set).", "",
+                  "![OOD scores](ood_scores.png)"]
     if m.get("windows"):
         lines += ["", "## Over time", "", f"{len(m['windows'])} windows of about {m['settings']['window_size']} "
                   f"samples ordered by `{m['settings']['window_order']}`; drift in "

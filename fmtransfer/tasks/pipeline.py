@@ -373,9 +373,10 @@ def _report(steps: Steps, settings: PipelineSettings, record: RunRecord,
 
 
 def _without_images(markdown: str) -> str:
-    """A step's report section without its pictures: their links are relative to the step's own folder, and the
-    pipeline's report shows the pictures itself."""
-    return "\n".join(line for line in markdown.splitlines() if not line.lstrip().startswith("!["))
+    """A step's report section without its pictures (their links are relative to the step's own folder, and the
+    pipeline's report shows the pictures itself), its headings one level down, inside the pipeline's section."""
+    return "\n".join(f"#{line}" if line.startswith("#") else line for line in markdown.splitlines()
+                     if not line.lstrip().startswith("!["))
 
 
 def _harm_section(region: StageResult, refused: DoNoHarmRefused | None) -> str:

@@ -35,6 +35,7 @@ def test_pipeline_report(cfg_factory, tmp_path):
     assert len(re.findall(r"!\[", report)) == 8
     # the region monitored against the global data: drift verdicts, the accuracy estimate, the OOD share
     assert "## Monitoring: the region against the global data" in report and "BBSD" in report
+    assert "### Unusual samples (OOD)" in report and "\n## Unusual samples" not in report  # inside its section
     assert result.steps["monitor"].metrics["current"]["n"] == 60  # the region's test split, its limit kept
     record = load_record(out)
     stages = [p["stage"] for p in record["parents"]]
