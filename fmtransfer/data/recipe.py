@@ -39,6 +39,7 @@ SOURCE_OPTIONS: dict[str, dict[str, Any]] = {
         "layout": "NHWC",  # images array layout: NHWC (or NHW) or NCHW
         "keys": {"images": "images", "labels": "labels", "regions": "regions", "splits": "splits",
                  "ids": "ids"},
+        "missing_hint": None,  # said when path does not exist, e.g. the command that makes the file
     },
 }
 IMAGE_FOLDER_LAYOUTS = ("class", "region/class")

@@ -340,7 +340,8 @@ def read_npz(recipe: Recipe) -> SourceTable:
     opts = recipe.source
     path = Path(opts["path"]).expanduser()
     if not path.is_file():
-        raise DataError(f"data.source.path: {path} does not exist")
+        hint = f"; {opts['missing_hint']}" if opts.get("missing_hint") else ""
+        raise DataError(f"data.source.path: {path} does not exist{hint}")
     keys = opts["keys"]
     try:
         with np.load(path, allow_pickle=False) as npz:

@@ -196,3 +196,16 @@ def test_scan_cache_is_used(tmp_path, monkeypatch):
     monkeypatch.setattr(images, "_scan_one", fail)
     second = build_table(r, cache_dir=tmp_path / "cache")
     assert second.fingerprint == first.fingerprint
+
+
+def test_a_missing_npz_says_how_to_make_it(tmp_path, monkeypatch):
+    """The fashion_mnist and mnist_heldout recipes read a file that scripts/get_real_data.py makes; when it is
+    missing the error names the path (under $FMTRANSFER_DATA) and that command."""
+    from fmtransfer.config import compose_stage
+
+    monkeypatch.setenv("FMTRANSFER_DATA", str(tmp_path))
+    for name in ("fashion_mnist", "mnist_heldout"):
+        recipe = load_recipe(compose_stage("evaluate", [f"data={name}", "model=x"]).data)
+        with pytest.raises(DataError, match=rf"{tmp_path}/{name}.npz does not exist; make it with: python "
+                                            rf"scripts/get_real_data.py --sets {name}"):
+            build_table(recipe)
