@@ -19,7 +19,7 @@ import numpy as np
 
 from fmtransfer.errors import ArtifactError, ConfigError, DataError
 from fmtransfer.monitoring.calibration import estimated_accuracy
-from fmtransfer.monitoring.drift import MIN_SAMPLES, TESTS, check_finite, run_tests, windows
+from fmtransfer.monitoring.drift import MIN_SAMPLES, check_finite, check_test_settings, run_tests, windows
 from fmtransfer.monitoring.reference import FORMAT, ReferenceStats, load_reference
 
 EMBEDDING_OUTPUT = "embedding"
@@ -61,14 +61,7 @@ class DeviceMonitorSettings:
         return s
 
     def check(self) -> None:
-        if not 0.0 < self.alpha < 1.0:
-            raise ConfigError(f"monitor.alpha={self.alpha} must be between 0 and 1 (e.g. 0.05)")
-        unknown = sorted(set(self.tests) - set(TESTS))
-        if unknown:
-            raise ConfigError(f"monitor.tests has unknown test(s) {unknown}; choose from {list(TESTS)}")
-        if self.permutations < 19:
-            raise ConfigError(f"monitor.permutations={self.permutations} must be >= 19 (the smallest p-value is "
-                              f"1 / (1 + permutations))")
+        check_test_settings(self.alpha, self.tests, self.permutations)
         least = 2 * max(MIN_SAMPLES.values())
         if self.window is not None and self.window < least:
             raise ConfigError(f"monitor.window={self.window} must be >= {least} (or null: no windows)")

@@ -27,11 +27,27 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from fmtransfer.errors import DataError
+from fmtransfer.errors import ConfigError, DataError
 
 # the fewest samples per side each test is run on: below these the test has no power worth reporting
 MIN_SAMPLES = {"bbsd": 5, "mmd": 5, "domain_classifier": 10, "label_shift": 5}
 TESTS = ("bbsd", "mmd", "domain_classifier", "label_shift")
+
+
+def check_test_settings(alpha: float, tests: tuple[str, ...], permutations: int, key: str = "monitor") -> None:
+    """The drift tests' settings as ``fmtransfer monitor`` and ``predict monitor.enabled=true`` both take them.
+
+    Raises:
+        ConfigError: naming ``<key>.alpha``, ``<key>.tests`` or ``<key>.permutations`` and what is expected.
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ConfigError(f"{key}.alpha={alpha} must be between 0 and 1 (e.g. 0.05)")
+    unknown = sorted(set(tests) - set(TESTS))
+    if unknown:
+        raise ConfigError(f"{key}.tests has unknown test(s) {unknown}; choose from {list(TESTS)}")
+    if permutations < 19:
+        raise ConfigError(f"{key}.permutations={permutations} must be >= 19 (the smallest p-value is "
+                          f"1 / (1 + permutations))")
 NEEDS = {"bbsd": "probs", "label_shift": "probs", "mmd": "embeddings", "domain_classifier": "embeddings"}
 
 

@@ -47,6 +47,7 @@ class ModelOutputs:
         logits: (n, K) the head's raw outputs (logits, or a regression model's values); None without a head.
         paths: (n,) image files for file sources, else None.
         fingerprint: the recipe's content fingerprint (its sample table's), for run records.
+        label_note: why the recipe's labels were not used (a new crop: classes the model does not have), else None.
     """
 
     probs: np.ndarray | None
@@ -60,6 +61,7 @@ class ModelOutputs:
     logits: np.ndarray | None = None
     paths: list[str] | None = field(default=None, repr=False)
     fingerprint: str | None = None
+    label_note: str | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -178,9 +180,9 @@ class ModelRunner:
         if limit is not None and int(limit) < 1:
             raise ConfigError(f"limit={limit} must be a positive integer or None")
         recipe = recipe if hasattr(recipe, "source") and hasattr(recipe, "kind") else load_recipe(recipe)
+        # the recipe's own classes first: data of a new crop (classes the model lacks) is still monitored, unlabelled
         dm = build_datamodule(recipe, {"batch_size": batch_size, "num_workers": num_workers},
-                              model_meta=self._fit_meta(), model_classes=bool(self.identity["classes"]),
-                              require_labels=False)
+                              model_meta=self._fit_meta(), model_classes=False, require_labels=False)
         table = dm.prepare()
         rows = np.arange(len(table)) if split == ALL_ROWS else table.indices(split)
         rows = rows[:int(limit)] if limit is not None else rows
@@ -196,13 +198,29 @@ class ModelRunner:
 
         task = self.identity["task"]
         probs = softmax(logits) if logits is not None and task == "classification" else None
-        labelled = table.unlabelled is None and table.classes is not None
-        return ModelOutputs(probs=probs, embeddings=embeddings,
-                            targets=table.targets[rows].astype(np.int64) if labelled else None,
+        targets, note = self._targets(table, rows, recipe.name)
+        return ModelOutputs(probs=probs, embeddings=embeddings, targets=targets, label_note=note,
                             classes=self.identity["classes"], rows=rows, seconds=seconds, ids=table.ids[rows],
                             regions=table.regions[rows], logits=logits,
                             paths=[str(table.paths[r]) for r in rows] if table.paths is not None else None,
                             fingerprint=table.fingerprint)
+
+    def _targets(self, table: Any, rows: np.ndarray, name: str) -> tuple[np.ndarray | None, str | None]:
+        """The labels of ``rows`` as indices into the model's classes, or (None, why) where they cannot be."""
+        if table.unlabelled is not None or table.classes is None:
+            return None, None
+        model_classes = self.identity["classes"]
+        if not model_classes:
+            return table.targets[rows].astype(np.int64), None
+        index = {c: i for i, c in enumerate(model_classes)}
+        present = [table.classes[t] for t in np.unique(table.targets[rows])]
+        foreign = [c for c in present if c not in index]
+        if foreign:
+            return None, (f"recipe {name!r} has classes the model does not ({', '.join(foreign[:5])}"
+                          f"{' ...' if len(foreign) > 5 else ''}; the model's: {', '.join(model_classes[:10])}): "
+                          f"its labels are not used, so there is no accuracy (a new crop needs an adapter)")
+        remap = np.array([index.get(c, -1) for c in table.classes], dtype=np.int64)
+        return remap[table.targets[rows]], None
 
     def _fit_meta(self) -> Mapping[str, Any]:
         return self.meta

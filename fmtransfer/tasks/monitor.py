@@ -29,7 +29,14 @@ from fmtransfer.errors import ArtifactError, ConfigError, DataError
 from fmtransfer.lineage import RunRecord, write_json_atomic, write_text_atomic
 from fmtransfer.lineage.record import RUN_FILE
 from fmtransfer.monitoring import calibration
-from fmtransfer.monitoring.drift import MIN_SAMPLES, NEEDS, TESTS, DriftVerdict, run_tests, windows
+from fmtransfer.monitoring.drift import (
+    MIN_SAMPLES,
+    NEEDS,
+    DriftVerdict,
+    check_test_settings,
+    run_tests,
+    windows,
+)
 from fmtransfer.monitoring.reference import ReferenceStats, build_reference, load_reference
 from fmtransfer.tasks.model_outputs import ALL_ROWS, ModelOutputs, ModelRunner, open_model
 from fmtransfer.tasks.result import StageResult
@@ -71,15 +78,10 @@ class MonitorSettings:
         return s
 
     def check(self) -> None:
-        if not 0.0 < self.alpha < 1.0:
-            raise ConfigError(f"monitor.alpha={self.alpha} must be between 0 and 1 (e.g. 0.05)")
-        unknown = sorted(set(self.tests) - set(TESTS))
-        if unknown:
-            raise ConfigError(f"monitor.tests has unknown test(s) {unknown}; choose from {list(TESTS)}")
+        check_test_settings(self.alpha, self.tests, self.permutations)
         if not self.tests and not self.ood_enabled:
             raise ConfigError("monitor.tests is empty and monitor.ood.enabled=false: nothing to do")
-        for key, value, low in (("pca_components", self.pca_components, 1), ("permutations", self.permutations, 19),
-                                ("ood.k", self.ood_k, 1), ("ood.manifest_size", self.manifest_size, 0),
+        for key, value, low in (("pca_components", self.pca_components, 1), ("ood.k", self.ood_k, 1), ("ood.manifest_size", self.manifest_size, 0),
                                 ("window.size", self.window_size, 2 * max(MIN_SAMPLES.values()))):
             if value < low:
                 raise ConfigError(f"monitor.{key}={value} must be >= {low}")
@@ -460,8 +462,9 @@ def report_md(m: dict[str, Any]) -> str:
     if "skipped" in acc:
         lines.append(f"Skipped: {acc['skipped']}.")
     else:
+        note = m["current"].get("labels_not_used")
         true = f"; true accuracy {acc['true']:.3f} (error {acc['error']:+.3f})" if acc["true"] is not None else \
-            " (the current data has no labels)"
+            (f" (no true accuracy: {note})" if note else " (the current data has no labels)")
         lines.append(f"Estimated accuracy {acc['estimated']:.3f} (temperature {acc['temperature']:.3f} fitted on the "
                      f"reference's labels; uncalibrated mean confidence {acc['uncalibrated_confidence']:.3f}){true}. "
                      f"Under a shift the model never saw, confidence stays high where accuracy falls: read the "
@@ -519,6 +522,8 @@ def monitor(cfg: DictConfig) -> StageResult:
                                  accelerator=cfg.accelerator, limit=cfg.current_limit,
                                  num_workers=cfg.loader.num_workers)
         _check_outputs(outputs, f"current={cur.text}")
+        if outputs.label_note:
+            log.warning("current=%s: %s", cur.text, outputs.label_note)
         if ref.recipe is not None:
             record.set_data(ref.recipe["name"], ref.recipe, stats.data["fingerprint"], role="reference")
         record.set_data(cur.recipe["name"], cur.recipe, outputs.fingerprint, role="current")
@@ -537,6 +542,7 @@ def monitor(cfg: DictConfig) -> StageResult:
                                  "n": len(stats.probs if stats.probs is not None else stats.embeddings),
                                  "data": stats.data},
                    "current": {"label": cur.label, "n": len(outputs), "labelled": outputs.targets is not None,
+                               "labels_not_used": outputs.label_note,
                                "inference_seconds": outputs.seconds,
                                "samples_per_s": len(outputs) / outputs.seconds if outputs.seconds > 0 else None},
                    "settings": {"alpha": settings.alpha, "tests": list(settings.tests),

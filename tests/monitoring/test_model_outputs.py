@@ -122,3 +122,22 @@ def test_adapter_over_its_base(tmp_path):
     adapted = runner.outputs(recipe, "val", accelerator="cpu")
     plain = open_model(tmp_path / "run").outputs(recipe, "val", accelerator="cpu")
     assert adapted.probs.shape == plain.probs.shape and not np.allclose(adapted.logits, plain.logits, atol=1e-3)
+
+
+def test_labels_follow_the_model_and_a_new_crop_is_run_unlabelled(tmp_path):
+    """Labels are given as the model's class indices whatever the recipe's class order; data of classes the model
+    lacks (a new crop) still runs, without targets and with a note saying why (monitoring a new crop used to stop
+    with 'labels not in the class list')."""
+    _model(tmp_path / "run")
+    npz = make_npz(tmp_path / "d.npz", n=40, channels=1)
+    base = {"name": "tiny", "source": {"kind": "npz", "path": str(npz)}, "image_size": [16, 16], "channels": 1,
+            "split": {"train": 0.5, "val": 0.25, "test": 0.25}}
+    runner = open_model(tmp_path / "run")
+    same = runner.outputs(load_recipe({**base, "classes": CLASSES}), "all", accelerator="cpu")
+    reordered = runner.outputs(load_recipe({**base, "classes": ["2", "0", "1"]}), "all", accelerator="cpu")
+    np.testing.assert_array_equal(reordered.targets, same.targets)
+    assert same.label_note is None and same.accuracy is not None
+    crop = runner.outputs(load_recipe({**base, "classes": ["a", "b", "c"], "label_map": {"0": "a", "1": "b", "2": "c"}}),
+                          "all", accelerator="cpu")
+    assert crop.targets is None and crop.accuracy is None and crop.probs.shape == (40, 3)
+    assert "classes the model does not (a, b, c" in crop.label_note
