@@ -84,7 +84,7 @@ def make_cfg(stage: str, overrides: list[str], run_dir: Path) -> DictConfig:
 
 
 # session-wide trained runs that many tests read; _shared_runs_unchanged checks after each test that it left them alone
-SHARED_RUNS = ("base", "vit_base")
+SHARED_RUNS = ("base", "vit_base", "onnx_model")
 
 
 def _pretrained(tmp_path_factory, name: str, overrides: list[str]) -> Path:
@@ -109,6 +109,18 @@ def vit_base(tmp_path_factory) -> Path:
     return _pretrained(tmp_path_factory, "vit_base", ["backbone=tiny_vit"])
 
 
+@pytest.fixture(scope="session")
+def onnx_model(base, tmp_path_factory) -> Path:
+    """``base`` exported to ONNX fp32 (its 'embedding' output included) over 300 mnist_global images, once per
+    session, for the stages that read an ONNX file (predict, shadow). Read-only like ``base``: its export run dir
+    is checked for changes after every test that uses it."""
+    from fmtransfer.tasks.export import export
+
+    folder = tmp_path_factory.mktemp("onnx_model") / "export"
+    return export(make_cfg("export", [f"model={base}", "data=mnist_global", "data.limit=300", "export.quantize=none",
+                                      "export.latency.repeats=1", "export.latency.warmup=0"], folder)).outputs["model"]
+
+
 def _digest(folder: Path) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -117,6 +129,7 @@ def _digest(folder: Path) -> dict[str, str]:
 def _shared_runs_unchanged(request):
     """Fail the test that wrote into a shared run: every later test would read what it left."""
     used = {name: request.getfixturevalue(name) for name in SHARED_RUNS if name in request.fixturenames}
+    used = {name: run if run.is_dir() else run.parent for name, run in used.items()}
     before = {name: _digest(run) for name, run in used.items()}
     yield
     for name, run in used.items():

@@ -8,20 +8,11 @@ import numpy as np
 import pytest
 
 from fmtransfer.lineage import load_record
-from fmtransfer.tasks.export import export
 from fmtransfer.tasks.predict import predict
 from tests.conftest import make_cfg
 from tests.fixtures import pattern, save_image
 
 DATA = ["data=mnist_global", "data.limit=300"]
-
-
-@pytest.fixture(scope="module")
-def onnx_model(base, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("predict")
-    exported = export(make_cfg("export", [f"model={base}", *DATA, "export.quantize=none", "export.latency.repeats=1",
-                                          "export.latency.warmup=0"], folder / "export"))
-    return exported.outputs["model"]
 
 
 @pytest.fixture

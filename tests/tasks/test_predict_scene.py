@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from fmtransfer.errors import DataError
-from fmtransfer.tasks.export import export
 from fmtransfer.tasks.predict import predict
 from tests.conftest import make_cfg
 from tests.fixtures import pattern, save_image
@@ -18,14 +17,6 @@ from tests.fixtures import pattern, save_image
 pytestmark = pytest.mark.slow
 
 DATA = ["data=mnist_global", "data.limit=300"]
-
-
-@pytest.fixture(scope="module")
-def onnx_model(base, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("predict_scene")
-    exported = export(make_cfg("export", [f"model={base}", *DATA, "export.quantize=none", "export.latency.repeats=1",
-                                          "export.latency.warmup=0"], folder / "export"))
-    return exported.outputs["model"]
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import pytest
 
 from fmtransfer.errors import DataError
 from fmtransfer.tasks.evaluate import evaluate
-from fmtransfer.tasks.export import export
 from fmtransfer.tasks.shadow import KEEP, shadow
 from tests.conftest import make_cfg
 
@@ -18,14 +17,6 @@ pytestmark = pytest.mark.slow
 DATA = ["data=mnist_global", "data.limit=300"]
 FAST = [*DATA, "latency.repeats=2", "latency.warmup=0", "latency.batch_size=8", "resamples=2000",
         "accelerator=cpu"]
-
-
-@pytest.fixture(scope="module")
-def onnx_model(base, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("shadow")
-    exported = export(make_cfg("export", [f"model={base}", *DATA, "export.quantize=none", "export.latency.repeats=1",
-                                          "export.latency.warmup=0"], folder / "export"))
-    return exported.outputs["model"]
 
 
 def test_shadow_of_a_model_and_its_export(base, onnx_model, tmp_path):
