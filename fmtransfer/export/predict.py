@@ -39,6 +39,7 @@ from fmtransfer.export.scene import (
     agreement,
     read_sequence,
     scene_summary,
+    scene_warnings,
     signature,
 )
 from fmtransfer.lineage.io import sha256_file, write_text_atomic
@@ -340,6 +341,9 @@ def predict_sequence(onnx_model: OnnxModel, frames: list[Frame], settings: Scene
                                       classification)
         header.append("full_prediction")
         full_cells = _cells(full, onnx_model.classes, classification)
+    summary["warnings"] = scene_warnings(summary, settings.min_agreement)
+    for text in summary["warnings"]:
+        warnings.warn(f"scene: {text}", stacklevel=2)
     cells = _cells(written, onnx_model.classes, classification)
     rows = []
     for i in sorted(range(len(kept)), key=kept.__getitem__):

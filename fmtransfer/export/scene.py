@@ -37,6 +37,7 @@ DEFAULT_THRESHOLD = 0.2
 DEFAULT_SIZE = 8
 DEFAULT_MAX_SKIPS = 10
 DEFAULT_MIN_CONFIDENCE = 0.9
+DEFAULT_MIN_AGREEMENT = 0.99
 # the standard deviation below which an image counts as flat: its signature is not blown up from sensor noise
 MIN_STD = 0.02
 
@@ -93,6 +94,7 @@ class SceneSettings:
         size: the signature's side in pixels.
         path_column, site_column, order_column: the input CSV's columns.
         verify: also run the model on the reused images and report the agreement (costs the time it saves).
+        min_agreement: with ``verify``, an agreement below this is warned about: reuse changes answers.
     """
 
     threshold: float = DEFAULT_THRESHOLD
@@ -103,6 +105,7 @@ class SceneSettings:
     site_column: str = "site"
     order_column: str = "order"
     verify: bool = False
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
 
     def __post_init__(self) -> None:
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
@@ -118,6 +121,9 @@ class SceneSettings:
                               f"image)")
         if isinstance(self.size, bool) or not isinstance(self.size, int) or not 2 <= self.size <= 256:
             raise ConfigError(f"scene.size={self.size!r}: expected an integer in [2, 256] (signature side, pixels)")
+        if isinstance(self.min_agreement, bool) or not isinstance(self.min_agreement, (int, float)) \
+                or not 0 <= self.min_agreement <= 1:
+            raise ConfigError(f"scene.min_agreement={self.min_agreement!r}: expected a share in [0, 1]")
         if not isinstance(self.verify, bool):
             raise ConfigError(f"scene.verify={self.verify!r}: expected true or false")
         for key in ("path_column", "site_column", "order_column"):
@@ -242,6 +248,25 @@ def scene_summary(reused: Sequence[int | None], gate_seconds: float, model_secon
             "change_test_seconds": gate_seconds,
             "change_test_ms_per_frame": 1000 * gate_seconds / n if n else None,
             "model_seconds_avoided": avoided, "seconds_saved": avoided - gate_seconds}
+
+
+def scene_warnings(summary: dict[str, Any], min_agreement: float = DEFAULT_MIN_AGREEMENT) -> list[str]:
+    """What a user must hear about a scene-gated run: the gate cost more time than it saved, or (with ``verify``)
+    reused predictions agree with the model less than ``min_agreement``. Each names the settings to change."""
+    out = []
+    if summary.get("frames") and summary["seconds_saved"] < 0:
+        refused = summary.get("processed_for_low_confidence", 0)
+        why = (f"; {refused} reuse(s) were refused because the model was unsure (min_confidence="
+               f"{summary.get('min_confidence')})" if refused else "")
+        out.append(f"the scene gate cost {summary['change_test_seconds']:.3f} s and saved "
+                   f"{summary['model_seconds_avoided']:.3f} s of model time: {summary['skipped']} of "
+                   f"{summary['frames']} frames reused{why}. On this data it does not pay: turn it off "
+                   f"(scene.enabled=false), or raise scene.threshold after checking with scene.verify=true")
+    agree = (summary.get("verify") or {}).get("agreement")
+    if agree is not None and agree < min_agreement:
+        out.append(f"reused predictions agree with the model's own on {agree:.3f} of the reused frames, under "
+                   f"scene.min_agreement={min_agreement}: lower scene.threshold or raise scene.min_confidence")
+    return out
 
 
 def agreement(reused: Sequence[int | None], predicted: np.ndarray, full: np.ndarray,

@@ -18,6 +18,7 @@ from fmtransfer.export.scene import (
     distance,
     read_sequence,
     scene_summary,
+    scene_warnings,
     signature,
 )
 from tests.fixtures import save_image
@@ -165,6 +166,18 @@ def test_summary_and_agreement_arithmetic():
     assert r["max_abs_diff"] == pytest.approx(0.5)
 
 
+def test_scene_warnings_say_when_the_gate_does_not_pay_or_changes_answers():
+    paying = scene_summary([None, 0, 0, None], gate_seconds=0.01, model_seconds=2.0, n_model=2)
+    assert scene_warnings(paying) == []
+    losing = scene_summary([None, None, 0, None], gate_seconds=0.5, model_seconds=0.3, n_model=3)
+    assert len(scene_warnings(losing)) == 1 and "scene.enabled=false" in scene_warnings(losing)[0]
+    checked = {**paying, "verify": {"verified": 2, "agreement": 0.98, "disagreements": 1}}
+    assert len(scene_warnings(checked)) == 1 and "0.980" in scene_warnings(checked)[0]
+    assert scene_warnings(checked, min_agreement=0.97) == []
+    with pytest.raises(ConfigError, match=r"scene.min_agreement=1.5: expected a share in \[0, 1\]"):
+        SceneSettings(min_agreement=1.5)
+
+
 @dataclass
 class _BrightnessModel:
     """A stand-in for OnnxModel: class 'bright' when the mean input is above 0.5; counts the frames it runs."""
@@ -199,7 +212,9 @@ def test_predict_sequence_reuses_predictions_and_verifies_them(tmp_path):
     frames = read_sequence(_frames(tmp_path), SceneSettings())
     model = _BrightnessModel()
     skipped = []
-    header, rows, summary = predict_sequence(model, frames, SceneSettings(verify=True), 4, skipped)
+    with pytest.warns(UserWarning, match=r"agree with the model's own on 0.667 .* under scene.min_agreement=0.99"):
+        header, rows, summary = predict_sequence(model, frames, SceneSettings(verify=True), 4, skipped)
+    assert any("min_agreement" in w for w in summary["warnings"])
     by_name = {r[0].rsplit("/", 1)[-1]: dict(zip(header, r, strict=True)) for r in rows}
     # sites in the order they first appear (b: the file is reversed), frames by the order column
     assert [n for n in by_name] == ["b0.png", "b1.png", "a0.png", "a1.png", "a2.png", "a3.png"]
@@ -253,7 +268,9 @@ def test_predict_sequence_does_not_reuse_an_unconfident_prediction(tmp_path):
     src = _manifest(tmp_path / "g.csv", [(f"g{t}.png", "s", str(t)) for t in range(3)])
     frames = read_sequence(src, SceneSettings())
     model = _BrightnessModel()
-    _, rows, summary = predict_sequence(model, frames, SceneSettings(), 64, [])
+    with pytest.warns(UserWarning, match=r"saved 0.000 s of model time: 0 of 3 frames reused; 2 reuse\(s\) were "
+                                         r"refused because the model was unsure .* does not pay"):
+        _, rows, summary = predict_sequence(model, frames, SceneSettings(), 64, [])
     assert model.seen == 3 and summary["processed_for_low_confidence"] == 2 and summary["skipped"] == 0
     anyway = _BrightnessModel()
     _, _, summary0 = predict_sequence(anyway, frames, SceneSettings(min_confidence=0.0), 64, [])
