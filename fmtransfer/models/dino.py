@@ -10,6 +10,7 @@ with the signal and the settings to change) and :class:`DinoModule` (the Lightni
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from fmtransfer.errors import ConfigError, FmtError
 from fmtransfer.models.inference import with_measured_norms
 from fmtransfer.models.probes import knn_scores
 from fmtransfer.models.schedules import lightning_optimizers
+
+log = logging.getLogger(__name__)
 
 
 class CollapseError(FmtError):
@@ -107,6 +110,8 @@ class CollapseSettings:
         min_loss_fraction: constant output when the loss falls below this share of ln(prototypes).
         min_std_ratio: embedding collapse when the std of the L2-normalised embeddings falls below this share of
             the healthy 1/sqrt(d).
+        min_prototypes_share: a partial collapse, warned about at an epoch's end and never stopped: the teacher
+            spreads a batch over fewer than this share of the prototypes it could reach (0: no warning).
     """
 
     stop: bool
@@ -114,11 +119,12 @@ class CollapseSettings:
     max_entropy_fraction: float
     min_loss_fraction: float
     min_std_ratio: float
+    min_prototypes_share: float
 
     def __post_init__(self) -> None:
         if self.patience < 1:
             raise ConfigError(f"method.dino.collapse.patience={self.patience} must be >= 1")
-        for key in ("max_entropy_fraction", "min_loss_fraction", "min_std_ratio"):
+        for key in ("max_entropy_fraction", "min_loss_fraction", "min_std_ratio", "min_prototypes_share"):
             if not 0 <= getattr(self, key) <= 1:
                 raise ConfigError(f"method.dino.collapse.{key}={getattr(self, key)} must be in [0, 1]")
 
@@ -298,7 +304,8 @@ class DinoLoss(nn.Module):
         Returns:
             the loss and the signals: ``teacher_entropy`` (mean entropy of the teacher's distributions),
             ``teacher_mean_entropy`` (entropy of their batch mean: low when one prototype takes every image) and
-            ``kl`` (KL(teacher || student), the loss minus the teacher's entropy).
+            ``kl`` (KL(teacher || student), the loss minus the teacher's entropy) and ``teacher_outputs`` (the
+            teacher's distributions in the global batch: two per image).
         """
         # in float32 whatever the trainer's precision: at temperature 0.04 bf16's 8-bit mantissa turns the
         # sharpened softmax into a near one-hot of rounding noise
@@ -327,8 +334,10 @@ class DinoLoss(nn.Module):
         mean = merged[2:]
         mean_entropy = float(-(mean * torch.log(mean.clamp_min(1e-12))).sum())
         loss_all, entropy_all = float(merged[0]), float(merged[1])
+        # a batch mean of n near one-hot distributions spreads over at most n prototypes
+        outputs = float(probs.shape[0] * distributed_world())
         return {"loss": loss_all, "teacher_entropy": entropy_all, "teacher_mean_entropy": mean_entropy,
-                "kl": loss_all - entropy_all}
+                "kl": loss_all - entropy_all, "teacher_outputs": outputs}
 
     @torch.no_grad()
     def update_center(self, teacher: torch.Tensor) -> None:
@@ -380,10 +389,30 @@ _ADVICE = {
                 "(0.9), raise method.dino.teacher_temp, lower method.optimizer.lr or raise loader.batch_size",
     "embedding": "The backbone gives every image the same embedding: lower method.optimizer.lr, raise "
                  "loader.batch_size, or make the two views of an image differ more: widen "
-                 "method.dino.crops.global_scale (e.g. [0.14,1]), or add local views (method.dino.crops.n_local=6, "
-                 "for images of 75 px and up: smaller local views keep DINO from learning)",
+                 "method.dino.crops.global_scale (e.g. [0.14,1])",
     "not_finite": "The loss is not a finite number: lower method.optimizer.lr or method.dino.clip_grad",
+    "spread": "raise method.dino.teacher_temp, lower method.dino.center_momentum, raise loader.batch_size or lower "
+              "method.dino.prototypes",
 }
+
+
+def embedding_advice(crops: MultiCrop | None) -> str:
+    """The advice for an embedding collapse, for the run's views: local views are worth adding only where they keep
+    ``MIN_LOCAL_SIDE`` pixels a side (12 px local views of 28 px digits kept DINO from learning at all)."""
+    advice = _ADVICE["embedding"]
+    if crops is None:
+        return advice
+    side = min(crops.views[0].size)
+    local = crops.views[2:]
+    local_side = min(local[0].size) if local else round(side * LOCAL_SHARE)
+    if local_side >= MIN_LOCAL_SIDE:
+        return advice + (", or widen method.dino.crops.local_scale" if local else
+                         f", or add local views (method.dino.crops.n_local=6: {local_side} px a side at {side} px)")
+    if local:
+        return advice + (f"; and drop the local views (method.dino.crops.n_local=0): at {local_side} px a side, under "
+                         f"{MIN_LOCAL_SIDE}, they are too small to learn from")
+    return advice + (f", or raise method.dino.crops.brightness and contrast; local views would not help at {side} px "
+                     f"(they would be {local_side} px a side, under {MIN_LOCAL_SIDE}: keep method.dino.crops.n_local=0)")
 
 
 @dataclass
@@ -400,6 +429,7 @@ class CollapseGuard:
     settings: CollapseSettings
     prototypes: int
     embed_dim: int
+    crops: MultiCrop | None = None  # the run's views, which the embedding advice depends on
     streak: dict[str, int] = field(default_factory=dict)
     epoch_steps: int = 0
     epoch_collapsed: dict[str, int] = field(default_factory=dict)
@@ -436,6 +466,19 @@ class CollapseGuard:
             if count == steps:
                 self._raise(name, record, where, f"every step of the epoch ({steps})")
 
+    def spread(self, record: dict[str, float], where: str) -> str | None:
+        """The partial-collapse warning for an epoch's ``record`` (None when the teacher spreads its batches wide
+        enough): ``prototypes_in_use`` against ``prototypes_reachable``, min(K, the teacher's outputs in a batch)."""
+        share = self.settings.min_prototypes_share
+        reachable = record["prototypes_reachable"]
+        if record["prototypes_in_use"] >= share * reachable:
+            return None
+        return (f"DINO at {where}: the teacher spreads a batch over {record['prototypes_in_use']:.1f} prototypes, "
+                f"under {share:g} of the {reachable:.0f} it could reach (min(method.dino.prototypes={self.prototypes}, "
+                f"{record['teacher_outputs']:.0f} teacher outputs a batch)): a partial collapse, which does not stop "
+                f"the run. To spread it: {_ADVICE['spread']}; method.dino.collapse.min_prototypes_share sets this "
+                f"warning (0: off)")
+
     def _raise(self, name: str, s: dict[str, float], where: str, how_long: str) -> None:
         healthy = 1 / math.sqrt(self.embed_dim)
         value = {
@@ -446,7 +489,8 @@ class CollapseGuard:
             "embedding": f"the std of the L2-normalised embeddings is {s['embedding_std']:.2e} (healthy about "
                          f"1/sqrt({self.embed_dim}) = {healthy:.3f}): the embeddings collapsed",
         }[name]
-        raise CollapseError(f"DINO collapsed at {where}: {value}, for {how_long}. {_ADVICE[name]} "
+        advice = embedding_advice(self.crops) if name == "embedding" else _ADVICE[name]
+        raise CollapseError(f"DINO collapsed at {where}: {value}, for {how_long}. {advice} "
                             f"(method.dino.collapse.stop=false records the signals without stopping)", name)
 
 
@@ -527,7 +571,7 @@ class DinoModule(pl.LightningModule):
         for p in self.teacher.parameters():
             p.requires_grad = False
         self.loss_fn = DinoLoss(settings.prototypes, settings.student_temp, settings.center_momentum)
-        self.guard = CollapseGuard(settings.collapse, settings.prototypes, dim)
+        self.guard = CollapseGuard(settings.collapse, settings.prototypes, dim, crops)
         self.history: list[dict[str, float]] = []  # one record of signals per epoch
         # the kNN accuracy of the starting weights (random or brought), scored before the first step: the run's
         # own baseline, so the stage can say when pretraining did not help
@@ -616,6 +660,11 @@ class DinoModule(pl.LightningModule):
         # how many prototypes the teacher spreads a batch over (exp of the batch mean's entropy): falling far below
         # the batch size while the loss falls is a partial collapse that no collapsed-range signal catches
         record["prototypes_in_use"] = math.exp(record["teacher_mean_entropy"])
+        record["prototypes_reachable"] = min(float(self.settings.prototypes), record["teacher_outputs"])
+        partial = self.guard.spread(record, f"the end of epoch {self.current_epoch + 1}")
+        record["partial_collapse"] = partial is not None
+        if partial and self.trainer.is_global_zero:
+            log.warning(partial)
         if self.knn is not None:
             # rank 0 scores (the teacher is the same on every rank) and tells the others: the records, and what
             # a callback may decide from them, stay identical on every rank

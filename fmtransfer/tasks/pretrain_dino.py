@@ -359,7 +359,9 @@ def _record_signals(out: Path, module: DinoModule, spec: BackboneSpec, recipe: R
     history = module.history
     # a run stopped mid-epoch has no epoch record yet: its steps so far are what the user needs to see
     partial = module._steps if metrics.get("collapsed") and module._steps else []
-    metrics["dino"] = {"prototypes": module.settings.prototypes, "epochs": history, "steps_of_last_epoch": partial}
+    metrics["dino"] = {"prototypes": module.settings.prototypes, "epochs": history, "steps_of_last_epoch": partial,
+                       # epochs whose teacher spread its batches over too few prototypes (warned, not stopped)
+                       "partial_collapse_epochs": [r["epoch"] for r in history if r.get("partial_collapse")]}
     files = {"metrics": write_json_atomic(out / "metrics.json", metrics)}
     title = f"{spec.name} DINO on {recipe.name}"
     plot = collapse_signals_png(history, partial, module.settings.prototypes, out / "collapse_signals.png", title)

@@ -3,6 +3,8 @@ teacher copy, kNN and linear probes; and a run forced to collapse, stopped withi
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 
 import numpy as np
@@ -113,7 +115,7 @@ def _signals(**overrides):
 
 def test_guard_stops_each_collapse_after_patience_steps():
     settings = CollapseSettings(stop=True, patience=3, max_entropy_fraction=0.98, min_loss_fraction=0.02,
-                                min_std_ratio=0.05)
+                                min_std_ratio=0.05, min_prototypes_share=0.5)
     cases = {"uniform": _signals(loss=math.log(64), teacher_entropy=math.log(64)),
              "constant": _signals(loss=0.001, teacher_entropy=0.0, kl=0.0),
              "embedding": _signals(embedding_std=1e-6)}
@@ -131,7 +133,7 @@ def test_guard_stops_each_collapse_after_patience_steps():
 
 def test_guard_lets_a_healthy_run_go_and_stops_a_short_collapsed_epoch():
     settings = CollapseSettings(stop=True, patience=20, max_entropy_fraction=0.98, min_loss_fraction=0.02,
-                                min_std_ratio=0.05)
+                                min_std_ratio=0.05, min_prototypes_share=0.5)
     guard = CollapseGuard(settings, prototypes=64, embed_dim=100)
     for _ in range(50):
         guard.step(_signals(), "a step")
@@ -141,6 +143,70 @@ def test_guard_lets_a_healthy_run_go_and_stops_a_short_collapsed_epoch():
         guard.step(uniform, "a step")
     with pytest.raises(CollapseError, match="every step of the epoch"):
         guard.end_epoch(uniform, "the end of epoch 2")
+
+
+def _guard(prototypes: int = 64, crops: MultiCrop | None = None, share: float = 0.5) -> CollapseGuard:
+    settings = CollapseSettings(stop=True, patience=1, max_entropy_fraction=0.98, min_loss_fraction=0.02,
+                                min_std_ratio=0.05, min_prototypes_share=share)
+    return CollapseGuard(settings, prototypes=prototypes, embed_dim=100, crops=crops)
+
+
+def test_the_embedding_advice_adds_local_views_only_where_they_keep_enough_pixels():
+    """At 28 px a local view is 12 px, and six of them kept DINO from learning: the advice must not ask for them."""
+    def advice(side: int, n_local: int) -> str:
+        crops = MultiCrop((side, side), (round(side * 3 / 7),) * 2, n_local, (0.14, 1.0), (0.05, 0.4))
+        with pytest.raises(CollapseError) as caught:
+            _guard(crops=crops).step(_signals(embedding_std=1e-6), "step 1")
+        assert caught.value.signal == "embedding" and "method.optimizer.lr" in str(caught.value)
+        return str(caught.value)
+
+    small = advice(28, 0)
+    assert "n_local=6" not in small and "keep method.dino.crops.n_local=0" in small and "12 px" in small
+    assert "drop the local views (method.dino.crops.n_local=0)" in advice(28, 6)
+    assert "add local views (method.dino.crops.n_local=6" in advice(96, 0)
+    assert "method.dino.crops.local_scale" in advice(224, 6)
+
+
+def test_the_guard_warns_about_a_partial_collapse_against_what_a_batch_could_reach():
+    """24 of 256 prototypes at batch 32 (64 teacher outputs) is the partial collapse a helper's run showed without
+    tripping the guard; a batch cannot use more prototypes than it has sharp teacher outputs."""
+    partial = {"prototypes_in_use": 24.0, "prototypes_reachable": 64.0, "teacher_outputs": 64.0}
+    message = _guard(prototypes=256).spread(partial, "the end of epoch 9")
+    assert message and "24.0 prototypes" in message and "of the 64 it could reach" in message
+    assert "method.dino.collapse.min_prototypes_share" in message and "method.dino.teacher_temp" in message
+    assert _guard(prototypes=256).spread({**partial, "prototypes_in_use": 50.0}, "epoch 9") is None
+    assert _guard(prototypes=256, share=0.0).spread(partial, "epoch 9") is None
+
+
+class _TwoClusters(nn.Module):
+    """A backbone that maps every image to one of two embeddings: a teacher can use two prototypes at most."""
+
+    num_features = 16
+
+    def __init__(self):
+        super().__init__()
+        self.direction = nn.Parameter(torch.randn(16))
+
+    def forward(self, x):
+        side = torch.where(x.flatten(1).mean(1, keepdim=True) > 0, 1.0, -1.0)
+        return side * self.direction + torch.randn(16, generator=torch.Generator().manual_seed(3))
+
+
+def test_a_run_forced_into_a_partial_collapse_warns_and_goes_on(settings, caplog):
+    sharp = dataclasses.replace(settings, prototypes=64, teacher_temp_start=0.001, teacher_temp=0.001)
+    loader = DataLoader(TensorDataset(torch.randn(64, 1, 16, 16), torch.zeros(64), torch.arange(64)), batch_size=16)
+    crops = plan_crops(sharp.crops, [16, 16], None).build(sharp.crops)
+    module = DinoModule(_TwoClusters(), sharp, crops, lambda p: torch.optim.AdamW(p, lr=1e-3))
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    with caplog.at_level(logging.WARNING, logger="fmtransfer.models.dino"):
+        trainer.fit(module, train_dataloaders=loader)  # the guard does not stop it
+    assert [r["epoch"] for r in module.history] == [1, 2]
+    for record in module.history:
+        assert record["prototypes_reachable"] == 32  # min(64 prototypes, 2 views x 16 images)
+        assert record["prototypes_in_use"] < 3 and record["partial_collapse"] is True
+    assert caplog.text.count("a partial collapse, which does not stop the run") == 2
+    assert "method.dino.collapse.min_prototypes_share" in caplog.text
 
 
 def test_a_teacher_sharing_the_students_tensors_is_refused():
@@ -180,6 +246,7 @@ def test_a_run_forced_to_collapse_stops_within_its_first_epoch(settings):
     with pytest.raises(CollapseError, match=r"epoch 1.*std of the L2-normalised embeddings") as caught:
         trainer.fit(module, train_dataloaders=loader)
     assert caught.value.signal == "embedding"
+    assert "n_local=6" not in str(caught.value)  # 16 px images: local views would be 7 px
     assert trainer.current_epoch == 0 and len(module._steps) == 4  # all four steps of epoch 1, no more
 
 

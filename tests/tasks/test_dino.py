@@ -50,6 +50,8 @@ def test_healthy_run_records_signals_and_saves_a_headless_teacher(dino_run):
     assert signals["ln_prototypes"] == pytest.approx(np.log(metrics["dino"]["prototypes"]))
     assert signals["prototypes_in_use"] == pytest.approx(np.exp(signals["teacher_mean_entropy"]))
     assert 1 <= signals["prototypes_in_use"] <= metrics["dino"]["prototypes"]
+    assert signals["prototypes_reachable"] == 32  # min(1024 prototypes, 2 views x batch 16)
+    assert signals["partial_collapse"] is False and metrics["dino"]["partial_collapse_epochs"] == []
     assert 0 <= signals["knn_val_accuracy"] <= 1
     verdict = metrics["knn_val"]  # the starting weights' kNN, scored before the first step, against the end's
     assert verdict["final"] == signals["knn_val_accuracy"] and 0 <= verdict["initial"] <= 1
