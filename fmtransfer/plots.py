@@ -155,7 +155,8 @@ def collapse_signals_png(epochs: list[dict], steps: list[dict], prototypes: int,
 
     Args:
         epochs: one record per epoch (``loss``, ``teacher_entropy``, ``teacher_mean_entropy``, ``kl``,
-            ``embedding_std``, ``healthy_std``, optional ``prototypes_in_use`` and ``knn_val_accuracy``).
+            ``embedding_std``, ``healthy_std``, optional ``prototypes_in_use``, ``prototypes_reachable`` and
+            ``knn_val_accuracy``).
         steps: per-step records of an epoch that did not finish (drawn when ``epochs`` is empty).
     """
     records, unit = (epochs, "epoch") if epochs else (steps, "step")
@@ -170,7 +171,8 @@ def collapse_signals_png(epochs: list[dict], steps: list[dict], prototypes: int,
               ("std of L2-normalised embeddings", [("embedding_std", "std")],
                records[0].get("healthy_std"), "healthy 1/sqrt(d)")]
     if any("prototypes_in_use" in r for r in records):
-        panels.append(("prototypes in use (exp of the batch mean's entropy)", [("prototypes_in_use", "in use")],
+        panels.append(("prototypes in use (exp of the batch mean's entropy)",
+                       [("prototypes_in_use", "in use"), ("prototypes_reachable", "a batch could reach")],
                        prototypes, f"all {prototypes}"))
     if any("knn_val_accuracy" in r for r in records):
         panels.append(("kNN accuracy (val)", [("knn_val_accuracy", "kNN")], None, ""))
