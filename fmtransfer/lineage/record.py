@@ -21,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from fmtransfer.errors import ArtifactError
-from fmtransfer.lineage import lock
+from fmtransfer.lineage import lock, registry
 from fmtransfer.lineage.io import sha256_file, write_json_atomic
 
 RUN_FILE = "run.json"
@@ -107,6 +107,9 @@ class RunRecord:
         }
         self._previous: dict[str, Any] | None = None
         self._locked = False
+        # where a successful run registers its artifacts: the config's `registry` key where a stage has one
+        # (a path, null: the default, false: none), else $FMTRANSFER_REGISTRY or the default file
+        self._registry = registry.resolve_path(cfg.get("registry") if cfg is not None else None)
 
     # --- building the record -------------------------------------------------------------------
     def add_input(self, path: str | Path, role: str) -> None:
@@ -195,6 +198,8 @@ class RunRecord:
             self.data["status"] = "failed"
             self.data["error"] = f"{exc_type.__name__}: {exc}"
         self.write()
+        if exc_type is None and not lock.launched_non_zero_rank():
+            registry.register_finished_run(self.data, self._registry)
 
 
 def load_record(run_dir: str | Path) -> dict[str, Any]:
