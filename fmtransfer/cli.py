@@ -36,7 +36,15 @@ STAGES: dict[str, tuple[str, str]] = {
                "run a candidate model beside production on the same inputs: agreement, accuracy, latency, a verdict"),
     "pipeline": ("fmtransfer.tasks.pipeline:pipeline",
                  "the main job: pretrain globally, evaluate globally and zero-shot on a region, write report.md"),
+    "registry": ("fmtransfer.tasks.registry:registry",
+                 "the artifact registry: list, show, lineage, verify, promote, rollback, history (docs/registry.md)"),
 }
+
+# stages whose first words are values of these keys, not overrides: `fmtransfer registry promote <artifact> ...`
+POSITIONAL_KEYS: dict[str, tuple[str, ...]] = {"registry": ("action", "artifact")}
+# keys a user types that mean something else to Hydra (`region`: the pipeline's recipe group, `stage`: the stage's
+# name), as the stage's own keys
+KEY_ALIASES: dict[str, dict[str, str]] = {"registry": {"region": "region_name", "stage": "release_stage"}}
 
 # stages whose `adapter=<file>` names a file, not an option of the `adapter` config group (adapt's methods);
 # the dispatcher passes it on as `adapter_file=<file>`
@@ -109,8 +117,23 @@ def _summary(result: StageResult) -> str:
     return "\n".join(lines)
 
 
+def positional_overrides(stage: str, args: list[str]) -> list[str]:
+    """The leading words of ``args`` (no ``=``, not a flag) as ``key='word'`` for the stage's positional keys
+    (quoted: a sha256 prefix of digits stays a string), and its ``KEY_ALIASES`` renamed."""
+    keys, args = POSITIONAL_KEYS.get(stage, ()), list(args)
+    taken = 0
+    while taken < len(keys) and taken < len(args) and "=" not in args[taken] and not args[taken].startswith("-"):
+        word = args[taken].replace("'", "\\'")
+        args[taken] = f"{keys[taken]}='{word}'"
+        taken += 1
+    aliases = KEY_ALIASES.get(stage, {})
+    return [f"{aliases[a.split('=', 1)[0]]}={a.split('=', 1)[1]}" if a.split("=", 1)[0] in aliases and "=" in a
+            else a for a in args]
+
+
 def run_stage(stage: str, args: list[str]) -> None:
     """Run ``stage`` as a Hydra app with ``args`` as its command line."""
+    args = positional_overrides(stage, args)
     import hydra
     from omegaconf.errors import MissingMandatoryValue
 
