@@ -291,13 +291,14 @@ def predict_sequence(onnx_model: OnnxModel, frames: list[Frame], settings: Scene
     kept: list[int] = []  # positions in frames, in the gate's order
     reused: list[int | None] = []
     refused = 0
+    # reuses of a frame whose prediction was still queued: checked once it has run, instead of flushing the queue
+    # for one frame (an unsure model then ran one image at a time and the gate cost more than it saved)
+    provisional: dict[int, tuple[int, np.ndarray]] = {}
 
     def trusted(index: int) -> bool:
         nonlocal refused
-        if not classification or settings.min_confidence <= 0:
+        if not classification or settings.min_confidence <= 0 or index not in model.confidence:
             return True
-        if index not in model.confidence:
-            model.flush()  # the site's last processed frame is still queued: its confidence is needed now
         ok = model.confidence[index] >= settings.min_confidence
         refused += not ok
         return ok
@@ -320,9 +321,18 @@ def predict_sequence(onnx_model: OnnxModel, frames: list[Frame], settings: Scene
         reused.append(source)
         if source is None:
             model.add(index, preprocess_array(arr, pre))
-        elif settings.verify:
-            check.add(index, preprocess_array(arr, pre))
+        else:
+            if classification and settings.min_confidence > 0 and source not in model.confidence:
+                provisional[index] = (source, preprocess_array(arr, pre))
+            if settings.verify:
+                check.add(index, preprocess_array(arr, pre))
     bar.close()
+    model.flush()
+    for index, (source, x) in provisional.items():
+        if model.confidence[source] < settings.min_confidence:
+            refused += 1
+            reused[index] = None
+            model.add(index, x)
     model.flush()
     check.flush()
     if not kept:

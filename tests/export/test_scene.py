@@ -186,9 +186,11 @@ class _BrightnessModel:
         "task": "classification", "preprocess": {"channels": 1, "image_size": [8, 8], "mean": [0.0], "std": [1.0]}})
     classes: list = field(default_factory=lambda: ["dark", "bright"])
     seen: int = 0
+    calls: int = 0
 
     def run(self, x, batch_size=256):
         self.seen += len(x)
+        self.calls += 1
         m = x.reshape(len(x), -1).mean(1)
         return np.stack([0.5 - m, m - 0.5], axis=1).astype(np.float32) * 10
 
@@ -272,6 +274,7 @@ def test_predict_sequence_does_not_reuse_an_unconfident_prediction(tmp_path):
                                          r"refused because the model was unsure .* does not pay"):
         _, rows, summary = predict_sequence(model, frames, SceneSettings(), 64, [])
     assert model.seen == 3 and summary["processed_for_low_confidence"] == 2 and summary["skipped"] == 0
+    assert model.calls == 2  # the unsure frames ran together, not one flush per frame (it was 3 runs of 1 frame)
     anyway = _BrightnessModel()
     _, _, summary0 = predict_sequence(anyway, frames, SceneSettings(min_confidence=0.0), 64, [])
     assert anyway.seen == 1 and summary0["skipped"] == 2
