@@ -45,13 +45,14 @@ def artifact_name(artifact: Any) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", f"{artifact.kind}-{tail}")
 
 
-def to_wandb(artifact: Any) -> Any:
-    """A registry row as a ``wandb.Artifact``: a reference to its file, its sha256, region and metrics."""
+def to_wandb(artifact: Any, parents: list[tuple[Any, str]] = ()) -> Any:
+    """A registry row as a ``wandb.Artifact``: a reference to its file, its sha256, region, metrics and parents."""
     import wandb
 
     art = wandb.Artifact(artifact_name(artifact), type=artifact.kind,
                          metadata={"sha256": artifact.sha256, "region": artifact.region, "name": artifact.name,
-                                   "run_dir": artifact.run_dir, "metrics": artifact.metrics})
+                                   "run_dir": artifact.run_dir, "metrics": artifact.metrics,
+                                   "parents": [{"sha256": p.sha256, "kind": p.kind, "role": r} for p, r in parents]})
     if artifact.path and Path(artifact.path).is_file():
         art.add_reference(Path(artifact.path).resolve().as_uri(), name=Path(artifact.path).name)
     return art
@@ -68,10 +69,12 @@ def log_run(reg: Any, record: dict[str, Any], made: list[str], mode: str | None 
                      config={"run_dir": record.get("run_dir"), "run_id": record.get("run_id")},
                      settings=wandb.Settings(silent=True, console="off"))
     try:
-        for parent in parents.values():
-            run.use_artifact(to_wandb(parent), aliases=[f"sha256-{parent.short}"])
+        if not run.offline:  # W&B records a used artifact only online; offline the parents are in the metadata
+            for parent in parents.values():
+                run.use_artifact(to_wandb(parent), aliases=[f"sha256-{parent.short}"])
         for artifact in outputs:
-            run.log_artifact(to_wandb(artifact), aliases=["latest", f"sha256-{artifact.short}"])
+            run.log_artifact(to_wandb(artifact, reg.parents(artifact.sha256)),
+                             aliases=["latest", f"sha256-{artifact.short}"])
         return run.id
     finally:
         run.finish()

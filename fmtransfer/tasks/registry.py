@@ -164,7 +164,7 @@ def _rollback(reg: Registry, cfg: DictConfig, out: Path) -> tuple[dict[str, Any]
     region, stage = _need(cfg, "region_name", "rollback"), _stage(cfg)
     stack = reg.production_stack(region, stage)
     if len(stack) < 2:
-        now = f"only {stack[0][:12]} was ever promoted" if stack else "nothing was ever promoted there"
+        now = f"{stack[0][:12]} is the first it had" if stack else "nothing was ever promoted there"
         raise ArtifactError(f"registry rollback: region {region!r} has no earlier {stage} artifact to return to "
                             f"({now}; `fmtransfer registry history region={region}`)")
     current, target = stack[-1], stack[-2]

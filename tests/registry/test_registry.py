@@ -349,3 +349,78 @@ def _registered_sha(registry_path: Path, kind: str) -> str:
         return a.sha256
 
 
+
+
+# --- W&B ----------------------------------------------------------------------------------------------
+def test_wandb_only_when_logged_in_and_never_at_a_runs_cost(tmp_path, registry_path, monkeypatch, caplog):
+    from fmtransfer.lineage import registry_wandb
+
+    for key in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DISABLED", "WANDB_BASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert not registry_wandb.logged_in()  # no key, no netrc: logged out, nothing prompts
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
+    assert registry_wandb.logged_in()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert not registry_wandb.logged_in()
+
+    calls = []
+    monkeypatch.setattr(registry_wandb, "log_run", lambda reg, record, made: calls.append(made))
+    export_run(tmp_path / "offline", "uci", seed=1)
+    assert calls == []  # offline: not even tried
+    monkeypatch.delenv("WANDB_MODE")
+    export_run(tmp_path / "online", "uci", seed=2)
+    assert len(calls) == 1 and len(calls[0]) == 1  # logged in: the run's registered output
+
+    def down(reg, record, made):
+        raise ConnectionError("api.wandb.ai unreachable")
+
+    monkeypatch.setattr(registry_wandb, "log_run", down)
+    with caplog.at_level(logging.WARNING):
+        export_run(tmp_path / "down", "uci", seed=3)
+    assert load_record(tmp_path / "down")["status"] == "ok" and "W&B: the run's artifacts were not logged" in caplog.text
+
+
+@pytest.mark.slow
+def test_wandb_artifacts_carry_the_registry_edges(tmp_path, registry_path, monkeypatch):
+    """W&B's offline mode (no account needed) logs the outputs with their sha256 and parents."""
+    from fmtransfer.lineage import registry_wandb
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    (tmp_path / "wandb").mkdir()
+    base = _write(tmp_path / "base" / "model.json", b'{"base": 3}')
+    onnx = export_run(tmp_path / "export", "uci", inputs={"base": base})
+    with Registry(registry_path) as reg:
+        artifact = reg.find(str(onnx))
+        registry_wandb.log_run(reg, load_record(tmp_path / "export"), [artifact.sha256], mode="offline")
+        parents = [p.sha256 for p, _ in reg.parents(artifact.sha256)]
+    (log,) = (tmp_path / "wandb").rglob("*.wandb")
+    blob = log.read_bytes()
+    assert b"onnx-uci" in blob and f"sha256-{artifact.short}".encode() in blob
+    assert all(p.encode() in blob for p in parents)
+
+
+# --- real stages --------------------------------------------------------------------------------------
+REGION = ["data=uci_digits_region", "data.limit=300"]
+FAST = ["export.latency.repeats=2", "export.latency.warmup=1", "export.calibration.size=64",
+        "export.gates.min_int8_agreement=0.9", "export.gates.max_accuracy_drop=0.05"]
+
+
+@pytest.mark.slow
+def test_real_stages_register_their_lineage_and_the_export_is_promoted(base, tmp_path, registry_path):
+    from fmtransfer.tasks.adapt import adapt
+    from fmtransfer.tasks.export import export
+
+    adapter = adapt(make_cfg("adapt", [f"base={base}", *REGION, "adapter.steps=40", "calibration.size=60",
+                                       "logger=none"], tmp_path / "adapt")).outputs["adapter"]
+    exported = export(make_cfg("export", [f"adapter_file={adapter}", *REGION, *FAST], tmp_path / "export"))
+    with Registry(registry_path) as reg:
+        onnx = reg.find(str(exported.outputs["onnx_int8"]))
+        assert (onnx.kind, onnx.region, onnx.metrics["passed"]) == ("onnx", "uci", True)
+        assert {c.kind for c, _ in reg.children(onnx.sha256)} == {"monitor_reference"}
+        assert reg.find(str(adapter)).kind == "adapter"
+    tree = run_action(tmp_path, "lineage", f"artifact={exported.outputs['onnx_int8']}").outputs["lineage"].read_text()
+    assert "(adapter) adapter" in tree and "(base) base" in tree and "uci_digits_region" in tree
+    decided = run_action(tmp_path, "promote", f"artifact={onnx.sha256}", "region_name=uci").metrics
+    assert decided["decision"] == "accepted"
+    assert {g["name"]: g["passed"] for g in decided["evidence"]["gates"]}["do_no_harm"] is True
