@@ -385,6 +385,9 @@ def window_results(stats: ReferenceStats, outputs: ModelOutputs, order: np.ndarr
 def accuracy_estimate(stats: ReferenceStats, outputs: ModelOutputs) -> dict[str, Any]:
     if outputs.probs is None:
         return {"skipped": "the model gives no class probabilities (a head-less or regression model)"}
+    if outputs.label_note:
+        return {"skipped": "the current data's classes are not the model's, so its accuracy on them is not defined "
+                           "(a new crop: fit an adapter; the drift tests and OOD scores still apply)"}
     if stats.temperature is None:
         return {"skipped": "the reference has no labels to fit the temperature on (use a labelled split, e.g. "
                            "reference=<recipe>/val)"}

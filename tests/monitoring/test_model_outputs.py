@@ -141,3 +141,20 @@ def test_labels_follow_the_model_and_a_new_crop_is_run_unlabelled(tmp_path):
                           "all", accelerator="cpu")
     assert crop.targets is None and crop.accuracy is None and crop.probs.shape == (40, 3)
     assert "classes the model does not (a, b, c" in crop.label_note
+
+
+def test_no_accuracy_estimate_for_a_new_crop():
+    """An estimate of accuracy in the model's classes means nothing on data of other classes: monitor skips it and
+    says why, instead of printing a confident-looking 0.825 for Fashion-MNIST under a digit model."""
+    from fmtransfer.monitoring.reference import ReferenceStats
+    from fmtransfer.tasks.model_outputs import ModelOutputs
+    from fmtransfer.tasks.monitor import accuracy_estimate
+
+    probs = np.full((4, 3), 1 / 3)
+    stats = ReferenceStats(identity={}, data={}, settings={}, probs=probs, embeddings=None,
+                           targets=np.zeros(4, np.int64), temperature=1.0)
+    plain = ModelOutputs(probs=probs, embeddings=None, targets=None, classes=CLASSES, rows=np.arange(4), seconds=1.0)
+    assert accuracy_estimate(stats, plain)["estimated"] == pytest.approx(1 / 3)
+    crop = ModelOutputs(probs=probs, embeddings=None, targets=None, classes=CLASSES, rows=np.arange(4), seconds=1.0,
+                        label_note="classes the model does not")
+    assert "not the model's" in accuracy_estimate(stats, crop)["skipped"]
