@@ -38,7 +38,8 @@ FILE_NAME = "registry.sqlite"
 BUSY_TIMEOUT_S = 60.0
 _OFF = ("", "0", "off", "false", "no", "none", "disabled")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
-SCHEMA_VERSION = 1
+# 2: locations.replaced_by
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS artifacts (
@@ -59,6 +60,7 @@ CREATE TABLE IF NOT EXISTS locations (
     sha256 TEXT NOT NULL REFERENCES artifacts (sha256),
     path TEXT NOT NULL,
     added TEXT NOT NULL,
+    replaced_by TEXT,
     PRIMARY KEY (sha256, path)
 );
 CREATE INDEX IF NOT EXISTS locations_path ON locations (path);
@@ -170,11 +172,28 @@ class Registry:
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: a crash loses no committed row
             self.db.execute("PRAGMA foreign_keys = ON")
-            # one script in one transaction (executescript would commit a transaction opened around it)
-            self.db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version = {SCHEMA_VERSION};COMMIT;")
+            self._create()
         except sqlite3.DatabaseError as e:
             self.db.close()
             raise ArtifactError(f"registry {self.path} is not a usable SQLite file ({e})") from e
+
+    def _create(self) -> None:
+        """The tables, in one script in one transaction (executescript commits a transaction opened around it)."""
+        for attempt in (0, 1):
+            try:
+                self.db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}{self._migration()}"
+                                      f"PRAGMA user_version = {SCHEMA_VERSION};COMMIT;")
+                return
+            except sqlite3.OperationalError as e:  # another process migrated the file between our look and our write
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                if attempt or "duplicate column" not in str(e):
+                    raise
+
+    def _migration(self) -> str:
+        """What a file of an earlier schema version lacks (its tables exist: CREATE IF NOT EXISTS keeps them)."""
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(locations)")}
+        return "ALTER TABLE locations ADD COLUMN replaced_by TEXT;" if columns and "replaced_by" not in columns else ""
 
     def close(self) -> None:
         self.db.close()
@@ -244,8 +263,12 @@ class Registry:
                 db.execute("UPDATE artifacts SET kind = ?, region = ?, name = ?, bytes = ?, metrics = ?, stage = ?, "
                            "role = ?, run_id = ?, run_dir = ? WHERE sha256 = ?", (*values, sha256))
             if path is not None:
-                db.execute("INSERT OR IGNORE INTO locations (sha256, path, added) VALUES (?, ?, ?)",
-                           (sha256, str(Path(path).resolve()), now()))
+                where = str(Path(path).resolve())
+                # a rerun into the same run dir replaced the file: the earlier artifact no longer lies there
+                db.execute("UPDATE locations SET replaced_by = ? WHERE path = ? AND sha256 != ? AND replaced_by IS NULL",
+                           (sha256, where, sha256))
+                db.execute("INSERT INTO locations (sha256, path, added) VALUES (?, ?, ?) ON CONFLICT (sha256, path) "
+                           "DO UPDATE SET replaced_by = NULL", (sha256, where, now()))
             db.executemany("INSERT OR IGNORE INTO edges (child, parent, role) VALUES (?, ?, ?)",
                            [(sha256, p, r) for p, r in edges if p != sha256])
         return row is None
@@ -274,7 +297,8 @@ class Registry:
         return self.db.execute("SELECT 1 FROM artifacts WHERE sha256 = ?", (sha256,)).fetchone() is not None
 
     def _artifact(self, row: sqlite3.Row) -> Artifact:
-        paths = [r[0] for r in self.db.execute("SELECT path FROM locations WHERE sha256 = ? ORDER BY added, path",
+        paths = [r[0] for r in self.db.execute("SELECT path FROM locations WHERE sha256 = ? AND replaced_by IS NULL "
+                                               "ORDER BY added, path",
                                                (row["sha256"],))]
         return Artifact(sha256=row["sha256"], kind=row["kind"], region=row["region"], name=row["name"],
                         bytes=row["bytes"], metrics=json.loads(row["metrics"]), stage=row["stage"], role=row["role"],
@@ -300,7 +324,8 @@ class Registry:
         path = Path(ref).expanduser()
         if path.exists():
             resolved = str(path.resolve())
-            rows = self.db.execute("SELECT sha256 FROM locations WHERE path = ?", (resolved,)).fetchall()
+            rows = self.db.execute("SELECT sha256 FROM locations WHERE path = ? AND replaced_by IS NULL",
+                                   (resolved,)).fetchall()
             if rows and path.is_file():
                 digest = sha256_file(path)
                 if digest in {r[0] for r in rows}:
@@ -357,8 +382,9 @@ class Registry:
 
     # --- checking -----------------------------------------------------------------------------------
     def verify(self, threads: int = 2) -> list[Check]:
-        """Re-hash every registered file: ``ok``, ``tampered`` (other bytes) or ``missing``."""
-        rows = self.db.execute("SELECT l.sha256, l.path FROM locations l ORDER BY l.path").fetchall()
+        """Re-hash every registered file: ``ok``, ``tampered`` (other bytes) or ``missing``. A file that a later
+        registration replaced at its path (a rerun into the same run dir) is that artifact's now."""
+        rows = self.db.execute("SELECT sha256, path FROM locations WHERE replaced_by IS NULL ORDER BY path").fetchall()
         artifacts = {r[0]: self.get(r[0]) for r in rows}
 
         def check(row: sqlite3.Row) -> Check:

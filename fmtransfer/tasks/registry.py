@@ -56,17 +56,29 @@ def _need(cfg: DictConfig, key: str, action: str) -> str:
     return str(value)
 
 
+def headline(a: Artifact) -> str:
+    """One figure that says most about an artifact: its test accuracy, an export's gates, a shadow verdict."""
+    test = a.metrics.get("test") if isinstance(a.metrics.get("test"), dict) else {}
+    if isinstance(test.get("accuracy"), (int, float)):
+        return f"acc {test['accuracy']:.4f}"
+    if isinstance(a.metrics.get("passed"), bool):
+        return "gates ok" if a.metrics["passed"] else "REJECTED"
+    if a.metrics.get("recommendation"):
+        return str(a.metrics["recommendation"])
+    if isinstance(a.metrics.get("drift"), bool):
+        return "drift" if a.metrics["drift"] else "no drift"
+    return "-"
+
+
 def _row(a: Artifact) -> str:
-    head = a.metrics.get("test", {}) if isinstance(a.metrics.get("test"), dict) else {}
-    score = head.get("accuracy")
-    shown = f"{score:.4f}" if isinstance(score, (int, float)) else "-"
-    return f"{a.short}  {a.kind:<17} {a.region or '-':<12} {shown:>8}  {a.created[:19]}  {a.path or a.name or '-'}"
+    return (f"{a.short}  {a.kind:<17} {a.region or '-':<12} {headline(a):<15} {a.created[:19]}  "
+            f"{a.path or a.name or '-'}")
 
 
 # --- actions ----------------------------------------------------------------------------------------------
 def _list(reg: Registry, cfg: DictConfig, out: Path) -> tuple[dict[str, Any], dict[str, Path]]:
     rows = reg.list(kind=cfg.kind, region=cfg.region_name)
-    print(f"{'sha256':<12}  {'kind':<17} {'region':<12} {'accuracy':>8}  {'created (UTC)':<19}  path")
+    print(f"{'sha256':<12}  {'kind':<17} {'region':<12} {'headline':<15} {'created (UTC)':<19}  path")
     for a in rows:
         print(_row(a))
     print(f"{len(rows)} artifact(s) in {reg.path}")

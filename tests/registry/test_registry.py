@@ -105,6 +105,28 @@ def test_where_the_registry_lives(tmp_path, monkeypatch):
     assert not (tmp_path / "cache" / "registry.sqlite").exists()
 
 
+def test_a_rerun_into_the_same_dir_replaces_the_file_it_is_not_tampering(tmp_path, registry_path):
+    first = export_run(tmp_path / "export", "uci", seed=1)
+    with Registry(registry_path) as reg:
+        old = reg.find(str(first)).sha256
+    export_run(tmp_path / "export", "uci", seed=2)  # the same run dir, other bytes at the same path
+    assert run_action(tmp_path, "verify").metrics["files"] == 1
+    with Registry(registry_path) as reg:
+        assert reg.get(old).paths == [] and reg.find(str(first)).sha256 != old
+    with pytest.raises(ArtifactError, match="integrity: file missing"):
+        run_action(tmp_path, "promote", f"artifact={old}", "region_name=uci")
+
+
+def test_a_registry_of_the_first_schema_is_upgraded_in_place(tmp_path):
+    path = tmp_path / "v1.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript("CREATE TABLE locations (sha256 TEXT NOT NULL, path TEXT NOT NULL, added TEXT NOT NULL, "
+                         "PRIMARY KEY (sha256, path)); PRAGMA user_version = 1;")
+    with Registry(path) as reg:
+        reg.register_file(_write(tmp_path / "a.bin", b"a"), "base")
+        assert reg.db.execute("PRAGMA user_version").fetchone()[0] == 2 and len(reg.verify()) == 1
+
+
 # --- list, show, lineage, verify ----------------------------------------------------------------------
 def test_list_show_and_lineage_from_the_onnx_back_to_the_data(tmp_path, registry_path, capsys):
     base = _write(tmp_path / "base" / "model.json", b'{"base": 2}')
@@ -259,8 +281,18 @@ _KILLED = textwrap.dedent("""
     from pathlib import Path
     from fmtransfer.lineage.io import write_bytes_atomic
     from fmtransfer.lineage.registry import Registry, register_run
-    path, folder = sys.argv[1], Path(sys.argv[2])
+    path, folder, kill_at = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     reg = Registry(path)
+    if kill_at == "mid_run":  # die inside run 3's transaction, after 12 of its 25 outputs were written to it
+        register, count = reg.register, [0]
+
+        def dying(sha, kind, **kw):
+            count[0] += kind == "onnx"
+            if count[0] == 3 * 25 + 13:
+                os.kill(os.getpid(), 9)
+            return register(sha, kind, **kw)
+
+        reg.register = dying
     for run in range(10_000):
         outputs = []
         for j in range(25):
@@ -277,22 +309,29 @@ _KILLED = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("delay", [0.8, 1.3])
-def test_a_writer_killed_mid_write_leaves_no_half_artifact_and_no_dangling_row(tmp_path, delay):
+@pytest.mark.parametrize("kill_at", ["mid_run", "0.8", "1.3"])
+def test_a_writer_killed_mid_write_leaves_no_half_artifact_and_no_dangling_row(tmp_path, kill_at):
+    """Killed inside a run's registration (``mid_run``: deterministically, half its outputs written), or at a
+    moment of the clock while it writes files and registers them."""
     path, folder = tmp_path / "registry.sqlite", tmp_path / "files"
     folder.mkdir()
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED, str(path), str(folder)], cwd=ROOT, env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED, str(path), str(folder), kill_at], cwd=ROOT,
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = proc.stdout.readline()  # it has committed one run: the kill lands in a later one
     assert first.strip() == "0", proc.stderr.read()
-    time.sleep(delay)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    if kill_at == "mid_run":
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    else:
+        time.sleep(float(kill_at))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
     with Registry(path) as reg:
         assert reg.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert reg.db.execute("PRAGMA foreign_key_check").fetchall() == []
         runs = reg.db.execute("SELECT run_id, count(*) FROM artifacts WHERE kind = 'onnx' GROUP BY run_id").fetchall()
         assert runs and all(count == 25 for _, count in runs)  # every run whole, none half
+        if kill_at == "mid_run":
+            assert sorted(r for r, _ in runs) == ["run0", "run1", "run2"]
         orphans = reg.db.execute("SELECT count(*) FROM artifacts a WHERE kind = 'onnx' AND NOT EXISTS "
                                  "(SELECT 1 FROM edges e WHERE e.child = a.sha256)").fetchone()[0]
         assert orphans == 0
