@@ -466,9 +466,11 @@ def register_run(reg: Registry, record: dict[str, Any]) -> list[str]:
     run_dir = Path(record["run_dir"])
     stage = record["stage"]
     data = record.get("data") or []
-    region = next((d["spec"].get("region") for d in data if isinstance(d.get("spec"), dict)), None)
+    region = _region(data)
     metrics = _run_metrics(record, run_dir)
     made: list[str] = []
+    if not any((stage, e["role"]) in OUTPUT_KINDS for e in record.get("outputs", [])):
+        return made  # it made no artifact (evaluate, predict, plan): its inputs are no one's parents
     with reg.transaction():
         parents: list[tuple[str, str]] = []
         for d in data:
@@ -481,8 +483,9 @@ def register_run(reg: Registry, record: dict[str, Any]) -> list[str]:
             path = _abs(entry["path"], run_dir)
             kind = _kind_of_input(entry["role"], path)
             if kind is not None:
-                reg.register(entry["sha256"], kind, path=path if path.is_file() else None, name=path.name,
-                             size=entry.get("bytes"))
+                known = reg.get(entry["sha256"]) is not None  # then its producer registered where it lies
+                reg.register(entry["sha256"], kind, path=path if path.is_file() and not known else None,
+                             name=path.name, size=entry.get("bytes"))
                 parents.append((entry["sha256"], entry["role"]))
         by_role = {e["role"]: e for e in record.get("outputs", [])}
         # an output made from another output of the run (its companion) comes after it
@@ -497,6 +500,15 @@ def register_run(reg: Registry, record: dict[str, Any]) -> list[str]:
                          run_dir=str(run_dir), parents=[*extra, *parents])
             made.append(entry["sha256"])
     return made
+
+
+def _region(data: list[dict[str, Any]]) -> str | None:
+    """The run's region: its data's, or what a monitor run watched (``current``), not its reference's."""
+    for role in ("data", "current", None):
+        for d in data:
+            if (role is None or d.get("role") == role) and isinstance(d.get("spec"), dict):
+                return d["spec"].get("region")
+    return None
 
 
 def _companions(role: str, by_role: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:

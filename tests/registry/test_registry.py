@@ -79,6 +79,26 @@ def test_every_run_registers_its_artifacts_with_parents_and_data(tmp_path, regis
         assert reg.counts() == before
 
 
+def test_a_monitor_report_is_the_watched_regions_and_a_run_that_made_no_artifact_adds_nothing(tmp_path,
+                                                                                               registry_path):
+    model = _write(tmp_path / "model.onnx", b"onnx")
+
+    def record(stage, role):
+        return {"run_id": stage, "stage": stage, "run_dir": str(tmp_path / stage), "status": "ok",
+                "data": [{"role": "reference", "recipe": "g", "fingerprint": "1" * 64, "spec": {"region": "global"}},
+                         {"role": "current", "recipe": "u", "fingerprint": "2" * 64, "spec": {"region": "uci"}}],
+                "inputs": [{"role": "model", "path": str(model), "sha256": "3" * 64, "bytes": 4}],
+                "outputs": [{"role": role, "path": "out.json", "sha256": "4" * 64, "bytes": 2}]}
+
+    with Registry(registry_path) as reg:
+        assert register_run(reg, record("evaluate", "metrics")) == [] and reg.counts()["artifacts"] == 0
+        (made,) = register_run(reg, record("monitor", "metrics"))
+        report = reg.get(made)
+        assert (report.kind, report.region) == ("monitor_report", "uci")
+        assert {(p.kind, role) for p, role in reg.parents(made)} == {("data", "reference"), ("data", "current"),
+                                                                     ("onnx", "model")}
+
+
 def test_a_run_never_fails_for_an_unreachable_registry(tmp_path, monkeypatch, caplog):
     blocker = _write(tmp_path / "not_a_dir", b"")
     monkeypatch.setenv("FMTRANSFER_REGISTRY", str(blocker / "registry.sqlite"))
