@@ -479,6 +479,7 @@ def register_run(reg: Registry, record: dict[str, Any]) -> list[str]:
                 reg.register(d["fingerprint"], "data", name=d.get("recipe"), region=spec.get("region"),
                              metrics={"recipe": d.get("recipe"), "source": spec.get("source")})
                 parents.append((d["fingerprint"], d.get("role") or "data"))
+                parents.extend(_subset(reg, spec, run_dir))
         for entry in record.get("inputs", []):
             path = _abs(entry["path"], run_dir)
             kind = _kind_of_input(entry["role"], path)
@@ -500,6 +501,24 @@ def register_run(reg: Registry, record: dict[str, Any]) -> list[str]:
                          run_dir=str(run_dir), parents=[*extra, *parents])
             made.append(entry["sha256"])
     return made
+
+
+def _subset(reg: Registry, spec: dict[str, Any], run_dir: Path) -> list[tuple[str, str]]:
+    """A recipe's ``subset`` (a curated manifest the train split keeps only the ids of) as a parent, so a model
+    trained on a curated subset traces back through ``curate``."""
+    subset = spec.get("subset")
+    if not isinstance(subset, str) or not subset:
+        return []
+    path = Path(subset).expanduser()  # as the stage read it (from its working dir), else beside the run
+    if not path.is_file():
+        path = _abs(subset, run_dir)
+    if not path.is_file():
+        return []
+    digest = sha256_file(path)
+    known = reg.get(digest) is not None
+    reg.register(digest, "curated_manifest", path=None if known else path, name=path.name,
+                 size=path.stat().st_size)
+    return [(digest, "subset")]
 
 
 def _region(data: list[dict[str, Any]]) -> str | None:

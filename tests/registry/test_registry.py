@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fmtransfer.errors import ArtifactError, ConfigError
-from fmtransfer.lineage import load_record
+from fmtransfer.lineage import RunRecord, load_record
 from fmtransfer.lineage.registry import Registry, default_path, register_run, resolve_path
 from fmtransfer.tasks.registry import registry
 from tests.conftest import ROOT, cli_env, make_cfg
@@ -97,6 +97,22 @@ def test_a_monitor_report_is_the_watched_regions_and_a_run_that_made_no_artifact
         assert (report.kind, report.region) == ("monitor_report", "uci")
         assert {(p.kind, role) for p, role in reg.parents(made)} == {("data", "reference"), ("data", "current"),
                                                                      ("onnx", "model")}
+
+
+def test_a_model_trained_on_a_curated_subset_traces_back_to_the_manifest(tmp_path, registry_path):
+    manifest = _write(tmp_path / "curate" / "curated.csv", b"id\n1\n2\n")
+    with RunRecord("curate", tmp_path / "curate") as record:
+        record.set_data("pool", {"name": "pool", "region": "global"}, "5" * 64)
+        record.add_output(manifest, "manifest")
+    model = _write(tmp_path / "pretrain" / "model.json", b"{}")
+    with RunRecord("pretrain", tmp_path / "pretrain") as record:
+        record.set_data("pool", {"name": "pool", "region": "global", "subset": str(manifest)}, "6" * 64)
+        record.add_output(model, "model")
+    with Registry(registry_path) as reg:
+        base = reg.find(str(model))
+        parents = {role: p for p, role in reg.parents(base.sha256)}
+        assert parents["subset"].kind == "curated_manifest" and parents["subset"].run_dir == str(tmp_path / "curate")
+        assert [p.sha256 for p, _ in reg.parents(parents["subset"].sha256)] == ["5" * 64]
 
 
 def test_a_run_never_fails_for_an_unreachable_registry(tmp_path, monkeypatch, caplog):
