@@ -122,6 +122,15 @@ def test_a_run_never_fails_for_an_unreachable_registry(tmp_path, monkeypatch, ca
         export_run(tmp_path / "export", "uci")
     assert load_record(tmp_path / "export")["status"] == "ok"
     assert "not updated" in caplog.text and "fmtransfer registry add" in caplog.text
+    # a file that is not SQLite: the same warning, and the command says what the file is
+    garbage = _write(tmp_path / "garbage.sqlite", b"not a database" * 100)
+    monkeypatch.setenv("FMTRANSFER_REGISTRY", str(garbage))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        export_run(tmp_path / "export2", "uci", seed=1)
+    assert load_record(tmp_path / "export2")["status"] == "ok" and "not updated" in caplog.text
+    with pytest.raises(ArtifactError, match="garbage.sqlite is not a usable SQLite file"):
+        run_action(tmp_path, "list")
     # registering it later, once the registry can be reached
     monkeypatch.setenv("FMTRANSFER_REGISTRY", str(tmp_path / "ok.sqlite"))
     run_action(tmp_path, "add", f"artifact={tmp_path / 'export'}")
@@ -178,6 +187,9 @@ def test_list_show_and_lineage_from_the_onnx_back_to_the_data(tmp_path, registry
     assert tree.splitlines()[0].startswith(f"onnx {listed[0][:12]}") and "(base) base" in tree
     assert "(data) data" in tree and "uci_recipe" in tree
     assert result.outputs["graph"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(result.metrics["edges"]) == 2
+    # the copy on a device, wherever it lies, is found by its bytes
+    device = _write(tmp_path / "device" / "deployed.onnx", onnx.read_bytes())
+    assert run_action(tmp_path, "lineage", f"artifact={device}").metrics["artifact"] == listed[0]
 
 
 def test_verify_flags_a_tampered_and_a_missing_file(tmp_path, registry_path, capsys):
