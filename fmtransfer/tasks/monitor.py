@@ -12,7 +12,6 @@ manifest of the most unusual samples -> ``monitor.json``, ``monitor.md``, plots.
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import os
 from dataclasses import dataclass
@@ -24,7 +23,6 @@ import numpy as np
 from omegaconf import DictConfig
 
 from fmtransfer.config import compose_stage, require, run_dir, to_plain
-from fmtransfer.data.recipe import SPLITS
 from fmtransfer.errors import ArtifactError, ConfigError, DataError
 from fmtransfer.lineage import RunRecord, write_json_atomic, write_text_atomic
 from fmtransfer.lineage.record import RUN_FILE
@@ -39,12 +37,12 @@ from fmtransfer.monitoring.drift import (
 )
 from fmtransfer.monitoring.reference import ReferenceStats, build_reference, load_reference
 from fmtransfer.tasks.model_outputs import ALL_ROWS, ModelOutputs, ModelRunner, open_model
+from fmtransfer.tasks.monitor_data import DataRef, resolve_data
+from fmtransfer.tasks.monitor_report import report_md, verdict_sentence, write_ood
 from fmtransfer.tasks.result import StageResult
 
 log = logging.getLogger(__name__)
 
-TEST_NAMES = {"bbsd": "BBSD", "mmd": "MMD", "domain_classifier": "the domain classifier",
-              "label_shift": "label shift"}
 
 
 @dataclass(frozen=True)
@@ -93,78 +91,6 @@ class MonitorSettings:
     def reference_settings(self) -> dict[str, Any]:
         return {"pca_components": self.pca_components, "ood_k": self.ood_k, "ood_quantile": self.ood_quantile,
                 "ood_scale_k": self.ood_scale_k, "ood_bank": self.ood_bank}
-
-
-# --- what reference= and current= name ------------------------------------------------------------------------------
-@dataclass
-class DataRef:
-    """A resolved ``reference=`` / ``current=``: a recipe node and split, or stored statistics (``stats``)."""
-
-    text: str
-    recipe: dict[str, Any] | None = None
-    split: str = ALL_ROWS
-    stats: Path | None = None
-    csv: Path | None = None  # the CSV an order column is read from
-
-    @property
-    def label(self) -> str:
-        if self.stats is not None:
-            return f"stored statistics {self.stats}"
-        return f"{self.recipe['name']}/{self.split}"
-
-
-def resolve_data(value: Any, key: str, default_split: str, runner: ModelRunner) -> DataRef:
-    """``<recipe>[/<split>]``, a recipe node, an image folder, a CSV, or (``reference`` only) a stored .json."""
-    if value is None or str(value).strip() == "":
-        raise ConfigError(f"pass {key}=<recipe>[/<split>], an image folder or a CSV")
-    if not isinstance(value, str):  # a recipe node (e.g. data@current=... in a config of one's own)
-        node = to_plain(value)
-        return DataRef(node.get("name", key), node, default_split, csv=_csv_of(node))
-    path = Path(value).expanduser()
-    if path.exists():
-        if path.is_dir():
-            return DataRef(value, _folder_recipe(path, runner), ALL_ROWS)
-        if path.suffix.lower() == ".csv":
-            return DataRef(value, _csv_recipe(path, runner), ALL_ROWS, csv=path)
-        if path.suffix.lower() in (".json", ".npz"):
-            if key != "reference":
-                raise ConfigError(f"{key}={value}: stored statistics stand for the reference only; the current "
-                                  f"data is a recipe, an image folder or a CSV")
-            return DataRef(value, stats=path)
-        raise ConfigError(f"{key}={value} is a file, but neither a .csv of images nor stored statistics (.json)")
-    name, _, split = value.partition("/")
-    split = split or default_split
-    if split not in (*SPLITS, ALL_ROWS):
-        raise ConfigError(f"{key}={value}: split {split!r} is not one of {', '.join((*SPLITS, ALL_ROWS))} (and no "
-                          f"file or folder of that name exists)")
-    try:
-        node = to_plain(compose_stage("evaluate", [f"data={name}"]).data)
-    except Exception as e:  # noqa: BLE001 - Hydra names the missing option itself
-        raise ConfigError(f"{key}={value}: no data recipe {name!r} and no such file or folder "
-                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    return DataRef(value, node, split, csv=_csv_of(node))
-
-
-def _csv_of(node: dict[str, Any]) -> Path | None:
-    source = node.get("source") or {}
-    return Path(source["path"]).expanduser() if source.get("kind") == "csv_manifest" else None
-
-
-def _model_image(runner: ModelRunner) -> dict[str, Any]:
-    pre = runner.identity["preprocessing"]
-    return {"image_size": list(pre["image_size"]), "channels": int(pre["channels"]), "mean": list(pre["mean"]),
-            "std": list(pre["std"])}
-
-
-def _folder_recipe(path: Path, runner: ModelRunner) -> dict[str, Any]:
-    if not any(p.is_file() for p in path.rglob("*")):
-        raise DataError(f"current={path}: the folder is empty (no images to monitor)")
-    return {"name": path.name or "folder", "source": {"kind": "image_folder", "root": str(path)},
-            **_model_image(runner)}
-
-
-def _csv_recipe(path: Path, runner: ModelRunner) -> dict[str, Any]:
-    return {"name": path.stem, "source": {"kind": "csv_manifest", "path": str(path)}, **_model_image(runner)}
 
 
 # --- reference statistics ---------------------------------------------------------------------------------------------
@@ -397,98 +323,6 @@ def accuracy_estimate(stats: ReferenceStats, outputs: ModelOutputs) -> dict[str,
             "true": outputs.accuracy, "error": (None if outputs.accuracy is None else
                                                 calibration.estimated_accuracy(outputs.probs, stats.temperature)
                                                 - outputs.accuracy)}
-
-
-# --- files --------------------------------------------------------------------------------------------------------
-def _label(outputs: ModelOutputs, i: int) -> str:
-    return outputs.classes[int(outputs.targets[i])] if outputs.targets is not None and outputs.classes else ""
-
-
-def write_ood(out: Path, outputs: ModelOutputs, scores: np.ndarray, threshold: float, size: int) -> dict[str, Path]:
-    """``ood_scores.csv`` (every current sample) and ``label_first.csv`` (the ``size`` highest scores, in the
-    format of curate's ``curated.csv``: id, path, label, region, then the score)."""
-    flags = scores > threshold
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["id", "path", "region", "label", "prediction", "confidence", "ood_score", "ood"])
-    for i in range(len(outputs)):
-        pred = conf = ""
-        if outputs.probs is not None:
-            k = int(outputs.probs[i].argmax())
-            pred, conf = (outputs.classes[k] if outputs.classes else str(k)), f"{outputs.probs[i, k]:.4f}"
-        w.writerow([outputs.ids[i], outputs.paths[i] if outputs.paths else "", outputs.regions[i], _label(outputs, i),
-                    pred, conf, f"{scores[i]:.6f}", int(flags[i])])
-    files = {"ood_scores": write_text_atomic(out / "ood_scores.csv", buf.getvalue())}
-    top = np.argsort(-scores, kind="stable")[:size]
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["id", "path", "label", "region", "ood_score"])
-    for i in top:
-        w.writerow([outputs.ids[i], outputs.paths[i] if outputs.paths else "", _label(outputs, i), outputs.regions[i],
-                    f"{scores[i]:.6f}"])
-    files["manifest"] = write_text_atomic(out / "label_first.csv", buf.getvalue())
-    return files
-
-
-def verdict_sentence(verdicts: dict[str, DriftVerdict]) -> str:
-    """"drift detected by BBSD (p=...) and MMD (p=...)", or "no drift detected ...", in plain words."""
-    ran = {k: v for k, v in verdicts.items() if v.skipped is None}
-    hit = [f"{TEST_NAMES[k]} (p={v.p_value:.3g})" for k, v in ran.items() if v.detected]
-    miss = [f"{TEST_NAMES[k]} (p={v.p_value:.3g})" for k, v in ran.items() if not v.detected]
-    if not ran:
-        return "no drift test could run"
-    if hit:
-        text = f"drift detected by {_join(hit)}"
-        return text + (f"; not by {_join(miss)}" if miss else "")
-    return f"no drift detected: {_join(miss)} all above alpha"
-
-
-def _join(parts: list[str]) -> str:
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-
-
-def report_md(m: dict[str, Any]) -> str:
-    lines = [f"# fmtransfer monitor: {m['current']['label']} against {m['reference']['label']}", "",
-             f"Model: `{m['model']['path']}` ({m['model']['kind']}, sha256 {m['model']['sha256'][:12]}...). "
-             f"Reference statistics {m['reference']['statistics']}: `{m['reference']['file']}`.", "",
-             f"**{m['summary']}** (alpha {m['settings']['alpha']:g}; {m['reference']['n']} reference and "
-             f"{m['current']['n']} current samples).", "",
-             "| test | drift | statistic | p-value | n reference | n current | note |", "|---|---|---:|---:|---:|---:|---|"]
-    for name, v in m["tests"].items():
-        if v["skipped"]:
-            lines.append(f"| {name} | skipped | | | | {v['n_current']} | {v['skipped']} |")
-        else:
-            lines.append(f"| {name} | {'**yes**' if v['detected'] else 'no'} | {v['statistic']:.4g} | "
-                         f"{v['p_value']:.3g} | {v['n_reference']} | {v['n_current']} | |")
-    acc = m["accuracy"]
-    lines += ["", "## Accuracy without labels", ""]
-    if "skipped" in acc:
-        lines.append(f"Skipped: {acc['skipped']}.")
-    else:
-        note = m["current"].get("labels_not_used")
-        true = f"; true accuracy {acc['true']:.3f} (error {acc['error']:+.3f})" if acc["true"] is not None else \
-            (f" (no true accuracy: {note})" if note else " (the current data has no labels)")
-        lines.append(f"Estimated accuracy {acc['estimated']:.3f} (temperature {acc['temperature']:.3f} fitted on the "
-                     f"reference's labels; uncalibrated mean confidence {acc['uncalibrated_confidence']:.3f}){true}. "
-                     f"Under a shift the model never saw, confidence stays high where accuracy falls: read the "
-                     f"estimate as an upper bound when drift is detected.")
-    ood = m["ood"]
-    lines += ["", "## Unusual samples (OOD)", ""]
-    if "skipped" in ood:
-        lines.append(f"Skipped: {ood['skipped']}.")
-    else:
-        lines += [f"{ood['flagged']} of {m['current']['n']} current samples ({ood['share']:.1%}) lie farther from the "
-                  f"reference than its own {ood['quantile']:.0%} quantile (distance to the {ood['k']}-th nearest "
-                  f"embedding of the bank, {ood['bank']}, > {ood['threshold']:.4f}; about {1 - ood['quantile']:.0%} of reference-like "
-                  f"data would be). The {ood['manifest_n']} most unusual are in `label_first.csv`: label these first "
-                  f"(`adapt calibration.manifest=<this run>/label_first.csv` takes them as its calibration set).", "",
-                  "![OOD scores](ood_scores.png)"]
-    if m.get("windows"):
-        lines += ["", "## Over time", "", f"{len(m['windows'])} windows of about {m['settings']['window_size']} "
-                  f"samples ordered by `{m['settings']['window_order']}`; drift in "
-                  f"{sum(any(t['detected'] for t in w['tests'].values()) for w in m['windows'])} of them.", "",
-                  "![windows](windows.png)"]
-    return "\n".join(lines) + "\n"
 
 
 # --- the stage ---------------------------------------------------------------------------------------------------------
