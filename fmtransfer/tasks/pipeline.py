@@ -1,5 +1,6 @@
 """``pipeline``: the main job. Global pretraining -> evaluation on the global test split and zero-shot on a
-region -> curation of the global set (and pretraining on the curated subset) -> a sweep of regional adapters -> a
+region (for a region with classes of its own, a new crop, a probe of the global model's frozen embeddings on the
+adapter's calibration labels instead) -> curation of the global set (and pretraining on the curated subset) -> a sweep of regional adapters -> a
 calibration-size plan -> the region's model exported to ONNX (fp32 + INT8, gated) -> ``report.md``.
 
 Each step is a stage run of its own in a sub-folder (with its run.json): its config is composed from the stage's
@@ -9,6 +10,7 @@ checked before anything trains, and the report is assembled from the steps' resu
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +22,14 @@ from fmtransfer.adapters import check_method_fits
 from fmtransfer.adapters.harm import DoNoHarmRefused, describe, unchecked
 from fmtransfer.adapters.regional import REGIONAL_METHODS
 from fmtransfer.config import build_dataclass, compose_stage, require, to_plain
-from fmtransfer.data import build_datamodule, load_recipe
+from fmtransfer.data import Recipe, build_datamodule, check_fit, load_recipe
 from fmtransfer.errors import ConfigError
 from fmtransfer.lineage import RunRecord
+from fmtransfer.monitoring.drift import NEEDS
 from fmtransfer.tasks.adapt import adapt, validate_adapt
 from fmtransfer.tasks.common import run_dir
 from fmtransfer.tasks.curate import curate, curation_settings
-from fmtransfer.tasks.evaluate import evaluate
+from fmtransfer.tasks.evaluate import evaluate, evaluation_protocol
 from fmtransfer.tasks.export import GateFailed, export, export_settings
 from fmtransfer.tasks.monitor import MonitorSettings, monitor
 from fmtransfer.tasks.plan import plan
@@ -34,6 +37,8 @@ from fmtransfer.tasks.pretrain import epochs_for_steps, pretrain, validate
 from fmtransfer.tasks.pretrain_dino import is_self_supervised
 from fmtransfer.tasks.report import metric_rows, results_table, write_report
 from fmtransfer.tasks.result import StageResult
+
+log = logging.getLogger(__name__)
 
 STAGE_FUNCTIONS: dict[str, Callable[[DictConfig], StageResult]] = {
     "pretrain": pretrain, "evaluate": evaluate, "curate": curate, "adapt": adapt, "plan": plan, "export": export,
@@ -76,6 +81,72 @@ _REGIONAL_KEYS = ("regional_pretrain.epochs", "regional_pretrain.reuse", "region
 
 
 @dataclass(frozen=True)
+class RegionFit:
+    """How the region's labels relate to the global model's, read from both recipes before anything trains.
+
+    Attributes:
+        global_recipe, region_recipe: the recipes' names.
+        global_task, region_task: classification or regression.
+        global_classes, region_classes: each recipe's class list (None for regression).
+        region_train: the size of the region's train split (where calibration labels come from).
+    """
+
+    global_recipe: str
+    region_recipe: str
+    global_task: str
+    region_task: str
+    global_classes: list[str] | None
+    region_classes: list[str] | None
+    region_train: int
+
+    @property
+    def zero_shot(self) -> bool:
+        """The global head can score the region: the same task and (classification) every region class is one of
+        the global model's."""
+        if self.region_task != self.global_task:
+            return False
+        return self.region_task != "classification" or set(self.region_classes) <= set(self.global_classes)
+
+    @property
+    def new_classes(self) -> list[str]:
+        """The region's classes the global model does not predict (all of them for another task)."""
+        if self.region_task != self.global_task or self.region_classes is None:
+            return list(self.region_classes or [])
+        return [c for c in self.region_classes if c not in set(self.global_classes or [])]
+
+    def why_no_zero_shot(self) -> str:
+        """Why the global head cannot score the region, in a sentence (for the log and the report)."""
+        if self.region_task != self.global_task:
+            return (f"region {self.region_recipe!r} is a {self.region_task} task and the global model "
+                    f"({self.global_recipe!r}) a {self.global_task} one")
+        new = self.new_classes
+        shown = ", ".join(new[:10]) + (", ..." if len(new) > 10 else "")
+        return (f"{len(new)} of the {len(self.region_classes)} classes of region {self.region_recipe!r} ({shown}) are "
+                f"not among the global model's {len(self.global_classes)} ({', '.join(self.global_classes[:10])}"
+                f"{', ...' if len(self.global_classes) > 10 else ''}), so its head cannot score them")
+
+
+def region_fit(cfg: DictConfig) -> RegionFit:
+    """Read both recipes' tables (their labels checked against their own class lists) and the region's fit to the
+    global model's input (channels): the checks that need the data, before anything trains."""
+    global_recipe, region_recipe = load_recipe(cfg.data), load_recipe(cfg.region)
+    global_table = build_datamodule(global_recipe, cfg.loader).prepare()
+    region_dm = build_datamodule(region_recipe, cfg.loader)
+    region_table = region_dm.prepare()
+    _check_channels(region_recipe, global_recipe)
+    return RegionFit(global_recipe.name, region_recipe.name, global_recipe.task, region_recipe.task,
+                     global_table.classes, region_table.classes, region_dm.split_size("train"))
+
+
+def _check_channels(region: Recipe, global_recipe: Recipe) -> None:
+    """The global model reads images with the global recipe's channels: the region's must convert to them."""
+    try:  # num_outputs 0: the task is the zero-shot decision's (RegionFit), not an error here
+        check_fit(region, {"num_outputs": 0, "preprocess": {"channels": global_recipe.channels}})
+    except ConfigError as e:
+        raise ConfigError(f"region: {e} (the global recipe {global_recipe.name!r}'s channels)") from None
+
+
+@dataclass(frozen=True)
 class PipelineSettings:
     """The pipeline's own keys (configs/pipeline.yaml, which holds their defaults); the groups it passes on
     are checked as its steps' settings.
@@ -93,6 +164,9 @@ class PipelineSettings:
         pretrain_curated_steps: equal (as many optimisation steps as the full pretraining) or epochs (as many
             epochs).
         regional_pretrain: the region's adapter with regional pretraining too, for the with / without comparison.
+        new_classes_score: for a region the global head cannot score (classes of its own): linear or knn, a probe of
+            the global model's frozen embeddings fitted on the region adapter's calibration labels and scored
+            where zero-shot would be; none: no score.
     """
 
     adapter: str
@@ -106,6 +180,7 @@ class PipelineSettings:
     pretrain_curated: bool
     pretrain_curated_steps: Literal["equal", "epochs"]
     regional_pretrain: RegionalSwitch
+    new_classes_score: Literal["linear", "knn", "none"]
 
     def __post_init__(self) -> None:
         if not self.regional_pretrain.epochs:
@@ -144,11 +219,14 @@ class Steps:
     the nodes the pipeline passes on, writing into ``<pipeline run dir>/<name>``; ``run`` runs it with what
     earlier steps produced and records it as a parent of the pipeline's run."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, fit: RegionFit) -> None:
         self.out = out
+        self.fit = fit
         self.configs: dict[str, DictConfig] = {}
         self.results: dict[str, StageResult] = {}
         self.record: RunRecord | None = None
+        self.skipped: dict[str, str] = {}  # step -> why it does not run (said in the log and the report)
+        self.notes: dict[str, str] = {}  # step -> how it runs otherwise than usual (said in the log and the report)
 
     def compose(self, name: str, stage: str, overrides: Sequence[str] = (),
                 nodes: Mapping[str, Any] | None = None) -> DictConfig:
@@ -182,6 +260,10 @@ def pipeline(cfg: DictConfig) -> StageResult:
     settings = pipeline_settings(cfg)
     steps = compose_steps(cfg, settings, out)
     _check(steps, settings)
+    for name, why in steps.skipped.items():
+        log.warning("pipeline: %s skipped: %s", name, why)
+    for name, how in steps.notes.items():
+        log.warning("pipeline: %s: %s", name, how)
     with RunRecord("pipeline", out, cfg) as record:
         steps.record = record
         rejected = _run(steps, settings)
@@ -207,21 +289,29 @@ def _regional_step(settings: PipelineSettings, adapter: str, size: int) -> str:
     return f"adapt_regional/{settings.regional_runs().index((adapter, size))}_{adapter}_n{size}"
 
 
-def compose_steps(cfg: DictConfig, settings: PipelineSettings, out: Path) -> Steps:
-    """Every step's config, composed before anything runs."""
+def compose_steps(cfg: DictConfig, settings: PipelineSettings, out: Path, fit: RegionFit | None = None) -> Steps:
+    """Every step's config, composed before anything runs.
+
+    Args:
+        fit: the region against the global data (default: read from both recipes, :func:`region_fit`).
+    """
     require(cfg, "region", "split", "accelerator", "export", "curation", "force", *TRAINING_KEYS)
+    fit = fit or region_fit(cfg)
     for adapter in dict.fromkeys(a for a, _ in settings.adapt_runs()):  # first: an unknown one has no config
         try:
             check_method_fits(adapter, cfg.backbone.name)
         except ConfigError as e:
             raise ConfigError(f"sweep.adapters / adapter: {e}") from None
-    steps = Steps(out)
+    steps = Steps(out, fit)
     region = {"data": to_plain(cfg.region)}
     steps.compose("pretrain", "pretrain", nodes=_nodes(cfg, *TRAINING_KEYS, resolve=False))
-    steps.compose("zero_shot", "evaluate", nodes={**_nodes(cfg, "seed", "split", "accelerator", "loader"), **region})
+    _compose_zero_shot(steps, cfg, settings, region)
     if settings.monitor_region:  # the recipes themselves: a region of one's own need not be a named recipe
-        steps.compose("monitor", "monitor", nodes={**_nodes(cfg, "seed", "accelerator", "loader"),
-                                                   "reference": to_plain(cfg.data), "current": to_plain(cfg.region)})
+        monitor = steps.compose("monitor", "monitor", nodes={**_nodes(cfg, "seed", "accelerator", "loader"),
+                                                             "reference": to_plain(cfg.data),
+                                                             "current": to_plain(cfg.region)})
+        if not fit.zero_shot:
+            _monitor_new_classes(steps, monitor)
     if settings.curate_global:
         curate = steps.compose("curate", "curate", nodes=_nodes(cfg, "seed", "accelerator", "data", "loader",
                                                                 "curation"))
@@ -229,9 +319,10 @@ def compose_steps(cfg: DictConfig, settings: PipelineSettings, out: Path) -> Ste
         if settings.pretrain_curated:
             steps.compose("pretrain_curated", "pretrain", nodes=_nodes(cfg, *TRAINING_KEYS, resolve=False))
     def adapt_overrides(adapter: str, size: int, checked: bool = False) -> list[str]:
-        # the do-no-harm check costs K extra fits: only the region's adapter (the one exported) gets it
+        # the do-no-harm check costs K extra fits: only the region's adapter (the one exported) gets it, also when
+        # adapt_overrides sets do_no_harm.folds (that sets the region adapter's check, not the sweep's)
         return [f"adapter={adapter}", f"calibration.size={size}", f"calibration.strategy={settings.calibration.strategy}",
-                f"seed={cfg.seed}", *([] if checked else ["do_no_harm.folds=0"]), *settings.adapt_overrides]
+                f"seed={cfg.seed}", *settings.adapt_overrides, *([] if checked else ["do_no_harm.folds=0"])]
 
     # the adapter the pipeline releases; with export_region_model=false nothing is released, and nothing is checked
     region_run = (settings.adapter, settings.calibration.size) if settings.export_region_model else None
@@ -254,6 +345,48 @@ def compose_steps(cfg: DictConfig, settings: PipelineSettings, out: Path) -> Ste
     return steps
 
 
+def _compose_zero_shot(steps: Steps, cfg: DictConfig, settings: PipelineSettings, region: dict[str, Any]) -> None:
+    """``zero_shot``: the global head on the region; for a region it cannot score, ``probe`` (its frozen embeddings
+    with the region adapter's calibration labels, ``new_classes_score``) or nothing, said in ``steps.skipped``."""
+    fit, nodes = steps.fit, {**_nodes(cfg, "seed", "split", "accelerator", "loader"), **region}
+    if fit.zero_shot:
+        steps.compose("zero_shot", "evaluate", nodes=nodes)
+        return
+    score = settings.new_classes_score
+    if score != "none" and fit.region_task == "classification":
+        steps.compose("probe", "evaluate", [f"protocol={score}"], nodes=nodes)  # data.subset: the calibration set
+        steps.skipped["zero-shot"] = (f"{fit.why_no_zero_shot()}; in its place a {_PROBE_NAMES[score]} on the "
+                                      f"global model's frozen embeddings, fitted on the region adapter's "
+                                      f"{settings.calibration.size} calibration labels, scored on the region's "
+                                      f"{cfg.split} split")
+    else:
+        reason = "new_classes_score=none" if score == "none" else f"a probe scores classes, not a {fit.region_task} target"
+        steps.skipped["zero-shot"] = f"{fit.why_no_zero_shot()}; no score in its place ({reason})"
+
+
+_PROBE_NAMES = {"linear": "logistic-regression probe", "knn": "kNN vote"}
+
+
+def _monitor_new_classes(steps: Steps, monitor: DictConfig) -> None:
+    """A region the global head cannot score: its images are still compared with the global data through the global
+    model's embeddings (MMD, domain classifier, OOD scores), but tests on the head's class probabilities would only
+    say that the region is not made of the global classes: they are left out, said in ``steps.notes``."""
+    tests = list(monitor.monitor.tests)
+    kept, dropped = [t for t in tests if NEEDS.get(t) != "probs"], [t for t in tests if NEEDS.get(t) == "probs"]
+    if not kept and not monitor.monitor.ood.enabled:
+        del steps.configs["monitor"]
+        steps.skipped["monitoring"] = (f"{steps.fit.why_no_zero_shot()}; monitor.tests={tests} are all tests on the "
+                                       f"global head's class probabilities and the OOD scores are off")
+        return
+    monitor.monitor.tests = kept
+    left_out = f"the tests on the head's class probabilities ({', '.join(dropped)}) are left out, and " if dropped \
+        else ""
+    steps.notes["monitoring"] = (f"{steps.fit.why_no_zero_shot()}: {left_out}the region's labels are not read (the "
+                                 f"head has no accuracy on classes it lacks). The embedding tests "
+                                 f"({', '.join(kept) or 'none'}) and the OOD scores compare the region's images with "
+                                 f"the global data as the global model sees them")
+
+
 def _check(steps: Steps, settings: PipelineSettings) -> None:
     """Every step's own checks, and the sizes against the data: all that can fail, before anything trains."""
     configs = steps.configs
@@ -266,14 +399,17 @@ def _check(steps: Steps, settings: PipelineSettings) -> None:
     for name in configs:
         if name.startswith(("adapt/", "adapt_regional/")):
             validate_adapt(configs[name])
-    region = load_recipe(configs["zero_shot"].data)
-    pool = build_datamodule(region, configs["zero_shot"].loader).split_size("train")
-    too_big = sorted({n for _, n in settings.adapt_runs() if n > pool})
+    fit = steps.fit
+    too_big = sorted({n for _, n in settings.adapt_runs() if n > fit.region_train})
     if too_big:
         raise ConfigError(f"sweep.sizes / calibration.size {too_big} exceed the train split of region "
-                          f"{region.name!r} ({pool} samples)")
+                          f"{fit.region_recipe!r} ({fit.region_train} samples)")
+    if "probe" in configs:
+        evaluation_protocol(configs["probe"], load_recipe(configs["probe"].data))
     if "export" in configs:
         export_settings(configs["export"])
+        _check_release(configs[_adapt_step(settings, settings.adapter, settings.calibration.size)],
+                       configs["export"].force)
     if "monitor" in configs:
         MonitorSettings.from_cfg(configs["monitor"].monitor)
     if settings.curate_with and not settings.curate_global:
@@ -294,11 +430,20 @@ def _check(steps: Steps, settings: PipelineSettings) -> None:
                               f"{global_pool} samples of the global {curation.split} split")
 
 
+def _check_release(region_adapt: DictConfig, force: bool) -> None:
+    """An adapter whose do-no-harm check cannot run is refused by export unless force=true: said before training."""
+    if not region_adapt.do_no_harm.folds and force is not True:
+        raise ConfigError("adapt_overrides sets do_no_harm.folds=0 for the region's adapter: it would not be checked "
+                          "against its base, and export refuses an unchecked adapter after the whole run; drop the "
+                          "override, set force=true to export it anyway, or export_region_model=false")
+
+
 def _run(steps: Steps, settings: PipelineSettings) -> GateFailed | DoNoHarmRefused | None:
     """The stages in order, each with what the earlier ones produced; a rejected export (or an adapter refused for
     not beating its base) is returned."""
     pre = steps.run("pretrain")
-    steps.run("zero_shot", {"model": str(pre.run_dir)})
+    if "zero_shot" in steps.configs:
+        steps.run("zero_shot", {"model": str(pre.run_dir)})
     if "monitor" in steps.configs:
         steps.run("monitor", {"model": str(pre.run_dir)})
     if "curate" in steps.configs:
@@ -312,6 +457,9 @@ def _run(steps: Steps, settings: PipelineSettings) -> GateFailed | DoNoHarmRefus
             steps.run("pretrain_curated", produced)
     for name in [n for n in steps.configs if n.startswith(("adapt/", "adapt_regional/"))]:
         steps.run(name, {"base": str(pre.run_dir)})
+    if "probe" in steps.configs:  # the same labels as the region's adapter: its calibration set is the probe's train
+        region = steps.results[_adapt_step(settings, settings.adapter, settings.calibration.size)]
+        steps.run("probe", {"model": str(pre.run_dir), "data.subset": str(region.outputs["calibration"])})
     steps.run("plan")
     if "export" in steps.configs:
         region = steps.results[_adapt_step(settings, settings.adapter, settings.calibration.size)]
@@ -326,26 +474,33 @@ def _report(steps: Steps, settings: PipelineSettings, record: RunRecord,
             rejected: GateFailed | DoNoHarmRefused | None) -> StageResult:
     """``report.md`` from the steps' results: tables, their sections, pictures and the stages' folders."""
     results = steps.results
-    pre, zero, planned = results["pretrain"], results["zero_shot"], results["plan"]
+    pre, planned = results["pretrain"], results["plan"]
+    zero = results.get("zero_shot") or results.get("probe")  # the global model on the region, if scored
     region = results[_adapt_step(settings, settings.adapter, settings.calibration.size)]
     curated, curated_pre, exported = results.get("curate"), results.get("pretrain_curated"), results.get("export")
     monitored = results.get("monitor")
     regional = {size: (results[_adapt_step(settings, adapter, size)], results[_regional_step(settings, adapter, size)])
                 for adapter, size in settings.regional_runs()}
-    sections = [("Setup", _setup(pre, zero, region)),
+    sections = [("Setup", _setup(pre, zero, region, steps)),
                 ("Results", _results(pre, curated, curated_pre, zero, region,
                                      regional.get(settings.calibration.size, (None, None))[1])),
                 *([("Regional pretraining", _regional_section(regional, pre.metrics["task"]))] if regional else []),
-                *([("Monitoring: the region against the global data", _without_images(monitored.sections[0][1]))]
+                *([("Monitoring: the region against the global data", _monitor_section(monitored, steps))]
                   if monitored else []),
+                *([("Monitoring: the region against the global data",
+                    f"**Skipped**: {steps.skipped['monitoring']}.")] if "monitoring" in steps.skipped else []),
                 ("Do no harm", _harm_section(region, rejected if isinstance(rejected, DoNoHarmRefused) else None)),
                 *(curated.sections if curated else []), *planned.sections]
     if exported is not None:
         sections += [(heading, body if rejected is None else f"**Rejected**: {rejected}\n\n{body}")
                      for heading, body in exported.sections]
     sections.append(("Stages", "\n".join(
-        [f"- pretrain: `{pre.run_dir}`", f"- zero-shot: `{zero.run_dir}`",
+        [f"- pretrain: `{pre.run_dir}`",
+         "- zero-shot: " + (f"`{zero.run_dir}`" if "zero_shot" in results else "skipped, the global head cannot "
+                            "score the region (see Setup)") + (f"; {_probe_label(zero)}: `{zero.run_dir}`"
+                                                               if "probe" in results else ""),
          *([f"- monitoring: `{monitored.run_dir}`"] if monitored else []),
+         *(["- monitoring: skipped (see its section)"] if "monitoring" in steps.skipped else []),
          *([f"- curation: `{curated.outputs['manifest']}`"] if curated else []),
          f"- region adapter: `{region.outputs['adapter']}`", f"- adaptation sweep: `{steps.out / 'adapt'}`",
          *([f"- with regional pretraining: `{steps.out / 'adapt_regional'}`"] if regional else []),
@@ -354,9 +509,10 @@ def _report(steps: Steps, settings: PipelineSettings, record: RunRecord,
            if isinstance(rejected, DoNoHarmRefused) else []),
          *([f"- edge export: rejected, `{exported.run_dir / 'rejected'}`" if rejected is not None
             else f"- edge export: `{exported.outputs['model']}`"] if exported else [])])))
-    zm, am = zero.metrics, region.metrics
+    am = region.metrics
     images = [("Global test split", pre.outputs.get("confusion")),
-              (f"Zero-shot on {zm['recipe']}", zero.outputs.get("confusion")),
+              *([(f"{_probe_label(zero).capitalize() if 'probe' in results else 'Zero-shot'} on "
+                  f"{zero.metrics['recipe']}", zero.outputs.get("confusion"))] if zero else []),
               ("Training curves", pre.outputs.get("training_curves")),
               (f"{am['method']} adapter on {am['recipe']}", region.outputs.get("confusion")),
               ("Accuracy against local labels", planned.outputs.get("learning_curve"))]
@@ -370,6 +526,13 @@ def _report(steps: Steps, settings: PipelineSettings, record: RunRecord,
     record.add_output(report, "report")
     return StageResult("pipeline", steps.out, outputs={"report": report}, sections=sections,
                        steps={**results, "adapt": region})
+
+
+def _monitor_section(monitored: StageResult, steps: Steps) -> str:
+    """The monitor's own section, after what the pipeline changed in it (a region with classes of its own)."""
+    body = _without_images(monitored.sections[0][1])
+    return f"**Region with classes of its own**: {steps.notes['monitoring']}.\n\n{body}" \
+        if "monitoring" in steps.notes else body
 
 
 def _without_images(markdown: str) -> str:
@@ -392,27 +555,43 @@ def _harm_section(region: StageResult, refused: DoNoHarmRefused | None) -> str:
     return body
 
 
-def _setup(pre: StageResult, zero: StageResult, region: StageResult) -> str:
-    pm, zm, am = pre.metrics, zero.metrics, region.metrics
+def _probe_label(probe: StageResult) -> str:
+    """What the probe step is, for the report's rows and captions."""
+    return f"frozen embeddings + {_PROBE_NAMES[probe.metrics['protocol']]}"
+
+
+def _setup(pre: StageResult, zero: StageResult | None, region: StageResult, steps: Steps) -> str:
+    pm, am = pre.metrics, region.metrics
     data = pm["data"]
+    if "zero_shot" in steps.results:
+        scored = (f"then scored without any adaptation on `{zero.metrics['recipe']}` ({zero.metrics['overall']['n']} "
+                  f"{zero.metrics['split']} images).")
+    else:  # plainly: no zero-shot, and what stands in for it
+        scored = f"**No zero-shot score**: {steps.skipped['zero-shot']}."
     return (f"Backbone `{pm['backbone']}` trained on `{pm['recipe']}` ({data['splits']['train']} train / "
             f"{data['splits']['val']} val / {data['splits']['test']} test images) for {pm['epochs']} epochs in "
-            f"{pm['fit_seconds']:.0f} s ({pm['train_images_per_s']['median'] or 0:.0f} images/s), then scored "
-            f"without any adaptation on `{zm['recipe']}` ({zm['overall']['n']} {zm['split']} images). "
+            f"{pm['fit_seconds']:.0f} s ({pm['train_images_per_s']['median'] or 0:.0f} images/s), {scored} "
             f"The region's adapter (`{am['method']}`, {am['calibration']['size']} {am['calibration']['strategy']} "
             f"labels from the region's train split) trains {am['trainable_fraction']:.2%} of the parameters "
             f"and is one {am['adapter_bytes'] / 1e6:.2f} MB file ({am['adapter_to_base']:.1%} of the base).")
 
 
-def _results(pre: StageResult, curated: StageResult | None, curated_pre: StageResult | None, zero: StageResult,
-             region: StageResult, region_regional: StageResult | None = None) -> str:
-    pm, zm, am = pre.metrics, zero.metrics, region.metrics
+def _results(pre: StageResult, curated: StageResult | None, curated_pre: StageResult | None,
+             zero: StageResult | None, region: StageResult, region_regional: StageResult | None = None) -> str:
+    pm, am = pre.metrics, region.metrics
     rows = metric_rows(f"global {pm['backbone']}", pm["recipe"], "test", pm["test"])
     if curated and curated_pre:
         cm = curated_pre.metrics
         rows += metric_rows(f"global {pm['backbone']}, curated {curated.metrics['fraction']:.0%} of the train split "
                             f"({cm['global_step']} steps vs {pm['global_step']})", pm["recipe"], "test", cm["test"])
-    rows += metric_rows(f"global {pm['backbone']}, zero-shot", zm["recipe"], zm["split"], zm)
+    if zero is not None and zero.metrics.get("protocol", "head") != "head":  # the probe, in zero-shot's place
+        zm = zero.metrics
+        rows += metric_rows(f"global {pm['backbone']}, {_probe_label(zero)} on the "
+                            f"{am['calibration']['size']} calibration labels (no zero-shot: new classes)",
+                            zm["recipe"], zm["split"], zm)
+    elif zero is not None:
+        zm = zero.metrics
+        rows += metric_rows(f"global {pm['backbone']}, zero-shot", zm["recipe"], zm["split"], zm)
     rows += metric_rows(f"+ {am['method']} adapter, {am['calibration']['size']} labels", am["recipe"], "test",
                         am["test"])
     if region_regional is not None:
