@@ -17,6 +17,14 @@ tests fit their PCA on a random half of the reference and compare the other half
   the region zero-shot.
 - throughput: the model's forward passes (PyTorch; ONNX fp32 of the same model exported here with a second
   'embedding' output), the monitoring statistics on a window of 200, and the two together, in samples/s.
+Second real sets (with --heldout / --new-crop, on by default when their files exist; `python
+scripts/get_real_data.py` makes them):
+- mnist_heldout (MNIST digits no global model saw, from another package), reference = the global pool as above:
+  as it is, its class mix differs from mnist_global's even 10% (5: 7.3% ... 1: 12.5%), a mild real label shift, so
+  its detection rates are power against a small shift; with every class cut to the smallest class's count
+  (seeded), it is a false-alarm check on real data from another copy.
+- power and OOD on a new crop: current = n samples of fashion_mnist's test split (10 clothing classes).
+- accuracy estimate on mnist_heldout (in distribution, independent of the val split the temperature saw).
 Sample sizes follow Failing Loudly (Rabanser et al. 2019): 10, 20, 50, 100, 200, 500, 1000, capped by the data.
 Writes bench_monitor.json, bench_monitor.md and the plots under --out.
 """
@@ -40,8 +48,9 @@ LEVELS = (0.0, 0.05, 0.10, 0.25, 0.50)
 TESTS = ("bbsd", "mmd", "domain_classifier", "label_shift")
 
 
-def outputs_once(model: str, batch_size: int) -> dict:
-    """The model's outputs on the global val, test and train splits and on every region sample."""
+def outputs_once(model: str, batch_size: int, extra: dict[str, tuple[str, str]]) -> dict:
+    """The model's outputs on the global val, test and train splits, on every region sample, and on each of
+    ``extra`` (key -> (recipe, split))."""
     from fmtransfer.tasks.model_outputs import open_model
 
     runner = open_model(model)
@@ -50,7 +59,17 @@ def outputs_once(model: str, batch_size: int) -> dict:
            "global_test": runner.outputs(glob, "test", batch_size=batch_size, accelerator="cpu"),
            "global_train": runner.outputs(glob, "train", batch_size=batch_size, accelerator="cpu"),
            "region": runner.outputs(region, "all", batch_size=batch_size, accelerator="cpu")}
+    for key, (name, split) in extra.items():
+        got[key] = runner.outputs(_recipe(name), split, batch_size=batch_size, accelerator="cpu")
     return {"runner": runner, **got}
+
+
+def _has_file(name: str) -> bool:
+    """Whether recipe ``name``'s npz file exists (the sets scripts/get_real_data.py makes)."""
+    try:
+        return Path(_recipe(name).source["path"]).expanduser().is_file()
+    except Exception:  # noqa: BLE001 - an unknown recipe counts as absent
+        return False
 
 
 def _recipe(name: str):
@@ -102,6 +121,14 @@ def detection_rates(pool_p, pool_e, source, n_ref: int, sizes, trials: int, perm
     return rates
 
 
+def balanced_rows(targets: np.ndarray, seed: int) -> np.ndarray:
+    """Rows with every class cut to the smallest class's count (a seeded pick), sorted."""
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(targets, return_counts=True)
+    least = int(counts.min())
+    return np.sort(np.concatenate([rng.choice(np.flatnonzero(targets == c), least, replace=False) for c in classes]))
+
+
 def ood_auroc(bank: np.ndarray, inside: np.ndarray, outside: np.ndarray, k: int = 50, scale_k: bool = True) -> dict:
     from sklearn.metrics import roc_auc_score
 
@@ -114,12 +141,13 @@ def ood_auroc(bank: np.ndarray, inside: np.ndarray, outside: np.ndarray, k: int 
             "flagged_in": float(ood.flags(s_in).mean()), "flagged_out": float(ood.flags(s_out).mean())}
 
 
-def accuracy_estimates(val, test, region) -> dict:
+def accuracy_estimates(val, test, region, heldout=None) -> dict:
     from fmtransfer.monitoring.calibration import estimated_accuracy, fit_temperature
 
     t = fit_temperature(val.probs, val.targets)
     out = {"temperature": t}
-    for name, o in (("global_test", test), ("region_zero_shot", region)):
+    pairs = [("global_test", test), ("region_zero_shot", region)] + ([("mnist_heldout", heldout)] if heldout else [])
+    for name, o in pairs:
         est, raw = estimated_accuracy(o.probs, t), estimated_accuracy(o.probs, 1.0)
         out[name] = {"true": o.accuracy, "estimated": est, "abs_error_points": 100 * abs(est - o.accuracy),
                      "uncalibrated": raw, "uncalibrated_abs_error_points": 100 * abs(raw - o.accuracy)}
@@ -190,11 +218,18 @@ def wilson(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def above_alpha(rates: dict, trials: int, alpha: float = 0.05) -> list[str]:
+    """The cells (n, test) whose 95% Wilson interval lies wholly above ``alpha``: false-alarm rates that the trials
+    show to be too high, rather than within the binomial noise of ``trials`` trials."""
+    return [f"n={n} {t}" for n, row in rates.items() for t in TESTS if wilson(row[t], trials)[0] > alpha]
+
+
 def table(rates: dict, label: str, trials: int | None = None) -> list[str]:
     """Rates per row; with ``trials``, a last row pooling every row (rate and 95% Wilson interval)."""
     lines = [f"| {label} | " + " | ".join(TESTS) + " |", "|---:|" + "---:|" * len(TESTS)]
     for key, row in rates.items():
-        lines.append(f"| {key} | " + " | ".join(f"{row[t]:.2f}" for t in TESTS) + " |")
+        lines.append(f"| {key} | " + " | ".join(f"{row[t]:.3f}" if trials else f"{row[t]:.2f}" for t in TESTS)
+                     + " |")
     if trials:
         pooled = {t: float(np.mean([row[t] for row in rates.values()])) for t in TESTS}
         n = trials * len(rates)
@@ -212,12 +247,22 @@ def main() -> None:
     ap.add_argument("--permutations", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--no-onnx", action="store_true")
+    ap.add_argument("--heldout", default="mnist_heldout", help="a recipe from the global distribution that no "
+                    "global model saw (false alarms on real data from another copy); 'none' to skip")
+    ap.add_argument("--new-crop", default="fashion_mnist", help="a recipe with other classes (power and OOD on a "
+                    "second shift; its test split); 'none' to skip")
     ap.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "monitor"))
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    got = outputs_once(args.model, args.batch_size)
+    extra = {}
+    for key, name, split in (("heldout", args.heldout, "all"), ("new_crop", args.new_crop, "test")):
+        if name != "none" and _has_file(name):
+            extra[key] = (name, split)
+        elif name != "none":
+            print(f"{name}: no data file; run python scripts/get_real_data.py (skipped)", flush=True)
+    got = outputs_once(args.model, args.batch_size, extra)
     runner = got.pop("runner")
     val, test, region = got["global_val"], got["global_test"], got["region"]
     pool_p = np.concatenate([val.probs, test.probs])
@@ -234,19 +279,46 @@ def main() -> None:
     print("gradual drift (n=200):", flush=True)
     gradual = detection_rates(pool_p, pool_e, (region.probs, region.embeddings), args.reference, list(LEVELS),
                               args.power_trials, args.permutations, mix=True)
+    second = {}
+    if "heldout" in got:
+        h = got["heldout"]
+        print(f"false alarms, current from {args.heldout} ({len(h)} samples):", flush=True)
+        second["false_alarms_heldout"] = detection_rates(pool_p, pool_e, (h.probs, h.embeddings), args.reference,
+                                                         [n for n in GRID if n <= len(h)], args.trials,
+                                                         args.permutations)
+        even = balanced_rows(h.targets, seed=0)
+        print(f"false alarms, current from {args.heldout} with even classes ({len(even)} samples):", flush=True)
+        second["false_alarms_heldout_even"] = detection_rates(pool_p, pool_e, (h.probs[even], h.embeddings[even]),
+                                                              args.reference, [n for n in GRID if n <= len(even)],
+                                                              args.trials, args.permutations)
+        second["heldout_class_shares"] = np.bincount(h.targets, minlength=h.probs.shape[1]).tolist()
+    if "new_crop" in got:
+        c = got["new_crop"]
+        print(f"power, global vs {args.new_crop} ({len(c)} samples):", flush=True)
+        second["power_new_crop"] = detection_rates(pool_p, pool_e, (c.probs, c.embeddings), args.reference,
+                                                   [n for n in GRID if n <= len(c)], args.power_trials,
+                                                   args.permutations)
     ood = {}
+    if "new_crop" in got:
+        ood[f"global train, k=50 scaled: global test vs {args.new_crop} test"] = ood_auroc(
+            got["global_train"].embeddings, test.embeddings, got["new_crop"].embeddings)
     for bank_name, bank in (("global train (the default bank)", got["global_train"].embeddings),
                             ("global val", val.embeddings)):
         for k, scale in ((50, True), (50, False)):
             ood[f"{bank_name}, k=50{' scaled' if scale else ''}"] = ood_auroc(bank, test.embeddings,
                                                                                region.embeddings, k, scale)
-    accuracy = accuracy_estimates(val, test, region)
+    accuracy = accuracy_estimates(val, test, region, got.get("heldout"))
     speed = throughput(runner, got, args.permutations, not args.no_onnx, args.batch_size)
     pooled = {t: float(np.mean([row[t] for row in false_alarms.values()])) for t in TESTS}
     result = {"model": runner.identity, "false_alarms_pooled": pooled, "trials": args.trials, "power_trials": args.power_trials,
               "reference_per_trial": args.reference, "permutations": args.permutations, "alpha": 0.05,
               "false_alarms": false_alarms, "power": power, "gradual_drift_n200": gradual, "ood": ood,
-              "accuracy_estimate": accuracy, "throughput": speed, "seconds": time.perf_counter() - started,
+              "accuracy_estimate": accuracy, "throughput": speed, "heldout": args.heldout,
+              "new_crop": args.new_crop, **second,
+              "false_alarm_cells_above_alpha": above_alpha(false_alarms, args.trials),
+              "heldout_cells_above_alpha": above_alpha(second.get("false_alarms_heldout", {}), args.trials),
+              "false_alarm_cells_above_alpha_heldout_even": above_alpha(second.get("false_alarms_heldout_even", {}),
+                                                                       args.trials), "seconds": time.perf_counter() - started,
               "command": " ".join(["OMP_NUM_THREADS=1", "python", *sys.argv])}
     (out / "bench_monitor.json").write_text(json.dumps(result, indent=2, default=str))
     from fmtransfer.plots import rates_png
@@ -261,12 +333,24 @@ def main() -> None:
           f"{runner.identity['sha256'][:12]}...), alpha 0.05, reference {args.reference} global samples per trial, "
           f"{args.permutations} MMD permutations, {time.perf_counter() - started:.0f} s.", "",
           f"## False alarms ({args.trials} trials)", "", *table(false_alarms, "n", args.trials), "",
-          f"A rate over {args.trials} trials has a 95% interval of about +-4.4 points around 5%; the last row pools "
-          f"every n (Wilson interval).", "",
+          f"A rate over {args.trials} trials has a 95% interval of about "
+          f"+-{100 * (wilson(0.05, args.trials)[1] - 0.05):.1f} points around 5%; the last row pools every n (Wilson "
+          f"interval). Cells whose own Wilson interval lies wholly above 5%: "
+          f"{', '.join(result['false_alarm_cells_above_alpha']) or 'none'}.", "",
+          *([f"## False alarms, current from {args.heldout} with even classes ({args.trials} trials)", "",
+             *table(second["false_alarms_heldout_even"], "n", args.trials), "",
+             "Cells whose Wilson interval lies wholly above 5%: "
+             f"{', '.join(result['false_alarm_cells_above_alpha_heldout_even']) or 'none'}.", "",
+             f"## A mild real shift: {args.heldout} as it is ({args.trials} trials)", "",
+             f"Its class counts {second['heldout_class_shares']} against mnist_global's even 500 each.", "",
+             *table(second["false_alarms_heldout"], "n", args.trials), ""]
+            if "false_alarms_heldout" in second else []),
+          *([f"## Power, global vs {args.new_crop} ({args.power_trials} trials)", "",
+             *table(second["power_new_crop"], "n"), ""] if "power_new_crop" in second else []),
           f"## Power, global vs region ({args.power_trials} trials)", "", *table(power, "n"), "",
           f"## Gradual drift, n=200 ({args.power_trials} trials)", "",
           *table({f"{100 * k:.0f}%": v for k, v in gradual.items()}, "region share"), "",
-          "## OOD AUROC (global test vs region)", "", "| bank | k | AUROC | flagged global test | flagged region |",
+          "## OOD AUROC (global test vs region, unless the row says otherwise)", "", "| bank | k | AUROC | flagged global test | flagged region |",
           "|---|---:|---:|---:|---:|",
           *[f"| {k} ({v['bank']}) | {v['k']} | {v['auroc']:.3f} | {v['flagged_in']:.3f} | {v['flagged_out']:.3f} |"
             for k, v in ood.items()], "", "## Accuracy estimate", "",
