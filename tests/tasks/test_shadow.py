@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from fmtransfer.errors import DataError
 from fmtransfer.tasks.evaluate import evaluate
-from fmtransfer.tasks.shadow import KEEP, shadow
+from fmtransfer.tasks.shadow import INCONCLUSIVE, KEEP, shadow
 from tests.conftest import make_cfg
+from tests.fixtures import pattern, save_image
 
 pytestmark = pytest.mark.slow
 
@@ -68,3 +70,25 @@ def test_shadow_refuses_an_empty_split(base, onnx_model, tmp_path):
     with pytest.raises(DataError, match="no samples in split 'test'"):
         shadow(make_cfg("shadow", [f"production={base}", f"candidate={onnx_model}", *FAST, "data.split.train=0.9",
                                    "data.split.val=0.1", "data.split.test=0.0"], tmp_path / "empty"))
+
+
+def test_shadow_without_labels_decides_on_agreement_alone(base, other, tmp_path):
+    """New images with no labels at all (a flat folder): no accuracy, the verdict rests on agreement, and the
+    disagreements are listed to be labelled."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "new_images"
+    for i in range(40):
+        save_image(pattern(i % 10, 28, rng), folder / f"img_{i:03d}.png")
+    run = tmp_path / "shadow"
+    result = shadow(make_cfg("shadow", [f"production={base}", f"candidate={other}", "data=image_folder",
+                                        f"data.source.root={folder}", "data.channels=1", "data.image_size=[28,28]",
+                                        "split=all", *FAST[len(DATA):]], run))
+    report = json.loads((run / "shadow.json").read_text())
+    s = report["stats"]
+    assert s["n"] == 40 and "gain" not in s and "production_accuracy" not in s
+    assert report["recommendation"] == INCONCLUSIVE  # 40 inputs cannot show 99% agreement, however they agree
+    assert any("no labels" in r for r in report["reasons"])
+    with open(run / "disagreements.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == s["disagreements"] and all(r["label"] == "" for r in rows)
+    assert result.metrics["recommendation"] == INCONCLUSIVE
