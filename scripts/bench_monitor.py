@@ -292,6 +292,13 @@ def main() -> None:
                                                               args.reference, [n for n in GRID if n <= len(even)],
                                                               args.trials, args.permutations)
         second["heldout_class_shares"] = np.bincount(h.targets, minlength=h.probs.shape[1]).tolist()
+        # within the copy: the reference from one random half of the even rows, the current from the other
+        halves = np.random.default_rng(1).permutation(even)
+        a, b = halves[: len(halves) // 2], halves[len(halves) // 2:]
+        print(f"false alarms within {args.heldout} (even classes, halves of {len(a)} and {len(b)}):", flush=True)
+        second["false_alarms_within_heldout"] = detection_rates(
+            h.probs[a], h.embeddings[a], (h.probs[b], h.embeddings[b]), args.reference,
+            [n for n in GRID if n <= len(b)], args.trials, args.permutations)
     if "new_crop" in got:
         c = got["new_crop"]
         print(f"power, global vs {args.new_crop} ({len(c)} samples):", flush=True)
@@ -341,6 +348,10 @@ def main() -> None:
              *table(second["false_alarms_heldout_even"], "n", args.trials), "",
              "Cells whose Wilson interval lies wholly above 5%: "
              f"{', '.join(result['false_alarm_cells_above_alpha_heldout_even']) or 'none'}.", "",
+             f"## False alarms within {args.heldout} (even classes; reference from one half, current from the "
+             f"other; {args.trials} trials)", "", *table(second["false_alarms_within_heldout"], "n", args.trials), "",
+             "Cells whose Wilson interval lies wholly above 5%: "
+             f"{', '.join(above_alpha(second['false_alarms_within_heldout'], args.trials)) or 'none'}.", "",
              f"## A mild real shift: {args.heldout} as it is ({args.trials} trials)", "",
              f"Its class counts {second['heldout_class_shares']} against mnist_global's even 500 each.", "",
              *table(second["false_alarms_heldout"], "n", args.trials), ""]
