@@ -7,11 +7,13 @@ quality: pretrain a ResNet-18 on the full global set (mnist_global), on a curate
     its train split, with the same number of optimisation steps (the subsets train 5x the epochs); report the
     global test accuracy and the region's (uci_digits_region) zero-shot and LoRA-adapted (100 labels) accuracy.
     Curation embeds with the full-data model, as `fmtransfer pipeline` does.
-sets: on every real recipe here (--sets; mnist_global and uci_digits_region by default), per seed: a ResNet-18
-    trained on the whole train split (the demo's settings), curated 20% subsets with curation.balance_floor 0 and
-    0.5 embedded by that model, and a random 20%, each trained for the same number of steps; the test accuracy of
-    each, the curation's self-check warnings and its smallest class share ratio. --embedders supervised dino also
-    curates with a DINO run's embeddings (`pretrain method=dino`, 8 epochs, on the same train split, labels unused).
+sets: on every real recipe here (--sets; mnist_global, uci_digits_region and fashion_mnist by default), per seed:
+    a ResNet-18 trained on the whole train split (the demo's settings: 6 epochs; fashion_mnist 2, --epochs), curated
+    20% subsets at each --floors curation.balance_floor embedded by that model, and a random 20%, each trained for
+    the same number of steps; the test accuracy of each, the curation's self-check warnings, dedup share and its
+    smallest class share ratio. --train-limit NAME=N curates a class-stratified random N of the train split instead
+    (val and test whole; the table says so). --embedders supervised dino also curates with a DINO run's embeddings
+    (`pretrain method=dino`, 8 epochs, on the same train split, labels unused).
 skew: duplicate one class of the global train split 20x with small noise, curate, and compare the class shares
     of the pool and the curated subset (and what dedup removed), over 5 curation seeds, with the default levels
     and with the earlier default [100, 20, 5].
@@ -148,49 +150,82 @@ def quality(out: Path, fraction: float, seed: int = 0) -> dict:
 DINO_EMBEDDER = ["method=dino", "trainer.max_epochs=8"]  # the README's measured DINO defaults on these recipes
 
 
+SETS_EPOCHS = 6  # the full-data run's epochs (the demo's settings); --epochs NAME=E changes it for one recipe
+# fashion_mnist's 56,000 train images take 437 steps an epoch: 2 epochs (the issue's story, 874 steps) keep a seed of
+# full + curated + random near 30 min on one busy core
+RECIPE_EPOCHS = {"fashion_mnist": 2}
+
+
 def sets(out: Path, data: str, fraction: float, seed: int, floors: tuple[str, ...] = ("0.0", "0.25", "0.5"),
-         embedders: tuple[str, ...] = ("supervised",)) -> dict:
+         embedders: tuple[str, ...] = ("supervised",), epochs: int = SETS_EPOCHS,
+         train_limit: int | None = None) -> dict:
     """One seed of the curated-vs-random-vs-full comparison on one recipe (see the module docstring). ``embedders``:
     whose embeddings curate: supervised (the full-data model) and/or dino (a `pretrain method=dino` run on the same
-    train split, labels unused)."""
+    train split, labels unused). ``epochs``: of the full-data run (the subsets take as many steps). ``train_limit``:
+    the pool is a class-stratified random ``train_limit`` of the train split (a ``data.subset`` manifest drawn with
+    the seed), val and test stay whole. Runs with other than the default epochs or a limit sit in their own folder
+    (``<data>_e<epochs>_n<limit>``)."""
     from fmtransfer.config import compose_stage
     from fmtransfer.data import RecipeDataModule, load_recipe
     from fmtransfer.tasks.pretrain import epochs_for_steps
 
-    q = out / "sets" / data / f"s{seed}"
-    base = [f"data={data}", "backbone=resnet18", "trainer.max_epochs=6", "loader.batch_size=128", "logger=none",
-            f"seed={seed}", "trainer.enable_progress_bar=false"]
-    full = _run("pretrain", q / "full", base)
-    row: dict = {"data": data, "seed": seed, "steps": full["global_step"], "full": full["test"]["overall"]["accuracy"]}
+    name = data + (f"_e{epochs}" if epochs != SETS_EPOCHS else "") + (f"_n{train_limit}" if train_limit else "")
+    q = out / "sets" / name / f"s{seed}"
+    q.mkdir(parents=True, exist_ok=True)
+    dm = RecipeDataModule(load_recipe(compose_stage("pretrain", [f"data={data}", "run_dir=/tmp/x"]).data))
+    table = dm.prepare()
+    train_rows = dm.rows("train")
+    pool_ids, pool = table.ids[train_rows], []
+    if train_limit and train_limit < len(train_rows):
+        pool_ids = _stratified_ids(pool_ids, table.targets[train_rows], train_limit, seed)
+        (q / "pool.csv").write_text("id\n" + "".join(f"{i}\n" for i in pool_ids))
+        pool = [f"data.subset={q / 'pool.csv'}"]
+    base = [f"data={data}", "backbone=resnet18", f"trainer.max_epochs={epochs}", "loader.batch_size=128",
+            "logger=none", f"seed={seed}", "trainer.enable_progress_bar=false"]
+    full = _run("pretrain", q / "full", [*base, *pool])
+    row: dict = {"data": data, "seed": seed, "epochs": epochs, "train_limit": train_limit, "pool": len(pool_ids),
+                 "steps": full["global_step"], "full": full["test"]["overall"]["accuracy"],
+                 "test_n": full["data"]["splits"]["test"]}
     for embedder in embedders:
         model, tag = q / "full", ""  # supervised keeps the earlier runs' folder and key names
         if embedder == "dino":
             model, tag = q / "dino", "dino_"
             dino = _run("pretrain", model, [o for o in base if not o.startswith(("trainer.max_epochs", "loader."))]
-                        + DINO_EMBEDDER)
+                        + pool + DINO_EMBEDDER)
             row["dino_test_knn"] = dino["test"]["overall"]["accuracy"]
         for floor in floors:
-            cur = _run("curate", q / f"curate_{tag}f{floor}", [f"base={model}", f"data={data}",
+            cur = _run("curate", q / f"curate_{tag}f{floor}", [f"base={model}", f"data={data}", *pool,
                                                                f"curation.target_size={fraction}",
                                                                f"curation.balance_floor={floor}", f"seed={seed}"])
-            epochs = epochs_for_steps(full["global_step"], cur["selected"], 128)
-            m = _run("pretrain", q / f"pre_{tag}f{floor}",
-                     [*base, f"data.subset={q / f'curate_{tag}f{floor}' / 'curated.csv'}", f"trainer.max_epochs={epochs}"])
+            sub_epochs = epochs_for_steps(full["global_step"], cur["selected"], 128)
+            manifest = q / f"curate_{tag}f{floor}" / "curated.csv"
+            m = _run("pretrain", q / f"pre_{tag}f{floor}", [*base, f"data.subset={manifest}",
+                                                          f"trainer.max_epochs={sub_epochs}"])
             checks = cur["self_checks"]
             row[f"curated_{tag}f{floor}"] = m["test"]["overall"]["accuracy"]
             row[f"warnings_{tag}f{floor}"] = len(checks["warnings"])
+            row[f"warning_texts_{tag}f{floor}"] = checks["warnings"]
             row[f"min_class_ratio_{tag}f{floor}"] = min(g["share_ratio"]
                                                         for g in checks["by"]["class"]["groups"].values())
             row[f"dedup_share_{tag}f{floor}"] = checks["dedup_share"]
-    dm = RecipeDataModule(load_recipe(compose_stage("pretrain", [f"data={data}", "run_dir=/tmp/x"]).data))
-    train_ids = dm.prepare().ids[dm.rows("train")]
-    random_ids = np.random.default_rng(seed).choice(train_ids, size=cur["selected"], replace=False)
+    random_ids = np.random.default_rng(seed).choice(pool_ids, size=cur["selected"], replace=False)
     manifest = q / "random.csv"
     manifest.write_text("id\n" + "".join(f"{i}\n" for i in random_ids))
-    m = _run("pretrain", q / "pre_random", [*base, f"data.subset={manifest}", f"trainer.max_epochs={epochs}"])
+    sub_epochs = epochs_for_steps(full["global_step"], cur["selected"], 128)
+    m = _run("pretrain", q / "pre_random", [*base, f"data.subset={manifest}", f"trainer.max_epochs={sub_epochs}"])
     row.update(random=m["test"]["overall"]["accuracy"], subset=int(cur["selected"]))
     print("sets", row, flush=True)
     return row
+
+
+def _stratified_ids(ids: np.ndarray, targets: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """``n`` of ``ids``, every class in proportion to its count (largest remainders), drawn with ``seed``."""
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(targets, return_counts=True)
+    quota = np.floor(n * counts / counts.sum()).astype(int)
+    quota[np.argsort(-(n * counts / counts.sum() - quota))[:n - quota.sum()]] += 1
+    return np.sort(np.concatenate([rng.choice(ids[targets == c], size=q, replace=False)
+                                   for c, q in zip(classes, quota, strict=True)]))
 
 
 def skew(out: Path, fraction: float, seeds: list[int], ablation_levels: tuple[list[int], ...] = ([100, 20, 5],),
@@ -334,13 +369,31 @@ def _curated_label(key: str) -> str:
     return f"curated{' (DINO embeddings)' if key.startswith('dino_') else ''}, floor {key.split('f')[-1]}"
 
 
+def _pairs(option: str, pairs: list[str], recipes: list[str]) -> dict[str, int]:
+    """NAME=N pairs -> {recipe: N}; a malformed pair or a recipe not in --sets is refused."""
+    out = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in recipes or not value.isdigit() or int(value) < 1:
+            raise SystemExit(f"{option} {pair!r}: expected NAME=N with NAME one of --sets {recipes} and N >= 1")
+        out[name] = int(value)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", nargs="+", default=["quality", "sets", "skew", "speed"])
-    p.add_argument("--sets", nargs="+", default=["mnist_global", "uci_digits_region"], help="sets: the recipes")
+    p.add_argument("--sets", nargs="+", default=["mnist_global", "uci_digits_region", "fashion_mnist"],
+                   help="sets: the recipes")
     p.add_argument("--floors", nargs="+", default=["0.0", "0.25", "0.5"], help="sets: curation.balance_floor values")
     p.add_argument("--embedders", nargs="+", default=["supervised"], choices=["supervised", "dino"],
                    help="sets: whose embeddings curate (dino: a `pretrain method=dino` run on the same train split)")
+    p.add_argument("--epochs", nargs="+", default=[], metavar="NAME=E",
+                   help=f"sets: the full-data run's epochs for a recipe (default {RECIPE_EPOCHS}, else {SETS_EPOCHS}), "
+                        f"e.g. mnist_global=3")
+    p.add_argument("--train-limit", nargs="+", default=[], metavar="NAME=N",
+                   help="sets: curate from a class-stratified random N of a recipe's train split (val and test "
+                        "whole), e.g. fashion_mnist=14000 where the whole split takes too long on CPU")
     p.add_argument("--fraction", type=float, default=0.2)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="quality: one full comparison per seed")
     p.add_argument("--skew-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="skew: curation seeds")
@@ -360,8 +413,11 @@ def main() -> None:
                for k in ("global_test", "region_zero_shot", "region_lora_100")}
             for label in runs[0]["rows"]}}
     if "sets" in args.parts:
-        results["sets"] = {d: [sets(args.out, d, args.fraction, seed, tuple(args.floors), tuple(args.embedders))
-                               for seed in args.seeds] for d in args.sets}
+        epochs = RECIPE_EPOCHS | _pairs("--epochs", args.epochs, args.sets)
+        limits = _pairs("--train-limit", args.train_limit, args.sets)
+        results["sets"] = {d: [sets(args.out, d, args.fraction, seed, tuple(args.floors), tuple(args.embedders),
+                                    epochs.get(d, SETS_EPOCHS), limits.get(d)) for seed in args.seeds]
+                           for d in args.sets}
     if "skew" in args.parts:
         results["skew"] = skew(args.out, args.fraction, args.skew_seeds)
     if "speed" in args.parts:
@@ -392,7 +448,9 @@ def main() -> None:
             def ms(key, runs=runs):
                 v = [r[key] for r in runs]
                 return f"{np.mean(v):.4f} +- {np.std(v, ddof=1) if len(v) > 1 else 0:.4f}"
-            lines.append(f"| {data} | {ms('full')} | "
+            limit = f", pool {runs[0]['pool']:,} of the train split" if runs[0].get("train_limit") else ""
+            lines.append(f"| {data} ({runs[0].get('epochs', SETS_EPOCHS)} epochs, {runs[0]['steps']} steps{limit}) | "
+                         f"{ms('full')} | "
                          + " | ".join(ms(f"curated_{f}") if f"curated_{f}" in runs[0] else "-" for f in floors)
                          + f" | {ms('random')} | "
                          + " | ".join(f"{np.mean([r[f'min_class_ratio_{f}'] for r in runs]):.2f}"

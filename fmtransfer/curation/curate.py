@@ -41,6 +41,10 @@ class CurationSettings:
         dedup_threshold: a cosine similarity in (0, 1] (after centring).
         dedup_quantile: when set (e.g. 0.01), the threshold is read from the pool instead: the similarity above
             which this share of the points' nearest-neighbour similarities lie (it adapts to the embedding).
+        dedup_relative: when set (0.1, the default), a pair must also be within this fraction of its own
+            neighbourhood's distance (to the dedup_k-th neighbour of the denser of the two). On Fashion-MNIST a
+            supervised model's embeddings put 30% of the pool within 0.99 of a neighbour (two thirds of the
+            trousers): alike, not copies. null: the threshold alone.
         stratify_by: null, label or region: the budget is split over strata so that none vanishes.
         gpu: FAISS on GPU (needs faiss-gpu).
         checks: when the report warns (:class:`fmtransfer.curation.checks.CheckSettings`).
@@ -60,6 +64,7 @@ class CurationSettings:
     dedup: bool = True
     dedup_threshold: float = 0.99
     dedup_quantile: float | None = None
+    dedup_relative: float | None = 0.1
     dedup_k: int = 8
     stratify_by: Literal["label", "region"] | None = None
     gpu: bool = False
@@ -78,6 +83,9 @@ class CurationSettings:
         if self.dedup_quantile is not None and not 0.0 < self.dedup_quantile < 1.0:
             raise ConfigError(f"curation.dedup_quantile={self.dedup_quantile}: a share of the pool's nearest-"
                               f"neighbour similarities; expected a value in (0, 1), e.g. 0.01, or null")
+        if self.dedup_relative is not None and not 0.0 < self.dedup_relative < 1.0:
+            raise ConfigError(f"curation.dedup_relative={self.dedup_relative}: a fraction of the pool's typical "
+                              f"distance to a neighbour; expected a value in (0, 1), e.g. 0.05, or null")
         if not 0.0 <= self.balance_floor <= 1.0:
             raise ConfigError(f"curation.balance_floor={self.balance_floor}: the share of the budget spread "
                               f"in proportion to cluster size; expected a value in [0, 1] (0: plain balance)")
@@ -105,6 +113,8 @@ class Curation:
     tree: Hierarchy
     seconds: dict[str, float]
     dedup_threshold: float | None = None  # the similarity used (read from the pool with dedup_quantile)
+    # with dedup_relative: the median k-th neighbour similarity and how many the threshold alone would drop
+    dedup_stats: dict[str, Any] = field(default_factory=dict)
 
     @property
     def kept(self) -> np.ndarray:
@@ -131,16 +141,21 @@ def curate_embeddings(x: np.ndarray, settings: CurationSettings, *, strata: np.n
     seconds["kmeans"] = time.perf_counter() - t
     log(f"hierarchical k-means {settings.levels}: {seconds['kmeans']:.1f} s")
     t = time.perf_counter()
-    threshold = None
+    threshold, dedup_stats = None, {}
     if settings.dedup:
         # in a large pool, near-duplicates are searched inside the finest clusters (they share one)
         rep, threshold = near_duplicates(x, threshold=settings.dedup_threshold, quantile=settings.dedup_quantile,
-                                         k=settings.dedup_k, partition=tree.labels, checked=True)
+                                         k=settings.dedup_k, relative=settings.dedup_relative,
+                                         partition=tree.labels, checked=True, stats=dedup_stats)
     else:
         rep = np.arange(n)
     seconds["dedup"] = time.perf_counter() - t
     kept = rep == np.arange(n)
     source = f"the pool's closest {settings.dedup_quantile:g} of pairs" if settings.dedup_quantile else "set"
+    if dedup_stats:
+        source += (f"; and within {settings.dedup_relative:g} of the distance to the {settings.dedup_k}th neighbour "
+                   f"(median {dedup_stats['scale']:.4f}): {dedup_stats['removed_at_threshold']} would have gone at "
+                   f"the threshold alone")
     log(f"dedup at cosine {threshold:.4f} ({source}): {n - int(kept.sum())} near-duplicates of {n} removed, "
         f"each within the threshold of one of {len(np.unique(rep[~kept]))} kept samples" if settings.dedup
         else "dedup: off")
@@ -157,7 +172,7 @@ def curate_embeddings(x: np.ndarray, settings: CurationSettings, *, strata: np.n
         selected = balanced_sample(tree, target, within=within, x=x, mask=kept, seed=seed,
                                    floor=settings.balance_floor)
     seconds["sampling"] = time.perf_counter() - t
-    return Curation(selected, rep, tree, seconds, threshold)
+    return Curation(selected, rep, tree, seconds, threshold, dedup_stats)
 
 
 def largest_share(labels: np.ndarray, k: int, top_fraction: float = 0.1) -> float:

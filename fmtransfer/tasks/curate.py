@@ -218,7 +218,7 @@ def _metrics(result: Curation, rows: np.ndarray, table, settings: CurationSettin
             "largest_10pct_clusters_share": {"pool": largest_share(labels, k0),
                                              "curated": largest_share(labels[result.selected], k0)},
             "empty_clusters_after": int((np.bincount(labels[result.selected], minlength=k0) == 0).sum()),
-            "dedup_threshold": result.dedup_threshold,
+            "dedup_threshold": result.dedup_threshold, "dedup_stats": result.dedup_stats,
             "per_class": per_class, "seconds": result.seconds,
             "self_checks": self_checks(_groups(result, rows, table), result.selected, result.kept, settings.checks)}
 
@@ -243,6 +243,14 @@ def _summary(m: dict[str, Any]) -> str:
     lines = [f"{m['selected']} of {m['pool']} samples kept ({m['fraction']:.1%}); {m['duplicates_removed']} "
              f"near-duplicates ({checks['dedup_share']:.1%} of the pool) removed{threshold}, each within the threshold "
              f"of one of {m['duplicate_groups']} kept samples.", ""]
+    stats = m.get("dedup_stats") or {}
+    if stats and stats["removed_at_threshold"] > m["duplicates_removed"]:
+        lines += [f"A near-duplicate must also stand out from its neighbourhood: within "
+                  f"{m['settings']['dedup_relative']:g} of the distance to its {m['settings']['dedup_k']}th neighbour "
+                  f"(`curation.dedup_relative`; the median sample's is at cosine {stats['scale']:.4f}). At the "
+                  f"threshold alone {stats['removed_at_threshold']} samples "
+                  f"({stats['removed_at_threshold'] / m['pool']:.1%}) would have gone: look-alikes the embedding crowds "
+                  f"together, not copies.", ""]
     if checks["warnings"]:
         lines += ["**Self-check warnings**:", "", *[f"- {w}" for w in checks["warnings"]], ""]
     else:
