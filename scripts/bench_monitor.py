@@ -280,31 +280,31 @@ def main() -> None:
     gradual = detection_rates(pool_p, pool_e, (region.probs, region.embeddings), args.reference, list(LEVELS),
                               args.power_trials, args.permutations, mix=True)
     second = {}
+
+    def on_grid(label: str, pool: tuple, current, rows: np.ndarray, trials: int) -> dict:
+        """Detection rates at every n of the grid that ``rows`` of ``current`` can fill."""
+        print(f"{label} ({len(rows)} samples):", flush=True)
+        return detection_rates(*pool, (current.probs[rows], current.embeddings[rows]), args.reference,
+                               [n for n in GRID if n <= len(rows)], trials, args.permutations)
+
     if "heldout" in got:
         h = got["heldout"]
-        print(f"false alarms, current from {args.heldout} ({len(h)} samples):", flush=True)
-        second["false_alarms_heldout"] = detection_rates(pool_p, pool_e, (h.probs, h.embeddings), args.reference,
-                                                         [n for n in GRID if n <= len(h)], args.trials,
-                                                         args.permutations)
+        second["false_alarms_heldout"] = on_grid(f"current from {args.heldout}", (pool_p, pool_e), h,
+                                                 np.arange(len(h)), args.trials)
         even = balanced_rows(h.targets, seed=0)
-        print(f"false alarms, current from {args.heldout} with even classes ({len(even)} samples):", flush=True)
-        second["false_alarms_heldout_even"] = detection_rates(pool_p, pool_e, (h.probs[even], h.embeddings[even]),
-                                                              args.reference, [n for n in GRID if n <= len(even)],
-                                                              args.trials, args.permutations)
+        second["false_alarms_heldout_even"] = on_grid(f"false alarms, current from {args.heldout} with even "
+                                                      f"classes", (pool_p, pool_e), h, even, args.trials)
         second["heldout_class_shares"] = np.bincount(h.targets, minlength=h.probs.shape[1]).tolist()
         # within the copy: the reference from one random half of the even rows, the current from the other
         halves = np.random.default_rng(1).permutation(even)
         a, b = halves[: len(halves) // 2], halves[len(halves) // 2:]
-        print(f"false alarms within {args.heldout} (even classes, halves of {len(a)} and {len(b)}):", flush=True)
-        second["false_alarms_within_heldout"] = detection_rates(
-            h.probs[a], h.embeddings[a], (h.probs[b], h.embeddings[b]), args.reference,
-            [n for n in GRID if n <= len(b)], args.trials, args.permutations)
+        second["false_alarms_within_heldout"] = on_grid(f"false alarms within {args.heldout} (even classes, "
+                                                        f"reference pool {len(a)})", (h.probs[a], h.embeddings[a]),
+                                                        h, b, args.trials)
     if "new_crop" in got:
         c = got["new_crop"]
-        print(f"power, global vs {args.new_crop} ({len(c)} samples):", flush=True)
-        second["power_new_crop"] = detection_rates(pool_p, pool_e, (c.probs, c.embeddings), args.reference,
-                                                   [n for n in GRID if n <= len(c)], args.power_trials,
-                                                   args.permutations)
+        second["power_new_crop"] = on_grid(f"power, global vs {args.new_crop}", (pool_p, pool_e), c,
+                                           np.arange(len(c)), args.power_trials)
     ood = {}
     if "new_crop" in got:
         ood[f"global train, k=50 scaled: global test vs {args.new_crop} test"] = ood_auroc(

@@ -83,9 +83,8 @@ def report_md(m: dict[str, Any]) -> str:
     if "skipped" in acc:
         lines.append(f"Skipped: {acc['skipped']}.")
     else:
-        note = m["current"].get("labels_not_used")
         true = f"; true accuracy {acc['true']:.3f} (error {acc['error']:+.3f})" if acc["true"] is not None else \
-            (f" (no true accuracy: {note})" if note else " (the current data has no labels)")
+            " (the current data has no labels)"
         lines.append(f"Estimated accuracy {acc['estimated']:.3f} (temperature {acc['temperature']:.3f} fitted on the "
                      f"reference's labels; uncalibrated mean confidence {acc['uncalibrated_confidence']:.3f}){true}. "
                      f"Under a shift the model never saw, confidence stays high where accuracy falls: read the "
