@@ -29,23 +29,28 @@ def _mean(x: np.ndarray, batch: int) -> np.ndarray:
     return (total / len(x)).astype(np.float32)
 
 
-def _close_pairs(u: np.ndarray, threshold: float, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _close_pairs(u: np.ndarray, threshold: float, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(i, j, similarity) local index triples with j != i among i's ``k`` most similar rows of ``u`` (unit
-    vectors) and cosine >= ``threshold``; exact, in blocks of queries so that no len(u) x len(u) matrix is held."""
+    vectors) and cosine >= ``threshold``; exact, in blocks of queries so that no len(u) x len(u) matrix is held.
+    Also each row's similarity to its farthest searched neighbour (its k-th; -2 when it has none), the scale of
+    the ratio test, kept per row so that no pair below ``threshold`` has to be held for it."""
     import faiss
 
     index = faiss.IndexFlatIP(u.shape[1])
     index.add(u)
     step = max(1, BLOCK_ENTRIES // len(u))
     rows, cols, sims = [], [], []
+    kth = np.full(len(u), -2.0, dtype=np.float32)
     for start in range(0, len(u), step):
         sim, nbrs = index.search(u[start:start + step], min(k + 1, len(u)))
-        r, c = np.nonzero((sim >= threshold - SIM_SLACK) & (nbrs >= 0)
-                          & (nbrs != np.arange(start, start + len(sim))[:, None]))
+        other = (nbrs >= 0) & (nbrs != np.arange(start, start + len(sim))[:, None])
+        farthest = np.where(other, sim, np.inf).min(1)
+        kth[start:start + len(sim)] = np.where(np.isfinite(farthest), farthest, -2.0)
+        r, c = np.nonzero((sim >= threshold - SIM_SLACK) & other)
         rows.append(r + start)
         cols.append(nbrs[r, c])
         sims.append(sim[r, c])
-    return np.concatenate(rows), np.concatenate(cols), np.concatenate(sims)
+    return np.concatenate(rows), np.concatenate(cols), np.concatenate(sims), kth
 
 
 def near_duplicates(x: np.ndarray, *, threshold: float | None = 0.99, quantile: float | None = None, k: int = 8,
@@ -108,12 +113,11 @@ def near_duplicates(x: np.ndarray, *, threshold: float | None = 0.99, quantile: 
     mean = _mean(x, batch) if center else np.zeros(d, dtype=np.float32)
     if partition is not None and np.shape(partition) != (n,):
         raise DataError(f"dedup partition has shape {np.shape(partition)}, expected one label per embedding ({n},)")
-    # with a quantile or a relative threshold: every neighbour, the threshold after
-    floor = -2.0 if quantile is not None or relative is not None else threshold
+    floor = -2.0 if quantile is not None else threshold  # with a quantile: every neighbour, the threshold after
     if n <= exact_up_to:
-        rows, cols, sims = _close_pairs(_unit(x, mean), floor, k)
+        rows, cols, sims, kth = _close_pairs(_unit(x, mean), floor, k)
     else:
-        rows, cols, sims = _pairs_in_cells(x, mean, floor, k, partition, max_cell)
+        rows, cols, sims, kth = _pairs_in_cells(x, mean, floor, k, partition, max_cell)
     if quantile is not None:
         nearest = np.full(n, -np.inf, dtype=np.float32)
         np.maximum.at(nearest, rows, sims)
@@ -122,12 +126,11 @@ def near_duplicates(x: np.ndarray, *, threshold: float | None = 0.99, quantile: 
     base = float(threshold)
     limit = np.full(len(sims), base, dtype=np.float32)
     if relative is not None:
-        kth = _kth_similarity(n, rows, sims)
         local = np.maximum(kth[rows], kth[cols])  # the denser end of the pair sets its scale
         limit = np.maximum(limit, 1.0 - relative * (1.0 - local)).astype(np.float32)
         if stats is not None:
             at = sims >= base - SIM_SLACK
-            found = kth[np.isfinite(kth) & (kth > -2)]
+            found = kth[kth > -2]
             stats.update(scale=float(np.median(found)) if len(found) else 1.0, base_threshold=base,
                          raised_pairs=int(((limit > base) & at).sum()),
                          removed_at_threshold=int((_greedy_keep(n, rows[at], cols[at], sims[at])
@@ -135,15 +138,6 @@ def near_duplicates(x: np.ndarray, *, threshold: float | None = 0.99, quantile: 
     close = sims >= limit - SIM_SLACK
     rows, cols, sims = rows[close], cols[close], sims[close]
     return _greedy_keep(n, rows, cols, sims), base
-
-
-def _kth_similarity(n: int, rows: np.ndarray, sims: np.ndarray) -> np.ndarray:
-    """(n,) each point's similarity to its farthest searched neighbour (its k-th; fewer in a small cell; -2 for a
-    point alone in its cell, which then sets no scale)."""
-    farthest = np.full(n, np.inf, dtype=np.float32)
-    np.minimum.at(farthest, rows, sims)
-    farthest[~np.isfinite(farthest)] = -2.0
-    return farthest
 
 
 def near_duplicate_groups(x: np.ndarray, threshold: float = 0.99, k: int = 8, center: bool = True,
@@ -155,8 +149,9 @@ def near_duplicate_groups(x: np.ndarray, threshold: float = 0.99, k: int = 8, ce
 
 
 def _pairs_in_cells(x: np.ndarray, mean: np.ndarray, threshold: float, k: int, partition: np.ndarray | None,
-                    max_cell: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The close pairs of :func:`_close_pairs`, searched inside each cell of ``partition`` (global indices)."""
+                    max_cell: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The close pairs and k-th similarities of :func:`_close_pairs`, searched inside each cell of ``partition``
+    (global indices; a point alone in its cell has no neighbour: -2)."""
     n = len(x)
     if partition is None:
         partition = assign(x, kmeans(x, int(np.sqrt(n)), niter=10))[0]
@@ -164,6 +159,7 @@ def _pairs_in_cells(x: np.ndarray, mean: np.ndarray, threshold: float, k: int, p
     order = np.argsort(partition, kind="stable")
     bounds = np.flatnonzero(np.diff(partition[order])) + 1
     rows, cols, sims = [], [], []
+    kth = np.full(n, -2.0, dtype=np.float32)
     cells = [m for m in np.split(order, bounds) if len(m) > 1]
     while cells:
         members = cells.pop()
@@ -173,13 +169,13 @@ def _pairs_in_cells(x: np.ndarray, mean: np.ndarray, threshold: float, k: int, p
             if parts.max() > parts.min():
                 cells += [members[parts == j] for j in np.unique(parts) if (parts == j).sum() > 1]
                 continue
-        r, c, sim = _close_pairs(u, threshold, k)
+        r, c, sim, kth[members] = _close_pairs(u, threshold, k)
         rows.append(members[r])
         cols.append(members[c])
         sims.append(sim)
     if not rows:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
-    return np.concatenate(rows), np.concatenate(cols), np.concatenate(sims)
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32), kth
+    return np.concatenate(rows), np.concatenate(cols), np.concatenate(sims), kth
 
 
 def _greedy_keep(n: int, rows: np.ndarray, cols: np.ndarray, sims: np.ndarray) -> np.ndarray:
