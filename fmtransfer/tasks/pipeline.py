@@ -26,6 +26,7 @@ from fmtransfer.data import Recipe, build_datamodule, check_fit, load_recipe
 from fmtransfer.errors import ConfigError
 from fmtransfer.lineage import RunRecord
 from fmtransfer.monitoring.drift import NEEDS
+from fmtransfer.tasks import step_cache
 from fmtransfer.tasks.adapt import adapt, validate_adapt
 from fmtransfer.tasks.common import run_dir
 from fmtransfer.tasks.curate import curate, curation_settings
@@ -167,6 +168,8 @@ class PipelineSettings:
         new_classes_score: for a region the global head cannot score (classes of its own): linear or knn, a probe of
             the global model's frozen embeddings fitted on the region adapter's calibration labels and scored
             where zero-shot would be; none: no score.
+        reuse: reuse a step that finished before with the same inputs (``tasks/step_cache.py``).
+        rerun: steps to run again even so (their names as in report.md's Stages, or ``all``).
     """
 
     adapter: str
@@ -181,6 +184,8 @@ class PipelineSettings:
     pretrain_curated_steps: Literal["equal", "epochs"]
     regional_pretrain: RegionalSwitch
     new_classes_score: Literal["linear", "knn", "none"]
+    reuse: bool
+    rerun: list[str]
 
     def __post_init__(self) -> None:
         if not self.regional_pretrain.epochs:
@@ -219,7 +224,7 @@ class Steps:
     the nodes the pipeline passes on, writing into ``<pipeline run dir>/<name>``; ``run`` runs it with what
     earlier steps produced and records it as a parent of the pipeline's run."""
 
-    def __init__(self, out: Path, fit: RegionFit) -> None:
+    def __init__(self, out: Path, fit: RegionFit, reuse: bool = False, rerun: Sequence[str] = ()) -> None:
         self.out = out
         self.fit = fit
         self.configs: dict[str, DictConfig] = {}
@@ -227,6 +232,10 @@ class Steps:
         self.record: RunRecord | None = None
         self.skipped: dict[str, str] = {}  # step -> why it does not run (said in the log and the report)
         self.notes: dict[str, str] = {}  # step -> how it runs otherwise than usual (said in the log and the report)
+        self.reuse, self.rerun = reuse, set(rerun)
+        self.keys: dict[str, str] = {}  # step -> the digest of what it made (its outputs' sha256)
+        self.folders: dict[str, list[Path]] = {}  # step -> its folder here and the run dir it is (a reused one)
+        self.reused: dict[str, Path] = {}  # step -> the earlier run it reused
 
     def compose(self, name: str, stage: str, overrides: Sequence[str] = (),
                 nodes: Mapping[str, Any] | None = None) -> DictConfig:
@@ -240,17 +249,40 @@ class Steps:
         sub = self.configs[name]
         for key, value in (produced or {}).items():
             OmegaConf.update(sub, key, value, merge=False, force_add=True)
+        key = inputs = None
+        if self.reuse:
+            key, inputs = step_cache.step_key(sub, self.keys, self.folders, base=self.out)
+            earlier = None if {name, "all"} & self.rerun else step_cache.recall(key)
+            if earlier is not None:
+                step_cache.link(self.out / name, earlier.run_dir)
+                log.info("pipeline: %s reused from %s: nothing it reads changed", name, earlier.run_dir)
+                self.reused[name] = earlier.run_dir
+                return self._keep(name, earlier, key)
+        target = self.out / name
+        if target.is_symlink():  # reused last time, runs now: never write into the earlier run
+            target.unlink()
         try:
             result = STAGE_FUNCTIONS[sub.stage](sub)
         except GateFailed as e:  # a rejected export is a step that ran: kept and recorded, then the failure goes on
             self._keep(name, e.result)
             raise
-        return self._keep(name, result)
+        if key is not None:
+            step_cache.remember(key, inputs, result)
+        return self._keep(name, result, key)
 
-    def _keep(self, name: str, result: StageResult) -> StageResult:
+    def _keep(self, name: str, result: StageResult, key: str | None = None) -> StageResult:
+        if key is not None:
+            self.keys[name] = step_cache.made(result.run_dir)
+            self.folders[name] = [self.out / name, Path(result.run_dir)]
         self.record.add_parent(result.run_dir)
         self.results[name] = result
         return result
+
+    def check_rerun(self) -> None:
+        unknown = sorted(self.rerun - set(self.configs) - {"all"})
+        if unknown:
+            raise ConfigError(f"rerun={sorted(self.rerun)}: no step named {', '.join(unknown)}; the steps are: "
+                              f"{', '.join(self.configs)} (or all)")
 
 
 def pipeline(cfg: DictConfig) -> StageResult:
@@ -302,7 +334,7 @@ def compose_steps(cfg: DictConfig, settings: PipelineSettings, out: Path, fit: R
             check_method_fits(adapter, cfg.backbone.name)
         except ConfigError as e:
             raise ConfigError(f"sweep.adapters / adapter: {e}") from None
-    steps = Steps(out, fit)
+    steps = Steps(out, fit, settings.reuse, settings.rerun)
     region = {"data": to_plain(cfg.region)}
     steps.compose("pretrain", "pretrain", nodes=_nodes(cfg, *TRAINING_KEYS, resolve=False))
     _compose_zero_shot(steps, cfg, settings, region)
@@ -342,6 +374,7 @@ def compose_steps(cfg: DictConfig, settings: PipelineSettings, out: Path, fit: R
     steps.compose("plan", "plan", nodes={"sweep": str(out / "adapt")})
     if settings.export_region_model:
         steps.compose("export", "export", nodes={**_nodes(cfg, "seed", "loader", "export", "force"), **region})
+    steps.check_rerun()
     return steps
 
 
@@ -508,7 +541,10 @@ def _report(steps: Steps, settings: PipelineSettings, record: RunRecord,
          *(["- edge export: refused, the adapter does not beat its base (force=true overrides)"]
            if isinstance(rejected, DoNoHarmRefused) else []),
          *([f"- edge export: rejected, `{exported.run_dir / 'rejected'}`" if rejected is not None
-            else f"- edge export: `{exported.outputs['model']}`"] if exported else [])])))
+            else f"- edge export: `{exported.outputs['model']}`"] if exported else []),
+         *([f"- reused, nothing they read changed ({len(steps.reused)} of {len(steps.results)} steps; "
+            f"`rerun=[<step>]` runs one again): " + ", ".join(f"{n} (`{p}`)" for n, p in steps.reused.items())]
+           if steps.reused else [])])))
     am = region.metrics
     images = [("Global test split", pre.outputs.get("confusion")),
               *([(f"{_probe_label(zero).capitalize() if 'probe' in results else 'Zero-shot'} on "
