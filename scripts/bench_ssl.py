@@ -5,11 +5,14 @@
     python scripts/bench_ssl.py --sections features --archs resnet18 --dino-epochs 50 \\
         --dino-override method.dino.teacher_temp=0.04                     # try DINO settings
     python scripts/bench_ssl.py --dino-model resnet18=outputs/pretrain/<run>   # score a DINO model trained elsewhere
+    python scripts/bench_ssl.py --sections features --archs resnet18 --seeds 0 --data fashion_mnist \
+        --data-override data.limit=12000 --dino-model resnet18=<run> --supervised-model <run>   # another recipe
 
 Sections (``--sections``):
 
 - ``features``: kNN (k=20, cosine, temperature 0.07: the ``evaluate`` config's ``knn`` node) and linear-probe
-  accuracy on mnist_global's test split, the bank / probe fitted on its train split (4,000 images), for raw pixels
+  accuracy on mnist_global's (``--data``, with ``--data-override``s) test split, the bank / probe fitted on its
+  train split (4,000 images), for raw pixels
   (and their 1-NN), random init (``pretrain method=dino trainer.max_epochs=0``), the supervised backbone
   (``experiment=demo``) and DINO (``pretrain method=dino``) per ``--archs``; models are scored by
   ``evaluate protocol=knn|linear``, raw pixels by the same ``fmtransfer.models.probes`` functions.
@@ -125,14 +128,19 @@ def quick_train(args: argparse.Namespace) -> list[str]:
     return [f"trainer.limit_train_batches={args.quick_batches}", "trainer.limit_val_batches=2"] if args.quick else []
 
 
+def feature_data(args: argparse.Namespace) -> list[str]:
+    """The features section's recipe: ``--data`` and its ``--data-override``s."""
+    return [f"data={args.data}", *args.data_override]
+
+
 def dino_overrides(args: argparse.Namespace, arch: str, epochs: int) -> list[str]:
-    return ["method=dino", f"data={FEATURE_DATA}", *ARCHS[arch], f"trainer.max_epochs={epochs}",
+    return ["method=dino", *feature_data(args), *ARCHS[arch], f"trainer.max_epochs={epochs}",
             *(quick_train(args) if epochs else []), *args.dino_override]
 
 
 def supervised_overrides(args: argparse.Namespace) -> list[str]:
     epochs = [f"trainer.max_epochs={args.sup_epochs}"] if args.sup_epochs else []
-    return [*SUPERVISED, f"data={FEATURE_DATA}", *epochs, *quick_train(args)]
+    return [*SUPERVISED, *feature_data(args), *epochs, *quick_train(args)]
 
 
 def model_runs(bench: Bench) -> dict[str, dict[str, list[dict[str, Any]]]]:
@@ -151,6 +159,9 @@ def model_runs(bench: Bench) -> dict[str, dict[str, list[dict[str, Any]]]]:
             runs["DINO"][arch] = [{"seed": s, "overrides": [*dino, f"seed={s}"],
                                    "run": bench.out / "pretrain" / f"dino_{arch}_{digest(dino)}_s{s}"}
                                   for s in args.seeds]
+    if args.supervised_model:
+        runs["supervised"]["resnet18"] = [{"seed": None, "overrides": None, "run": Path(args.supervised_model)}]
+        return runs
     sup = supervised_overrides(args)
     runs["supervised"]["resnet18"] = [{"seed": s, "overrides": [*sup, f"seed={s}"],
                                        "run": bench.out / "pretrain" / f"supervised_resnet18_{digest(sup)}_s{s}"}
@@ -171,7 +182,7 @@ def ensure_model(bench: Bench, name: str, entry: dict[str, Any]) -> Path:
 
 def raw_pixels(bench: Bench) -> dict[str, Any]:
     """kNN (k=20), 1-NN and the linear probe on flattened, normalised pixels (the input every backbone sees)."""
-    cfg = compose_stage("evaluate", [f"data={FEATURE_DATA}"])
+    cfg = compose_stage("evaluate", feature_data(bench.args))
     recipe = load_recipe(cfg.data)
     dm = build_datamodule(recipe, {"batch_size": 512, "num_workers": 0})
     table = dm.prepare()
@@ -196,7 +207,7 @@ def score(bench: Bench, name: str, model: Path, seed: int | None) -> dict[str, f
     """``evaluate protocol=knn`` and ``protocol=linear`` of ``model`` on the features recipe's test split."""
     scores = {}
     for protocol in ("knn", "linear"):
-        overrides = [f"model={model.resolve()}", f"data={FEATURE_DATA}", "split=test", f"protocol={protocol}",
+        overrides = [f"model={model.resolve()}", *feature_data(bench.args), "split=test", f"protocol={protocol}",
                      f"seed={seed if seed is not None else 0}"]
         run = bench.out / "evaluate" / f"{model.name}_{protocol}_{digest(overrides)}"
         scores[protocol] = bench.stage(f"{name} {protocol}", run, "evaluate", overrides, evaluate)["overall"]["accuracy"]
@@ -418,10 +429,12 @@ def markdown(results: dict[str, Any], pieces: list[dict[str, Any]], args: argpar
     feats = results.get("features")
     if feats:
         raw = feats["raw pixels"]
-        lines += [f"### Features: {FEATURE_DATA} test ({raw['test']} images), bank / probe on train ({raw['bank']})",
+        reported = f" (reported {RAW_1NN_REPORTED})" if args.data == FEATURE_DATA and not args.data_override else ""
+        lines += [f"### Features: {' '.join(feature_data(args))} test ({raw['test']} images), bank / probe on train "
+                  f"({raw['bank']})",
                   "", "| features | arch | kNN k=20 (mean ± std (seeds)) | linear probe |", "|---|---|---:|---:|",
                   f"| raw pixels | - | {raw['knn']:.4f} | {raw['linear']:.4f} |",
-                  f"| raw pixels, 1-NN (reported {RAW_1NN_REPORTED}) | - | {raw['nn1']:.4f} | - |"]
+                  f"| raw pixels, 1-NN{reported} | - | {raw['nn1']:.4f} | - |"]
         lines += [f"| {r['kind']} | {r['arch']} | {_pm(r['knn'])} | {_pm(r['linear'])} |"
                   for key, r in feats.items() if key != "raw pixels"]
         lines.append("")
@@ -473,6 +486,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a Hydra override for every DINO pretrain (repeatable)")
     p.add_argument("--dino-model", action="append", default=[], metavar="ARCH=PATH",
                    help="score this DINO model (a pretrain run dir) instead of training one")
+    p.add_argument("--supervised-model", default=None, metavar="PATH",
+                   help="score this supervised ResNet-18 (a pretrain run dir) instead of training one")
+    p.add_argument("--data", default=FEATURE_DATA, help=f"the features section's recipe (default {FEATURE_DATA})")
+    p.add_argument("--data-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="a Hydra override of that recipe, e.g. data.limit=12000 (repeatable)")
     p.add_argument("--tp-rounds", type=int, default=None, help="throughput rounds (default 3; --quick: 2)")
     p.add_argument("--tp-epochs", type=int, default=None, help="epochs per throughput run, the first dropped "
                                                                "(default 3; --quick: 2)")

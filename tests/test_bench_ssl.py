@@ -36,3 +36,18 @@ def test_plain_dino_loop_matches_the_stage(tmp_path, monkeypatch):
     _, plain = bench.plain_rate(cfg, 2, 2)
     assert len(framework) == len(plain) == 2
     assert plain == pytest.approx(framework, rel=1e-5, abs=1e-6)
+
+
+def test_the_features_section_takes_another_recipe_and_a_given_supervised_model(tmp_path, monkeypatch):
+    """docs/ssl.md's Fashion-MNIST table: every model trained and scored on --data with its overrides; a supervised
+    model given by path is scored, not trained."""
+    bench = _bench_ssl(monkeypatch)
+    args = bench.parse_args(["--sections", "features", "--archs", "resnet18", "--seeds", "0", "--data",
+                             "fashion_mnist", "--data-override", "data.limit=12000", "--supervised-model",
+                             str(tmp_path / "sup"), "--out", str(tmp_path / "out")])
+    runs = bench.model_runs(bench.Bench(args))
+    assert runs["supervised"]["resnet18"] == [{"seed": None, "overrides": None, "run": tmp_path / "sup"}]
+    for kind in ("random init", "DINO"):
+        overrides = runs[kind]["resnet18"][0]["overrides"]
+        assert "data=fashion_mnist" in overrides and "data.limit=12000" in overrides, kind
+    assert bench.feature_data(bench.parse_args([])) == ["data=mnist_global"]
