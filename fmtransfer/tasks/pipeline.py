@@ -557,11 +557,33 @@ def _report(steps: Steps, settings: PipelineSettings, record: RunRecord,
                    ("Curation: PCA map", curated.outputs.get("pca"))]
     if monitored:
         images += [("Monitoring: OOD scores, global reference against the region", monitored.outputs.get("ood_plot"))]
+    released = exported.outputs.get("model") if exported and rejected is None else region.outputs.get("adapter")
+    images.append(("Lineage: the region's model back to its data (the registry)",
+                   _lineage_picture(released, steps.out / "lineage.png")))
     report = write_report(steps.out / "report.md", title="fmtransfer pipeline report", run=record.data,
                           sections=sections, images=[(c, p) for c, p in images if p is not None])
     record.add_output(report, "report")
     return StageResult("pipeline", steps.out, outputs={"report": report}, sections=sections,
                        steps={**results, "adapt": region})
+
+
+def _lineage_picture(artifact: Path | None, path: Path) -> Path | None:
+    """The registry's lineage graph of ``artifact`` (the released ONNX, else the region's adapter) from the registry
+    the steps registered into (``$FMTRANSFER_REGISTRY`` or the default), or None with a log line when there is none
+    or it does not know the file."""
+    from fmtransfer.lineage.registry import Registry, resolve_path
+    from fmtransfer.tasks.registry import lineage_png, lineage_tree
+
+    where = resolve_path(None)
+    if artifact is None or where is None or not where.is_file():
+        return None
+    try:
+        with Registry(where) as reg:
+            _, nodes, edges = lineage_tree(reg, reg.find(str(artifact)))
+            return lineage_png(nodes, edges, path)
+    except Exception as e:  # noqa: BLE001 - the report goes on without the picture
+        log.warning("pipeline: no lineage picture in report.md (%s: %s)", type(e).__name__, e)
+        return None
 
 
 def _monitor_section(monitored: StageResult, steps: Steps) -> str:

@@ -32,7 +32,7 @@ def test_pipeline_report(cfg_factory, tmp_path):
     assert "## Calibration-size plan" in report and "| linear_probe |" in report
     for image in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report):
         assert (out / image).is_file(), image
-    assert len(re.findall(r"!\[", report)) == 8
+    assert len(re.findall(r"!\[", report)) == 9 and (out / "lineage.png").is_file()  # the 9th: the lineage graph
     # the region monitored against the global data: drift verdicts, the accuracy estimate, the OOD share
     assert "## Monitoring: the region against the global data" in report and "BBSD" in report
     assert "### Unusual samples (OOD)" in report and "\n## Unusual samples" not in report  # inside its section
