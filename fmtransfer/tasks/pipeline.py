@@ -622,13 +622,13 @@ def _setup(pre: StageResult, zero: StageResult | None, region: StageResult, step
     pm, am = pre.metrics, region.metrics
     data = pm["data"]
     if "zero_shot" in steps.results:
-        scored = (f"then scored without any adaptation on `{zero.metrics['recipe']}` ({zero.metrics['overall']['n']} "
+        scored = (f", then scored without any adaptation on `{zero.metrics['recipe']}` ({zero.metrics['overall']['n']} "
                   f"{zero.metrics['split']} images).")
     else:  # plainly: no zero-shot, and what stands in for it
-        scored = f"**No zero-shot score**: {steps.skipped['zero-shot']}."
+        scored = f". **No zero-shot score**: {steps.skipped['zero-shot']}."
     return (f"Backbone `{pm['backbone']}` trained on `{pm['recipe']}` ({data['splits']['train']} train / "
             f"{data['splits']['val']} val / {data['splits']['test']} test images) for {pm['epochs']} epochs in "
-            f"{pm['fit_seconds']:.0f} s ({pm['train_images_per_s']['median'] or 0:.0f} images/s), {scored} "
+            f"{pm['fit_seconds']:.0f} s ({pm['train_images_per_s']['median'] or 0:.0f} images/s){scored} "
             f"The region's adapter (`{am['method']}`, {am['calibration']['size']} {am['calibration']['strategy']} "
             f"labels from the region's train split) trains {am['trainable_fraction']:.2%} of the parameters "
             f"and is one {am['adapter_bytes'] / 1e6:.2f} MB file ({am['adapter_to_base']:.1%} of the base).")

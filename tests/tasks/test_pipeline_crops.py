@@ -139,7 +139,7 @@ def test_pipeline_with_a_new_crop_scores_a_probe_and_says_so(cfg_factory, tmp_pa
                                   "export.latency.repeats=1", "force=true"))
     out = tmp_path / "pipeline"
     report = (out / "report.md").read_text()
-    assert "**No zero-shot score**: 10 of the 10 classes of region 'npz'" in report
+    assert "images/s). **No zero-shot score**: 10 of the 10 classes of region 'npz'" in report
     assert "| global test_resnet, frozen embeddings + logistic-regression probe on the 40 calibration labels " \
            "(no zero-shot: new classes) | npz |" in report
     assert "| + lora adapter, 40 labels | npz |" in report
