@@ -84,6 +84,23 @@ def test_self_checks_warn_when_dedup_or_balance_hurts_a_class():
     assert even["warnings"] == [] and even["by"]["class"]["entropy"]["curated"] == pytest.approx(1.0)
 
 
+def test_self_checks_say_when_a_balanced_pool_comes_out_uneven():
+    """A labelled pool with even classes whose curated subset is not (as on Fashion-MNIST: bag 1.64x, trouser 0.54x)
+    gets a recommendation: a random subset or stratify_by=label; an even subset or an uneven pool does not."""
+    from fmtransfer.curation.checks import CheckSettings, self_checks
+
+    classes = np.repeat(["a", "b", "c", "d"], 100)
+    kept = np.ones(400, dtype=bool)
+    uneven = np.concatenate([np.arange(0, 40), np.arange(100, 115), np.arange(200, 225), np.arange(300, 320)])
+    warnings = self_checks({"class": classes}, uneven, kept, CheckSettings())["warnings"]
+    assert len(warnings) == 1 and "the pool's classes are balanced (largest / smallest 1.00)" in warnings[0]
+    assert "curated subset's are not (2.67: class 'a' at 1.60x" in warnings[0]
+    assert "'b' at 0.60x" in warnings[0] and "curation.stratify_by=label" in warnings[0]
+    assert self_checks({"class": classes}, np.arange(0, 400, 4), kept, CheckSettings())["warnings"] == []
+    skewed_pool = np.repeat(["a", "b", "c", "d"], [190, 70, 70, 70])
+    assert not any("balanced" in w for w in self_checks({"class": skewed_pool}, uneven, kept, CheckSettings())["warnings"])
+
+
 def test_small_clusters_are_over_represented_after_sampling():
     x, mode = skewed()
     tree = hierarchical_kmeans(x, [60, 12], steps=5, seed=0)
