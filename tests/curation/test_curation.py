@@ -222,10 +222,9 @@ def test_a_chain_of_close_points_is_not_one_group():
     assert kept[rep].all() and (np.einsum("ij,ij->i", x, x[rep]) >= 0.99 - 1e-6).all()
 
 
-def test_planted_duplicates_in_a_real_pool_are_found_and_little_else():
-    """The UCI digits (1,797 real 8x8 scans, raw pixels as the embedding) with 60 exact copies and 60 lightly
-    altered copies (5% brighter, pixel noise) of known images appended: dedup at its default threshold drops the
-    copies (recall), each for its own original, and few real images besides (precision)."""
+def _planted_uci_pool() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The UCI digits (raw pixels) with 60 exact and 60 lightly altered copies (5% brighter, pixel noise) of 120
+    known images appended: the pool, the copies' rows and each copy's original."""
     from sklearn.datasets import load_digits
 
     x = load_digits().data.astype(np.float32)
@@ -233,7 +232,14 @@ def test_planted_duplicates_in_a_real_pool_are_found_and_little_else():
     source = rng.choice(len(x), 120, replace=False)
     light = np.clip(x[source[60:]] * 1.05 + rng.normal(0, 0.3, size=(60, x.shape[1])), 0, 16)
     pool = np.concatenate([x, x[source[:60]], light]).astype(np.float32)
-    planted = np.arange(len(x), len(pool))
+    return pool, np.arange(len(x), len(pool)), source
+
+
+def test_planted_duplicates_in_a_real_pool_are_found_and_little_else():
+    """The UCI digits (1,797 real 8x8 scans, raw pixels as the embedding) with 60 exact copies and 60 lightly
+    altered copies (5% brighter, pixel noise) of known images appended: dedup at its default threshold drops the
+    copies (recall), each for its own original, and few real images besides (precision)."""
+    pool, planted, source = _planted_uci_pool()
     rep = near_duplicate_groups(pool, threshold=0.99)
     dropped = np.flatnonzero(rep != np.arange(len(pool)))
     found = np.isin(dropped, planted).sum()
@@ -267,17 +273,10 @@ def test_look_alikes_of_a_crowded_class_are_not_near_duplicates():
 def test_planted_duplicates_in_a_real_pool_are_found_by_the_ratio_test():
     """The real-pool planted copies of the test above, at the default dedup_relative (0.1): recall and precision
     stay (measured: 1.0 and 1.0), and every copy is matched to its own original."""
-    from sklearn.datasets import load_digits
-
     from fmtransfer.curation.curate import CurationSettings
     from fmtransfer.curation.dedup import near_duplicates
 
-    x = load_digits().data.astype(np.float32)
-    rng = np.random.default_rng(0)
-    source = rng.choice(len(x), 120, replace=False)
-    light = np.clip(x[source[60:]] * 1.05 + rng.normal(0, 0.3, size=(60, x.shape[1])), 0, 16)
-    pool = np.concatenate([x, x[source[:60]], light]).astype(np.float32)
-    planted = np.arange(len(x), len(pool))
+    pool, planted, source = _planted_uci_pool()
     rep, _ = near_duplicates(pool, threshold=0.99, relative=CurationSettings().dedup_relative)
     dropped = np.flatnonzero(rep != np.arange(len(pool)))
     found = np.isin(dropped, planted).sum()
