@@ -236,6 +236,7 @@ class Steps:
         self.keys: dict[str, str] = {}  # step -> the digest of what it made (its outputs' sha256)
         self.folders: dict[str, list[Path]] = {}  # step -> its folder here and the run dir it is (a reused one)
         self.reused: dict[str, Path] = {}  # step -> the earlier run it reused
+        self.fingerprints: dict[bytes, str] = {}  # recipe node -> its data fingerprint, taken once a run
 
     def compose(self, name: str, stage: str, overrides: Sequence[str] = (),
                 nodes: Mapping[str, Any] | None = None) -> DictConfig:
@@ -251,7 +252,8 @@ class Steps:
             OmegaConf.update(sub, key, value, merge=False, force_add=True)
         key = inputs = None
         if self.reuse:
-            key, inputs = step_cache.step_key(sub, self.keys, self.folders, base=self.out)
+            key, inputs = step_cache.step_key(sub, self.keys, self.folders, base=self.out,
+                                                 memo=self.fingerprints)
             earlier = None if {name, "all"} & self.rerun else step_cache.recall(key)
             if earlier is not None:
                 step_cache.link(self.out / name, earlier.run_dir)

@@ -76,11 +76,23 @@ def _recipes(node: Any, where: str = "") -> Iterator[tuple[str, dict[str, Any]]]
             yield from _recipes(value, f"{where}.{key}" if where else str(key))
 
 
-def data_fingerprints(config: Mapping[str, Any]) -> dict[str, str]:
-    """The content fingerprint of every data recipe the config holds (the scan cache makes a repeat cheap)."""
+def data_fingerprints(config: Mapping[str, Any], memo: dict[bytes, str] | None = None) -> dict[str, str]:
+    """The content fingerprint of every data recipe the config holds.
+
+    Args:
+        memo: fingerprints already taken in this pipeline run, by recipe node: the scan cache makes an image folder's
+            repeat cheap, but an npz or a package's data would be read and hashed again for every step.
+    """
     from fmtransfer.data import build_table, load_recipe
 
-    return {where: build_table(load_recipe(node)).fingerprint for where, node in _recipes(config)}
+    memo = {} if memo is None else memo
+    out = {}
+    for where, node in _recipes(config):
+        ident = canonical_json(node)
+        if ident not in memo:
+            memo[ident] = build_table(load_recipe(node)).fingerprint
+        out[where] = memo[ident]
+    return out
 
 
 def _roots(folders: Sequence[Path | str]) -> list[str]:
@@ -124,7 +136,7 @@ def parents_of(config: Mapping[str, Any], folders: Mapping[str, Sequence[Path | 
 
 
 def step_key(sub: DictConfig, keys: Mapping[str, str], folders: Mapping[str, Sequence[Path | str]],
-             base: Path | None = None) -> tuple[str, dict[str, Any]]:
+             base: Path | None = None, memo: dict[bytes, str] | None = None) -> tuple[str, dict[str, Any]]:
     """The step's key and what went into it (for the log and for a person asking why a step ran again).
 
     Paths do not count, content does: the step's own run dir becomes ``{run_dir}`` and an earlier step's folder
@@ -136,6 +148,7 @@ def step_key(sub: DictConfig, keys: Mapping[str, str], folders: Mapping[str, Seq
         keys: what earlier steps made (:func:`made`) by name. folders: earlier steps' folders by name (its folder in this pipeline,
             and the reused run dir it links to).
         base: the pipeline's run dir (``{pipeline}``: a folder of several steps, such as the adapt sweep's).
+        memo: the run's data fingerprints so far (:func:`data_fingerprints`).
     """
     config = OmegaConf.to_container(sub, resolve=True)
     own = config.pop("run_dir", None)
@@ -145,7 +158,7 @@ def step_key(sub: DictConfig, keys: Mapping[str, str], folders: Mapping[str, Seq
     replacements += [(root, "{pipeline}") for root in (_roots([base]) if base else [])]
     replacements.sort(key=lambda pair: -len(pair[0]))  # the longest folder first: a step inside another's folder
     inputs = {"format": FORMAT, "stage": config.get("stage"), "config": _replace(config, replacements),
-              "parents": {name: keys[name] for name in parents}, "data": data_fingerprints(config),
+              "parents": {name: keys[name] for name in parents}, "data": data_fingerprints(config, memo),
               "code": code_version()}
     return hashlib.sha256(canonical_json(inputs)).hexdigest(), inputs
 

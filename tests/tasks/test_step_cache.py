@@ -41,6 +41,20 @@ def test_the_key_follows_config_parents_and_data_content(tmp_path):
     assert step_cache.step_key(_sub(tmp_path), {"pretrain": "a" * 64}, folders)[0] != key
 
 
+def test_a_recipe_is_fingerprinted_once_a_run(tmp_path, monkeypatch):
+    import fmtransfer.data as data
+
+    calls = []
+    real = data.build_table
+    monkeypatch.setattr(data, "build_table", lambda recipe, *a, **k: calls.append(recipe.name) or real(recipe, *a, **k))
+    memo: dict = {}
+    first = step_cache.data_fingerprints(OmegaConf.to_container(_sub(tmp_path)), memo)
+    again = step_cache.data_fingerprints(OmegaConf.to_container(_sub(tmp_path, seed=3)), memo)  # another step
+    assert first == again and calls == ["tiny"]
+    step_cache.data_fingerprints(OmegaConf.to_container(_sub(tmp_path)))  # no memo: read again
+    assert calls == ["tiny", "tiny"]
+
+
 def _finished_run(folder):
     out = folder / "metrics.json"
     with RunRecord("evaluate", folder, OmegaConf.create({"stage": "evaluate"})) as record:
