@@ -115,6 +115,8 @@ class Curation:
     dedup_threshold: float | None = None  # the similarity used (read from the pool with dedup_quantile)
     # with dedup_relative: the median k-th neighbour similarity and how many the threshold alone would drop
     dedup_stats: dict[str, Any] = field(default_factory=dict)
+    # what the sampling had to give up, in words: a stratum short of its share after dedup
+    notes: list[str] = field(default_factory=list)
 
     @property
     def kept(self) -> np.ndarray:
@@ -165,14 +167,17 @@ def curate_embeddings(x: np.ndarray, settings: CurationSettings, *, strata: np.n
                         f"curation.dedup_threshold, lower curation.target_size, or set curation.dedup=false")
     t = time.perf_counter()
     within = WithinCluster(settings.within_cluster)
+    notes: list[str] = []
     if strata is not None:
         selected = stratified_sample(tree, target, np.asarray(strata), within=within, x=x, mask=kept, seed=seed,
-                                     floor=settings.balance_floor)
+                                     floor=settings.balance_floor, notes=notes)
+        for note in notes:
+            log(f"stratify_by={settings.stratify_by}: {note}")
     else:
         selected = balanced_sample(tree, target, within=within, x=x, mask=kept, seed=seed,
                                    floor=settings.balance_floor)
     seconds["sampling"] = time.perf_counter() - t
-    return Curation(selected, rep, tree, seconds, threshold, dedup_stats)
+    return Curation(selected, rep, tree, seconds, threshold, dedup_stats, notes)
 
 
 def largest_share(labels: np.ndarray, k: int, top_fraction: float = 0.1) -> float:

@@ -105,11 +105,14 @@ def _balanced_quotas(tree: Hierarchy, room: np.ndarray, budget: int,
     return quota
 
 
-def stratified_sample(tree: Hierarchy, target: int, strata: np.ndarray, **kwargs) -> np.ndarray:
+def stratified_sample(tree: Hierarchy, target: int, strata: np.ndarray, *, notes: list[str] | None = None,
+                      **kwargs) -> np.ndarray:
     """:func:`balanced_sample` within each stratum (a region, a label), the budget split over strata in
     proportion to their size but at least one point each, so no stratum vanishes. A stratum with fewer points
     left (after dedup, ``mask``) than its share gives all it has, and the rest of its share goes to the others.
 
+    Args:
+        notes: when given, a sentence per stratum short of its share is appended (the report and the log say so).
     Returns:
         sorted (target,) int64 point indices.
     """
@@ -121,8 +124,10 @@ def stratified_sample(tree: Hierarchy, target: int, strata: np.ndarray, **kwargs
     available = np.bincount(inverse[allowed], minlength=len(names))
     if target > int(available.sum()):
         raise DataError(f"curation target {target} is larger than the {int(available.sum())} points available")
-    budget = np.maximum(1, np.floor(target * counts / counts.sum()).astype(np.int64))
-    budget = np.minimum(budget, available)
+    share = np.maximum(1, np.floor(target * counts / counts.sum()).astype(np.int64))
+    budget = np.minimum(share, available)
+    if notes is not None:
+        notes += _short_strata(names, counts, available, share)
     rng = np.random.default_rng(kwargs.get("seed", 0))
     while budget.sum() > target:
         budget[np.argmax(budget)] -= 1
@@ -133,3 +138,11 @@ def stratified_sample(tree: Hierarchy, target: int, strata: np.ndarray, **kwargs
     parts = [balanced_sample(tree, int(b), mask=(inverse == s) & allowed, **kwargs)
              for s, b in enumerate(budget) if b > 0]
     return np.sort(np.concatenate(parts))
+
+
+def _short_strata(names: np.ndarray, counts: np.ndarray, available: np.ndarray, share: np.ndarray) -> list[str]:
+    """A sentence per stratum with fewer points left than its proportional share."""
+    short = np.flatnonzero(available < share)
+    return [f"stratum {str(names[s])!r} has {int(available[s])} samples left after dedup (of {int(counts[s])}), "
+            f"fewer than its share of the target ({int(share[s])}): all {int(available[s])} are taken and the other "
+            f"{int(share[s] - available[s])} go to the strata with room" for s in short]

@@ -219,7 +219,7 @@ def _metrics(result: Curation, rows: np.ndarray, table, settings: CurationSettin
                                              "curated": largest_share(labels[result.selected], k0)},
             "empty_clusters_after": int((np.bincount(labels[result.selected], minlength=k0) == 0).sum()),
             "dedup_threshold": result.dedup_threshold, "dedup_stats": result.dedup_stats,
-            "per_class": per_class, "seconds": result.seconds,
+            "per_class": per_class, "seconds": result.seconds, "strata_notes": result.notes,
             "self_checks": self_checks(_groups(result, rows, table), result.selected, result.kept, settings.checks)}
 
 
@@ -251,6 +251,8 @@ def _summary(m: dict[str, Any]) -> str:
                   f"threshold alone {stats['removed_at_threshold']} samples "
                   f"({stats['removed_at_threshold'] / m['pool']:.1%}) would have gone: look-alikes the embedding crowds "
                   f"together, not copies.", ""]
+    if m.get("strata_notes"):
+        lines += [f"Stratified by {m['settings']['stratify_by']}:", "", *[f"- {n}" for n in m["strata_notes"]], ""]
     if checks["warnings"]:
         lines += ["**Self-check warnings**:", "", *[f"- {w}" for w in checks["warnings"]], ""]
     else:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fmtransfer.clustering import assign
+from fmtransfer.curation.curate import CurationSettings, curate_embeddings
 from fmtransfer.curation.dedup import near_duplicate_groups
 from fmtransfer.curation.kmeans import Resample, hierarchical_kmeans, resampled_kmeans
 from fmtransfer.curation.sampling import WithinCluster, balanced_sample, stratified_sample, waterfill
@@ -63,6 +64,22 @@ def test_a_stratum_short_of_points_after_dedup_passes_its_share_on():
     assert len(picked) == 300 and len(np.unique(picked)) == 300 and kept[picked].all()
     assert (strata[picked] == "tight").sum() == 10
 
+
+
+def test_a_stratum_short_of_points_is_said_in_the_log_and_the_result():
+    """The issue's stratify_by=label case: a class that dedup left short gives what it has, and the curation says
+    how many it took and how many went to the others (it passed the rest on silently before)."""
+    x, mode = skewed(big=600, small=4, per_small=100)
+    x[np.flatnonzero(mode == 1)[10:]] = x[np.flatnonzero(mode == 1)[0]]  # 90 exact copies: dedup leaves 10 of 100
+    strata = np.where(mode == 0, "common", np.where(mode == 1, "tight", "other"))
+    logged = []
+    cur = curate_embeddings(x, CurationSettings(target_size=300, levels=[20, 4], resampling_steps=2,
+                                                stratify_by="label"), strata=strata, log=logged.append)
+    assert (strata[cur.selected] == "tight").sum() <= 10 and len(cur.selected) == 300
+    assert len(cur.notes) == 1 and "'tight'" in cur.notes[0] and "all" in cur.notes[0]
+    taken, share = (strata[cur.selected] == "tight").sum(), int(300 * 100 / len(x))
+    assert f"all {taken} are taken and the other {share - taken} go to" in cur.notes[0]
+    assert any(cur.notes[0] in line for line in logged)
 
 def test_self_checks_warn_when_dedup_or_balance_hurts_a_class():
     from fmtransfer.curation.checks import CheckSettings, self_checks
