@@ -13,25 +13,47 @@ from fmtransfer.errors import DataError
 ASSIGN_BATCH = 65_536
 
 
-def kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+PLUSPLUS_BLOCK = 32  # seeds between distance updates in k-means++ (a tuning of speed only: the draw is exact)
+
+
+def kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator, block: int = PLUSPLUS_BLOCK) -> np.ndarray:
     """k-means++ seeding (Arthur and Vassilvitskii 2007): each next seed is drawn with probability proportional
     to its squared distance from the seeds so far, so separated modes get a seed whatever their size (FAISS's
-    own initialisation draws seeds uniformly, i.e. in proportion to density). x: (m, d) -> (k, d) float32."""
+    own initialisation draws seeds uniformly, i.e. in proportion to density). x: (m, d) -> (k, d) float32.
+
+    The draw is exact, but the distances are brought up to date only every ``block`` seeds, in one matrix product
+    (a read of x per block instead of per seed): between updates a candidate is drawn from the stale distances and
+    kept with probability (its distance to all seeds so far) / (its stale distance), which is rejection sampling
+    from the up-to-date distribution, as the distances only shrink."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     norms = np.einsum("ij,ij->i", x, x)
-    seeds = np.empty((k, x.shape[1]), dtype=np.float32)
-    first = int(rng.integers(len(x)))
-    seeds[0] = x[first]
-    closest = np.maximum(norms - 2 * (x @ seeds[0]) + norms[first], 0)
-    for j in range(1, k):
-        cumulative = np.cumsum(closest, dtype=np.float64)
-        if cumulative[-1] > 0:
-            pick = min(int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")), len(x) - 1)
-        else:  # fewer distinct points than k: any point
-            pick = int(rng.integers(len(x)))
-        seeds[j] = x[pick]
-        np.minimum(closest, np.maximum(norms - 2 * (x @ seeds[j]) + norms[pick], 0), out=closest)
-    return seeds
+    chosen = [int(rng.integers(len(x)))]
+    closest = _sq_dist(x, norms, chosen)[:, 0]
+    pending: list[int] = []  # seeds not yet folded into ``closest``
+    cumulative, rejected = np.cumsum(closest, dtype=np.float64), 0
+    while len(chosen) < k:
+        if cumulative[-1] <= 0:  # fewer distinct points than k: any point
+            chosen.append(int(rng.integers(len(x))))
+            continue
+        pick = min(int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")), len(x) - 1)
+        stale = float(closest[pick])
+        fresh = min(stale, float(np.min(((x[pending] - x[pick]) ** 2).sum(axis=1)))) if pending else stale
+        if rng.random() * stale < fresh:
+            chosen.append(pick)
+            pending.append(pick)
+        else:
+            rejected += 1
+        if len(pending) >= block or rejected >= block:  # stale enough: one product updates every distance
+            if pending:
+                np.minimum(closest, _sq_dist(x, norms, pending).min(axis=1), out=closest)
+            pending, rejected = [], 0
+            cumulative = np.cumsum(closest, dtype=np.float64)
+    return x[np.asarray(chosen)]
+
+
+def _sq_dist(x: np.ndarray, norms: np.ndarray, rows: list[int]) -> np.ndarray:
+    """(m, len(rows)) squared distances from every row of x to x[rows], clipped at 0."""
+    return np.maximum(norms[:, None] - 2 * (x @ x[rows].T) + norms[rows][None, :], 0)
 
 
 PLUSPLUS_POINTS_PER_CENTROID = 16
