@@ -142,11 +142,7 @@ def curate(cfg: DictConfig) -> StageResult:
     with RunRecord("curate", out, cfg) as record:
         x, rows, table = _pool_embeddings(cfg, record, out, recipe, world)
         record.set_data(recipe.name, recipe.to_dict(), table.fingerprint)
-        strata = None
-        if settings.stratify_by == "label":
-            strata = np.asarray([str(t) for t in table.targets[rows]])
-        elif settings.stratify_by == "region":
-            strata = np.asarray(table.regions[rows]).astype(str)
+        strata = _strata(settings, table, rows)
         result = curate_embeddings(x, settings, strata=strata, seed=int(cfg.seed), log=log.info)
         files = _write_outputs(out, result, x, rows, table, settings)
         metrics = _metrics(result, rows, table, settings, recipe.name, cfg.curation.split)
@@ -159,6 +155,16 @@ def curate(cfg: DictConfig) -> StageResult:
         for role, path in files.items():
             record.add_output(path, role)
     return StageResult("curate", out, metrics, files, [("Data curation", summary)])
+
+
+def _strata(settings: CurationSettings, table, rows: np.ndarray) -> np.ndarray | None:
+    """Each pooled sample's stratum, by name: a class's name where the recipe names its classes (so that the log and
+    the report say 'trouser', not '1'), else the label's value; a region's name; None without stratify_by."""
+    if settings.stratify_by == "label":
+        return np.asarray([_label(table, row) for row in rows])
+    if settings.stratify_by == "region":
+        return np.asarray(table.regions[rows]).astype(str)
+    return None
 
 
 def _label(table, row: int) -> str:

@@ -176,3 +176,18 @@ def test_subset_naming_unknown_ids_or_missing_files(tmp_path):
     manifest.write_text("id,path\nx,/no/such/file.png\n")
     with pytest.raises(DataError, match="names 1 file\\(s\\) that do not exist"):
         RecipeDataModule(recipe).prepare()
+
+
+def test_label_strata_are_named_by_class():
+    """stratify_by=label splits by the class's name, so that a short stratum is reported as 'sneaker', not '7'."""
+    from types import SimpleNamespace
+
+    from fmtransfer.curation.curate import CurationSettings
+    from fmtransfer.tasks.curate import _strata
+
+    table = SimpleNamespace(unlabelled=False, classes=["t-shirt", "trouser", "sneaker"],
+                            targets=np.array([2, 0, 1, 2]), regions=np.array(["a", "a", "b", "b"]))
+    rows = np.array([0, 2, 3])
+    assert _strata(CurationSettings(stratify_by="label"), table, rows).tolist() == ["sneaker", "trouser", "sneaker"]
+    assert _strata(CurationSettings(stratify_by="region"), table, rows).tolist() == ["a", "b", "b"]
+    assert _strata(CurationSettings(), table, rows) is None
