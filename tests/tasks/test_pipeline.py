@@ -39,11 +39,13 @@ def test_pipeline_report(cfg_factory, tmp_path):
     assert result.steps["monitor"].metrics["current"]["n"] == 60  # the region's test split, its limit kept
     record = load_record(out)
     stages = [p["stage"] for p in record["parents"]]
-    assert stages[:2] == ["pretrain", "evaluate"] and stages.count("adapt") == 5 and stages[-2:] == ["plan", "export"]
+    # the global steps (pretraining, curation, pretraining on the curated subset), then the region's
+    assert stages[:5] == ["pretrain", "curate", "pretrain", "evaluate", "monitor"] and stages.count("adapt") == 5
+    assert stages[-2:] == ["plan", "export"]
     assert "## Edge export" in report and "ONNX INT8 (static)" in report
     assert "## Do no harm" in report and "released with force=true" in report
     assert "## Data curation" in report and "curated 20% of the train split" in report
-    assert stages[2:5] == ["monitor", "curate", "pretrain"] and result.steps["pretrain_curated"].metrics["data"]["splits"][
+    assert result.steps["pretrain_curated"].metrics["data"]["splits"][
         "train"] == result.steps["curate"].metrics["selected"]
     # pretrain_curated_steps=equal: the curated subset trains for as many optimisation steps as the full data
     full_steps = result.steps["pretrain"].metrics["global_step"]
@@ -100,7 +102,8 @@ def test_every_step_is_composed_from_its_stage_config(cfg_factory, tmp_path):
                       "export.gates.max_accuracy_drop=0.5")
     out = tmp_path / "pipeline"
     steps = compose_steps(cfg, pipeline_settings(cfg), out)
-    assert list(steps.configs) == ["pretrain", "zero_shot", "monitor", "curate", "pretrain_curated", "adapt/0_lora_n20",
+    # the global steps, then the region's
+    assert list(steps.configs) == ["pretrain", "curate", "pretrain_curated", "zero_shot", "monitor", "adapt/0_lora_n20",
                                    "adapt/1_linear_probe_n20", "adapt/2_lora_n100", "plan", "export"]
     plan_yaml = OmegaConf.load(config_dir() / "plan.yaml")
     assert list(steps.configs["plan"].targets) == list(plan_yaml.targets)  # not a copy in the pipeline
@@ -138,6 +141,7 @@ def test_curate_with_gives_the_curation_another_model(cfg_factory, tmp_path, mon
     """curate_with: the curate step embeds with the model given (e.g. a DINO run), not the global model the pipeline
     trains; a missing path, or curate_with without curation, is refused before anything trains."""
     from fmtransfer.tasks import pipeline as pipeline_module
+    from fmtransfer.tasks import pipeline_steps
     from fmtransfer.tasks.result import StageResult
 
     dino = tmp_path / "dino_run"
@@ -160,7 +164,7 @@ def test_curate_with_gives_the_curation_another_model(cfg_factory, tmp_path, mon
         metrics = {"global_step": 1, "selected": 1}
         return StageResult(sub.stage, Path(sub.run_dir), metrics, {"manifest": "m.csv", "adapter": "a"})
 
-    monkeypatch.setattr(pipeline_module, "STAGE_FUNCTIONS", dict.fromkeys(pipeline_module.STAGE_FUNCTIONS, fake))
+    monkeypatch.setattr(pipeline_steps, "STAGE_FUNCTIONS", dict.fromkeys(pipeline_steps.STAGE_FUNCTIONS, fake))
     steps.record = type("Record", (), {"add_parent": lambda self, _: None})()
     pipeline_module._run(steps, settings)
     assert bases["curate"] == str(dino)

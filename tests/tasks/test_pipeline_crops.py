@@ -65,7 +65,7 @@ def test_a_region_with_classes_of_its_own_gets_a_probe_in_place_of_zero_shot(cfg
     cfg = cfg_factory("pipeline", "experiment=smoke", "sweep.sizes=[20]", "calibration.size=30", *crop(npz))
     steps = compose_steps(cfg, pipeline_settings(cfg), tmp_path / "pipeline")
     assert "zero_shot" not in steps.configs
-    assert list(steps.configs)[:4] == ["pretrain", "probe", "monitor", "curate"]
+    assert list(steps.configs)[:5] == ["pretrain", "curate", "pretrain_curated", "probe", "monitor"]
     probe = steps.configs["probe"]
     assert probe.stage == "evaluate" and probe.protocol == "linear" and probe.split == "test"
     assert probe.data.name == "npz" and probe.data.subset is None  # the calibration set, once the adapter has it
