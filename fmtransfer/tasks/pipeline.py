@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from fmtransfer.adapters.harm import DoNoHarmRefused
 from fmtransfer.config import require
 from fmtransfer.data import build_datamodule, load_recipe
-from fmtransfer.errors import ConfigError
+from fmtransfer.errors import ConfigError, FmtError
 from fmtransfer.lineage import RunRecord
 from fmtransfer.tasks import pipeline_report
 from fmtransfer.tasks.common import run_dir
@@ -72,11 +72,22 @@ def pipeline(cfg: DictConfig) -> StageResult:
         steps.record = record
         rejected = _run(steps, settings)
         result = pipeline_report.write(steps, record, rejected)
-        if rejected:
-            for label, e in list(rejected.items())[1:]:
-                log.error("pipeline: region %s: %s", label, e)
+        if len(rejected) == 1 and not steps.regions[0].name:
             raise next(iter(rejected.values()))
+        if rejected:
+            raise RegionsNotReleased(rejected, len(steps.regions), steps.out / "report.md")
     return result
+
+
+class RegionsNotReleased(FmtError):
+    """Regions of ``regions=[...]`` whose model was not released (an adapter refused, an export rejected); the other
+    regions ran and were released, and report.md says which."""
+
+    def __init__(self, rejected: dict[str, GateFailed | DoNoHarmRefused], total: int, report: Path) -> None:
+        self.rejected = rejected
+        listed = "; ".join(f"{label}: {e}" for label, e in rejected.items())
+        super().__init__(f"{len(rejected)} of {total} regions not released ({', '.join(rejected)}), the others were; "
+                         f"{report} has every region's figures. {listed}")
 
 
 def compose_steps(cfg: DictConfig, settings: PipelineSettings, out: Path) -> Steps:

@@ -133,3 +133,35 @@ def test_two_regions_one_report_and_a_change_reruns_only_its_region(cfg_factory,
     # the crop's n=20 run reads nothing that changed; the probe reads the new adapter's calibration set
     assert ran == {"regions/crop/adapt/1_lora_n40", "regions/crop/probe", "regions/crop/plan", "regions/crop/export"}, ran
     assert len(names) == 13 and "regions/uci/export" in names
+
+
+def test_regions_not_released_are_named_after_every_region_ran(cfg_factory, tmp_path, monkeypatch):
+    """A refused region does not stop the others; the pipeline then fails naming every region not released."""
+    from omegaconf import OmegaConf
+
+    from fmtransfer.adapters.harm import DoNoHarmRefused
+    from fmtransfer.lineage import RunRecord
+    from fmtransfer.tasks import pipeline as pipeline_module
+    from fmtransfer.tasks.pipeline import RegionsNotReleased
+    from fmtransfer.tasks.result import StageResult
+
+    def fake_pretrain(sub):
+        with RunRecord("pretrain", Path(sub.run_dir), OmegaConf.create({"stage": "pretrain"})):
+            pass
+        return StageResult("pretrain", Path(sub.run_dir), {}, {})
+
+    ran = []
+
+    def fake_region(steps, region, base):
+        ran.append(region.name)
+        return DoNoHarmRefused(f"the {region.name} adapter does not beat its base") if region.name == "uci" else None
+
+    monkeypatch.setitem(pipeline_steps.STAGE_FUNCTIONS, "pretrain", fake_pretrain)
+    monkeypatch.setattr(pipeline_module, "run_region", fake_region)
+    monkeypatch.setattr(pipeline_module.pipeline_report, "write",
+                        lambda steps, record, rejected: StageResult("pipeline", steps.out))
+    npz = crop_npz(tmp_path / "crop.npz", n=300)
+    with pytest.raises(RegionsNotReleased, match=r"1 of 2 regions not released \(uci\), the others were; .*report.md "
+                                                 r"has every region's figures. uci: the uci adapter does not beat"):
+        pipeline(cfg_factory("pipeline", "experiment=smoke", "sweep.sizes=[20]", "curate_global=false", _regions(npz)))
+    assert ran == ["uci", "crop"]
