@@ -71,7 +71,7 @@ def balanced_sample(tree: Hierarchy, target: int, *, within: WithinCluster = Wit
     paths = tree.paths()[allowed]
     points = np.flatnonzero(allowed)
     sizes = np.bincount(paths[:, 0], minlength=tree.levels[0])
-    floor_quota = np.floor(floor * target * sizes / max(1, sizes.sum())).astype(np.int64)
+    floor_quota = _proportional(sizes, int(round(floor * target)))
     quota = floor_quota + _balanced_quotas(tree, sizes - floor_quota, target - int(floor_quota.sum()), rng)
     order = np.argsort(paths[:, 0], kind="stable")
     bounds = np.searchsorted(paths[order, 0], np.arange(tree.levels[0] + 1))
@@ -84,6 +84,15 @@ def balanced_sample(tree: Hierarchy, target: int, *, within: WithinCluster = Wit
         else:
             chosen.append(rng.choice(members, size=int(quota[c]), replace=False))
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def _proportional(sizes: np.ndarray, budget: int) -> np.ndarray:
+    """``budget`` split in proportion to ``sizes`` by largest remainders (rounding every bin down would hand up to one
+    point a bin of the proportional share to the balanced rest, i.e. to the small clusters)."""
+    exact = budget * sizes / max(1, sizes.sum())
+    quota = np.floor(exact).astype(np.int64)
+    quota[np.argsort(quota - exact, kind="stable")[:budget - int(quota.sum())]] += 1
+    return np.minimum(quota, sizes)
 
 
 def _balanced_quotas(tree: Hierarchy, room: np.ndarray, budget: int,
