@@ -32,7 +32,8 @@ class CurationSettings:
             points per cluster, with lighter fits, and every point is assigned once at the end: about 4x faster on a
             million points, but its balance varied with the seed (README, Data curation), so it is off by default
             (null: the paper's scheme, every point re-assigned at every step).
-        refit_niter: k-means iterations of a refit on that sample (null: ``niter``).
+        refit_niter: k-means iterations of every resampling refit (null: ``niter``); the first fit of a level runs
+            ``niter``. 5 kept the balance of 20 on a million embeddings at half the time (docs/curation.md).
         within_cluster: which points a finest cluster gives once its quota is known: random or closest.
         balance_floor: this share of the budget is spread over the finest clusters in proportion to their size,
             the rest balanced (0: plain balance, which can starve a class whose samples look alike; 1: proportional).

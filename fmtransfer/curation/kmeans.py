@@ -16,7 +16,9 @@ import numpy as np
 from fmtransfer.clustering import ASSIGN_BATCH, assign, kmeans
 from fmtransfer.errors import DataError
 
-LIGHT_FIT_POINTS = 64  # points per centroid that train the first fit of a sampled refinement
+# points per centroid that train the first fit when refinements follow: it only chooses the first resample (FAISS
+# trains on up to 256 by default; at k=1000 on a million points that fit cost more than all ten refits)
+FIRST_FIT_POINTS = 64
 LIGHT_SEED_POINTS = 8  # points per centroid that k-means++ seeds from in a sampled refinement
 
 
@@ -65,33 +67,34 @@ def resampled_kmeans(x: np.ndarray, k: int, *, steps: int = 10, per_cluster: int
     (``plusplus``): with FAISS's uniform seeds, well-separated small modes that draw no seed stay merged, and a refit
     on a balanced sample cannot undo that. A refit must start afresh: started from the centroids it refines, its
     sample (each centroid's closest points) holds those centroids in place, and nothing leaves a dense region.
+    With ``steps`` > 0 the first fit trains on at most 64 points a cluster (it only chooses the first resample) and
+    every refit runs ``refit_niter`` iterations (None: ``niter``); on a million points at k=1000, 5-iteration refits
+    kept the balance of 20-iteration ones (docs/curation.md, Speed).
 
     A large pool (more than ``k * sample_per_centroid`` points) is refined on a random sample of that many points,
-    and every point is assigned once, at the end; on that sample the refits run ``refit_niter`` iterations (None:
-    ``niter``), the first fit trains on 64 points a cluster and k-means++ seeds from 4 a cluster. A smaller pool, or
-    ``sample_per_centroid=None``, gets the paper's scheme: every refit ``niter`` iterations on the whole pool, every
-    point re-assigned at every step.
+    and every point is assigned once, at the end; k-means++ seeds from 8 points a cluster. A smaller pool, or
+    ``sample_per_centroid=None``, gets the paper's scheme: every refit on the balanced resample of the whole pool,
+    every point re-assigned at every step.
 
     Returns:
         centroids (k, d) float32; labels (n,) int64 of every point of x.
     """
     n = len(x)
     rng = np.random.default_rng(seed)
-    work, lighter, refit_iters = x, {}, niter
+    work, lighter = x, {}
     if sample_per_centroid is not None and n > k * sample_per_centroid:
         work = np.asarray(x[np.sort(rng.choice(n, size=k * sample_per_centroid, replace=False))])
-        # a large pool: the first fit only chooses the first resample, and a refit's points are already spread
-        # evenly over the clusters, so fewer points train the first fit and fewer seed each fit
-        lighter = {"max_points_per_centroid": LIGHT_FIT_POINTS, "plusplus_per_centroid": LIGHT_SEED_POINTS}
-        refit_iters = refit_niter or niter
-    centroids = kmeans(work, k, niter=niter, seed=seed, plusplus=plusplus, gpu=gpu, **lighter)
+        # a refit's points are already spread evenly over the clusters, so fewer of them seed each fit
+        lighter = {"plusplus_per_centroid": LIGHT_SEED_POINTS}
+    first = {"max_points_per_centroid": FIRST_FIT_POINTS} if steps > 0 else {}
+    centroids = kmeans(work, k, niter=niter, seed=seed, plusplus=plusplus, gpu=gpu, **first, **lighter)
     r = per_cluster or max(1, min(len(work) // (2 * k), 64))
     for step in range(steps):
         labels, dist = assign(work, centroids)
         chosen = pick_per_cluster(labels, dist, r, how, rng)
         if len(chosen) < k:
             break
-        centroids = kmeans(np.asarray(work[chosen]), k, niter=refit_iters, seed=seed + step + 1,
+        centroids = kmeans(np.asarray(work[chosen]), k, niter=refit_niter or niter, seed=seed + step + 1,
                            plusplus=plusplus, gpu=gpu, **lighter)
     labels, _ = assign(x, centroids)
     return centroids, labels

@@ -52,6 +52,19 @@ def test_a_balance_floor_keeps_a_dense_mode_near_its_own_weight():
     assert dense_share(1.0) == pytest.approx(pool_share, abs=0.02)
 
 
+def test_a_floor_of_1_is_proportional_to_the_last_point():
+    """floor=1: every finest cluster gets its proportional share, rounded by largest remainders; rounding each down
+    handed the leftovers (up to one a cluster) to the balanced rest, i.e. to the smallest clusters."""
+    from fmtransfer.curation.kmeans import Hierarchy
+
+    labels = np.repeat(np.arange(6), [46, 46, 2, 2, 2, 2])
+    tree = Hierarchy([6, 2], labels, [np.array([0, 0, 1, 1, 1, 1])], [np.eye(6, dtype=np.float32), np.eye(2, 6)])
+    picked = balanced_sample(tree, 10, seed=0, floor=1.0)
+    assert np.bincount(labels[picked], minlength=6).tolist() == [5, 5, 0, 0, 0, 0]  # 4.6, 4.6, 0.2 x 4
+    picked = balanced_sample(tree, 23, seed=0, floor=1.0)
+    counts = np.bincount(labels[picked], minlength=6)
+    assert counts[:2].tolist() == [11, 11] and counts[2:].sum() == 1  # 10.58 x 2, 0.46 x 4
+
 def test_a_stratum_short_of_points_after_dedup_passes_its_share_on():
     """A class that dedup left with fewer samples than its share gives all it has; the others fill the target
     (this raised "target is larger than the points available" before)."""
@@ -160,7 +173,8 @@ def test_seeding_and_resampling_spread_centroids_out_of_the_dense_region():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("saving", [{"sample_per_centroid": 32}, {"refit_niter": 5, "sample_per_centroid": 32}])
+@pytest.mark.parametrize("saving", [{"refit_niter": 5}, {"sample_per_centroid": 32},
+                                    {"refit_niter": 5, "sample_per_centroid": 32}])
 def test_the_cheaper_refinements_still_spread_centroids_out_of_the_dense_region(saving):
     """Shorter refits and refinement on a sample (what large pools use) keep what the resampling is for: every small
     mode keeps a centroid, and fewer centroids sit in the dense cluster than after the first fit."""
@@ -176,6 +190,26 @@ def test_the_cheaper_refinements_still_spread_centroids_out_of_the_dense_region(
             found[name] += len({int(np.bincount(mode[labels == j]).argmax()) for j in np.unique(labels)} - {0})
     assert found["cheaper"] == 4 * 20
     assert dense["cheaper"] < dense["kmeans++"]
+
+
+def test_refits_run_refit_niter_and_the_first_fit_trains_on_fewer_points(monkeypatch):
+    """The curation default (refit_niter=5) shortens every refit of the paper's scheme too (it applied to the sampled
+    refinement only), and with refinements to come the first fit trains on 64 points a cluster, not FAISS's 256."""
+    import fmtransfer.curation.kmeans as km
+
+    calls, fit = [], km.kmeans
+
+    def recording(x, k, **kw):
+        calls.append((len(x), kw.get("niter"), kw.get("max_points_per_centroid")))
+        return fit(x, k, **kw)
+
+    monkeypatch.setattr(km, "kmeans", recording)
+    x, _ = skewed(big=12000)  # 12,800 points: more than 40 x 256
+    km.resampled_kmeans(x, 40, steps=3, seed=0, refit_niter=5)
+    assert [c[1:] for c in calls] == [(20, 64)] + [(5, None)] * 3
+    calls.clear()
+    km.resampled_kmeans(x, 40, steps=0, seed=0)  # a single fit trains on FAISS's default share
+    assert [c[1:] for c in calls] == [(20, None)]
 
 
 def test_refinement_on_a_sample_assigns_every_point_once(monkeypatch):
