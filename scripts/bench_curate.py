@@ -19,10 +19,12 @@ skew: duplicate one class of the global train split 20x with small noise, curate
     and with the earlier default [100, 20, 5].
 speed: a Gaussian mixture of --n x --dim float32 embeddings with very uneven cluster sizes, as a .npy on disk;
     the whole curation with the defaults (curate_embeddings: hierarchical k-means [1000, 100, 10] with k-means++
-    seeding and 10 resampling steps, near-duplicate removal inside the finest clusters, balanced sampling to 20%),
-    the same with the refinement on a sample (curation.resample_sample=128, refit_niter=5; opt-in), the same with
-    FAISS's uniform seeding and no dedup (an ablation), and scikit-learn's MiniBatchKMeans at k=1000, each in its
-    own process: wall time, peak RSS, and how the mixture components are represented.
+    seeding and 10 resampling steps of 5-iteration refits, near-duplicate removal inside the finest clusters,
+    balanced sampling to 20%), the same with 20-iteration refits, with the refinement on a sample
+    (curation.resample_sample=128; opt-in), with FAISS's uniform seeding and no dedup (an ablation), and
+    scikit-learn's MiniBatchKMeans at k=1000, each in its own process, one round of them per --speed-seeds seed:
+    wall time (median, and over MiniBatchKMeans's of the same round), peak RSS, how the mixture components are
+    represented, and the load average.
 Writes bench_curate.json and bench_curate.md under --out.
 """
 
@@ -53,7 +55,7 @@ def _stage(name: str, overrides: list[str]):
     return getattr(module, name)(compose_stage(name, overrides))
 
 
-CURATION_CODE = ("fmtransfer/curation", "fmtransfer/tasks/curate.py", "fmtransfer/configs/curation")
+CURATION_CODE = ("fmtransfer/curation", "fmtransfer/clustering.py", "fmtransfer/tasks/curate.py", "fmtransfer/configs/curation")
 
 
 def _digest(path: Path) -> str:
@@ -302,22 +304,25 @@ def make_mixture(path: Path, n: int, dim: int, components: int = 300, seed: int 
 
 
 CURATION = """
-import numpy as np, time, json, resource, sys
+import numpy as np, os, time, json, resource, sys
 from fmtransfer.curation.curate import CurationSettings, curate_embeddings
 x = np.load(sys.argv[1], mmap_mode="r")
-init, dedup = sys.argv[2], sys.argv[3] == "dedup"
-extra = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
+seed = int(sys.argv[2])
+init, dedup = sys.argv[3], sys.argv[4] == "dedup"
+extra = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
+load = os.getloadavg()[0]
 t = time.perf_counter()
 settings = CurationSettings(target_size=0.2, levels=[1000, 100, 10], resampling_steps=10, init=init, dedup=dedup,
                             dedup_threshold=0.99, **extra)
-cur = curate_embeddings(x, settings, seed=0, log=lambda m: print(m, file=sys.stderr, flush=True))
+cur = curate_embeddings(x, settings, seed=seed, log=lambda m: print(m, file=sys.stderr, flush=True))
 total = time.perf_counter() - t
 comp = np.load(sys.argv[1].replace(".npy", ".components.npy"))
 sizes = np.bincount(comp)
 order = np.argsort(sizes)[::-1]
 big, small = order[:len(order) // 10], order[len(order) // 2:]
 chosen = cur.selected
-print(json.dumps({"seconds": total, **{f"{k}_seconds": v for k, v in cur.seconds.items()},
+print(json.dumps({"seconds": total, "seed": seed, "load": [load, os.getloadavg()[0]],
+                  **{f"{k}_seconds": v for k, v in cur.seconds.items()},
                   "selected": int(len(chosen)), "duplicates": int((~cur.kept).sum()),
                   "largest_10pct_components_share": {"pool": float(np.isin(comp, big).mean()),
                                                       "curated": float(np.isin(comp[chosen], big).mean())},
@@ -328,40 +333,61 @@ print(json.dumps({"seconds": total, **{f"{k}_seconds": v for k, v in cur.seconds
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 CHILD = {
-    # the whole curation with the defaults (k-means++ seeding, resampling, dedup inside the finest clusters,
-    # balanced sampling)
+    # the whole curation with the defaults (k-means++ seeding, the paper's resampling refinement with 5-iteration
+    # refits, dedup inside the finest clusters, balanced sampling)
     "curation": (CURATION, ["kmeans++", "dedup"]),
-    # the same with the refinement on a sample of 128 points a cluster and 5-iteration refits (opt-in)
-    "curation_sampled_refits": (CURATION, ["kmeans++", "dedup", '{"resample_sample": 128, "refit_niter": 5}']),
+    # the same with 20-iteration refits (the refits' length until 2026-11-23)
+    "curation_refit20": (CURATION, ["kmeans++", "dedup", '{"refit_niter": null}']),
+    # the same with the refinement on a sample of 128 points a cluster (opt-in)
+    "curation_sampled_refits": (CURATION, ["kmeans++", "dedup", '{"resample_sample": 128}']),
     # the same without k-means++ (FAISS's uniform seeds) and without dedup: what the seeding buys
     "curation_random_init": (CURATION, ["random", "nodedup"]),
     "minibatch_kmeans": ("""
-import numpy as np, time, json, resource, sys
+import numpy as np, os, time, json, resource, sys
 from sklearn.cluster import MiniBatchKMeans
 x = np.load(sys.argv[1], mmap_mode="r")
+load = os.getloadavg()[0]
 t = time.perf_counter()
-MiniBatchKMeans(n_clusters=1000, batch_size=4096, n_init=1, max_iter=10, random_state=0).fit(x)
-print(json.dumps({"seconds": time.perf_counter() - t,
+MiniBatchKMeans(n_clusters=1000, batch_size=4096, n_init=1, max_iter=10, random_state=int(sys.argv[2])).fit(x)
+print(json.dumps({"seconds": time.perf_counter() - t, "seed": int(sys.argv[2]), "load": [load, os.getloadavg()[0]],
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """, []),
 }
 
 
-def speed(out: Path, n: int, dim: int, parts: list[str]) -> dict:
+def speed(out: Path, n: int, dim: int, parts: list[str], seeds: list[int]) -> dict:
+    """Each part once per seed, in rounds (every part of a round runs under about the same load of a shared
+    machine), each in a fresh process; a part's row holds the median seconds and RSS over its runs, its other
+    figures from the first seed, every run in ``runs``, and ``vs_minibatch``: the median over rounds of its seconds
+    over MiniBatchKMeans's in the same round."""
     path = out / "speed" / f"mixture_{n}x{dim}.npy"
     path.parent.mkdir(parents=True, exist_ok=True)
     make_mixture(path, n, dim)
-    result = {"n": n, "dim": dim, "file_mb": path.stat().st_size / 2**20}
-    for name in parts:
-        t = time.perf_counter()
-        code, argv = CHILD[name]
-        proc = subprocess.run([sys.executable, "-c", code, str(path), *argv], capture_output=True, text=True,
-                              cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
-        if proc.returncode != 0:
-            raise RuntimeError(f"{name} failed:\n{proc.stderr[-2000:]}")
-        result[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(name, result[name], f"({time.perf_counter() - t:.0f} s with start-up)", flush=True)
+    result = {"n": n, "dim": dim, "file_mb": path.stat().st_size / 2**20, "seeds": seeds}
+    runs: dict[str, list[dict]] = {name: [] for name in parts}
+    for seed in seeds:
+        for name in parts:
+            t = time.perf_counter()
+            code, argv = CHILD[name]
+            proc = subprocess.run([sys.executable, "-c", code, str(path), str(seed), *argv], capture_output=True,
+                                  text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+            if proc.returncode != 0:
+                raise RuntimeError(f"{name} failed:\n{proc.stderr[-2000:]}")
+            runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(name, runs[name][-1], f"({time.perf_counter() - t:.0f} s with start-up)", flush=True)
+    for name, done in runs.items():
+        result[name] = {**done[0], "seconds": float(np.median([r["seconds"] for r in done])),
+                        "peak_rss_mb": float(np.median([r["peak_rss_mb"] for r in done])), "runs": done}
+        if "minibatch_kmeans" in runs and name != "minibatch_kmeans":
+            result[name]["vs_minibatch"] = float(np.median([r["seconds"] / m["seconds"] for r, m in
+                                                            zip(done, runs["minibatch_kmeans"], strict=True)]))
     return result
+
+
+def _load_range(s: dict) -> str:
+    """The lowest and highest load average seen by the speed runs."""
+    loads = [v for name in CHILD if name in s for r in s[name].get("runs", []) for v in r.get("load", [])]
+    return f"{min(loads):.1f}-{max(loads):.1f}" if loads else "not recorded"
 
 
 def _curated_label(key: str) -> str:
@@ -400,6 +426,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--speed-parts", nargs="+", default=list(CHILD))
+    p.add_argument("--speed-seeds", type=int, nargs="+", default=[0],
+                   help="speed: one round of --speed-parts per seed (curation and MiniBatchKMeans seeds)")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench" / "curate")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -421,7 +449,7 @@ def main() -> None:
     if "skew" in args.parts:
         results["skew"] = skew(args.out, args.fraction, args.skew_seeds)
     if "speed" in args.parts:
-        results["speed"] = speed(args.out, args.n, args.dim, args.speed_parts)
+        results["speed"] = speed(args.out, args.n, args.dim, args.speed_parts, args.speed_seeds)
     json_path.write_text(json.dumps(results, indent=2) + "\n")
 
     lines = []
@@ -472,12 +500,16 @@ def main() -> None:
     if "speed" in results:
         s = results["speed"]
         lines += [f"Speed: {s['n']:,} x {s['dim']} float32 embeddings ({s['file_mb']:.0f} MiB .npy):", "",
-                  "| step | wall time (s) | peak RSS (MiB) | RSS / file |", "|---|---:|---:|---:|"]
+                  f"Medians over seeds {s.get('seeds', [0])}, one round of every part per seed; load average "
+                  f"{_load_range(s)} at the runs' starts and ends", "",
+                  "| step | wall time (s) | / MiniBatchKMeans, same round | peak RSS (MiB) | RSS / file |",
+                  "|---|---:|---:|---:|---:|"]
         for name in CHILD:
             if name in s:
                 phases = ", ".join(f"{k[:-8]} {v:.0f}" for k, v in s[name].items()
                                    if k.endswith("_seconds") and k != "seconds")
-                lines.append(f"| {name}{f' ({phases})' if phases else ''} | {s[name]['seconds']:.0f} | "
+                ratio = f"{s[name]['vs_minibatch']:.2f}" if "vs_minibatch" in s[name] else ""
+                lines.append(f"| {name}{f' ({phases})' if phases else ''} | {s[name]['seconds']:.0f} | {ratio} | "
                              f"{s[name]['peak_rss_mb']:.0f} | {s[name]['peak_rss_mb'] / s['file_mb']:.2f} |")
         rows = [n for n in CHILD if n in s and "components_present" in s[n]]
         if rows:
@@ -489,6 +521,11 @@ def main() -> None:
                              + " | ".join(f"{s[n][key]['curated']:.1%}" for n in rows) + " |")
             lines.append(f"| components present | {s[rows[0]]['components_present']['pool']} | "
                          + " | ".join(str(s[n]['components_present']['curated']) for n in rows) + " |")
+            lines += ["", "Per seed (share of the largest 10% / smallest half of the components, seconds):", ""]
+            lines += [f"- {n}: " + "; ".join(f"seed {r['seed']}: {r['largest_10pct_components_share']['curated']:.1%}"
+                                             f" / {r['smallest_half_components_share']['curated']:.1%}, "
+                                             f"{r['seconds']:.0f} s" for r in s[n].get("runs", [s[n]]))
+                      for n in rows]
     table = "\n".join(lines)
     (args.out / "bench_curate.md").write_text(table + "\n")
     print("\n" + table)
