@@ -29,9 +29,9 @@ class CurationSettings:
             uniform draw, which follows density).
         niter: k-means iterations per fit.
         resample_sample: a level of more than k x this many points is refined on a random sample of this many
-            points per cluster, with lighter fits, and every point is assigned once at the end: about 4x faster on a
-            million points, but its balance varied with the seed (README, Data curation), so it is off by default
-            (null: the paper's scheme, every point re-assigned at every step).
+            points per cluster, with lighter seeding, and every point is assigned once at the end: faster on a
+            million points, but it rebalanced less (docs/curation.md, Speed), so it is off by default (null: the
+            paper's scheme, every point re-assigned at every step).
         refit_niter: k-means iterations of every resampling refit (null: ``niter``); the first fit of a level runs
             ``niter``. 5 kept the balance of 20 on a million embeddings at half the time (docs/curation.md).
         within_cluster: which points a finest cluster gives once its quota is known: random or closest.
