@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -169,13 +170,27 @@ class Registry:
         self._depth = 0
         try:
             self.db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            self.db.execute("PRAGMA journal_mode = WAL")
+            self._wal()
             self.db.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: a crash loses no committed row
             self.db.execute("PRAGMA foreign_keys = ON")
             self._create()
         except sqlite3.DatabaseError as e:
             self.db.close()
             raise ArtifactError(f"registry {self.path} is not a usable SQLite file ({e})") from e
+
+    def _wal(self) -> None:
+        """WAL mode. Two processes that open a new file at once both ask for the lock that switches it; SQLite answers
+        one of them "database is locked" at once, without its busy handler (waiting could deadlock): that one asks
+        again, until the busy timeout (the file is in WAL mode by then, and asking again costs nothing)."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     def _create(self) -> None:
         """The tables, in one script in one transaction (executescript commits a transaction opened around it)."""

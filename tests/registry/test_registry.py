@@ -511,3 +511,32 @@ def test_real_stages_register_their_lineage_and_the_export_is_promoted(base, tmp
     decided = run_action(tmp_path, "promote", f"artifact={onnx.sha256}", "region_name=uci").metrics
     assert decided["decision"] == "accepted"
     assert {g["name"]: g["passed"] for g in decided["evidence"]["gates"]}["do_no_harm"] is True
+
+
+def test_a_switch_to_wal_refused_at_once_is_asked_again(tmp_path, monkeypatch):
+    """Two processes opening a new registry at once: SQLite answers one of them "database is locked" for the switch to
+    WAL without waiting (CI saw it); the registry asks again instead of calling the file unusable."""
+    from fmtransfer.lineage import registry as registry_module
+
+    real_connect, refusals = sqlite3.connect, []
+
+    class Busy:
+        def __init__(self, db):
+            object.__setattr__(self, "_db", db)
+
+        def execute(self, sql, *args):
+            if sql.startswith("PRAGMA journal_mode") and len(refusals) < 2:
+                refusals.append(sql)
+                raise sqlite3.OperationalError("database is locked")
+            return self._db.execute(sql, *args)
+
+        def __getattr__(self, name):
+            return getattr(self._db, name)
+
+        def __setattr__(self, name, value):
+            setattr(self._db, name, value)
+
+    monkeypatch.setattr(registry_module.sqlite3, "connect", lambda *a, **k: Busy(real_connect(*a, **k)))
+    with registry_module.Registry(tmp_path / "r.sqlite") as reg:
+        assert len(refusals) == 2
+        assert reg.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
