@@ -160,13 +160,14 @@ RECIPE_EPOCHS = {"fashion_mnist": 2}
 
 def sets(out: Path, data: str, fraction: float, seed: int, floors: tuple[str, ...] = ("0.0", "0.25", "0.5"),
          embedders: tuple[str, ...] = ("supervised",), epochs: int = SETS_EPOCHS,
-         train_limit: int | None = None) -> dict:
+         train_limit: int | None = None, variants: dict[str, list[str]] | None = None) -> dict:
     """One seed of the curated-vs-random-vs-full comparison on one recipe (see the module docstring). ``embedders``:
     whose embeddings curate: supervised (the full-data model) and/or dino (a `pretrain method=dino` run on the same
     train split, labels unused). ``epochs``: of the full-data run (the subsets take as many steps). ``train_limit``:
     the pool is a class-stratified random ``train_limit`` of the train split (a ``data.subset`` manifest drawn with
     the seed), val and test stay whole. Runs with other than the default epochs or a limit sit in their own folder
-    (``<data>_e<epochs>_n<limit>``)."""
+    (``<data>_e<epochs>_n<limit>``). ``variants``: more curations, name -> curate overrides (on the defaults), each
+    trained and scored as a floor is (keys ``curated_<name>``)."""
     from fmtransfer.config import compose_stage
     from fmtransfer.data import RecipeDataModule, load_recipe
     from fmtransfer.tasks.pretrain import epochs_for_steps
@@ -195,21 +196,22 @@ def sets(out: Path, data: str, fraction: float, seed: int, floors: tuple[str, ..
             dino = _run("pretrain", model, [o for o in base if not o.startswith(("trainer.max_epochs", "loader."))]
                         + pool + DINO_EMBEDDER)
             row["dino_test_knn"] = dino["test"]["overall"]["accuracy"]
-        for floor in floors:
-            cur = _run("curate", q / f"curate_{tag}f{floor}", [f"base={model}", f"data={data}", *pool,
-                                                               f"curation.target_size={fraction}",
-                                                               f"curation.balance_floor={floor}", f"seed={seed}"])
+        curations = [(f"f{floor}", [f"curation.balance_floor={floor}"]) for floor in floors]
+        curations += list((variants or {}).items())
+        for key, extra in curations:
+            key = tag + key
+            cur = _run("curate", q / f"curate_{key}", [f"base={model}", f"data={data}", *pool,
+                                                       f"curation.target_size={fraction}", *extra, f"seed={seed}"])
             sub_epochs = epochs_for_steps(full["global_step"], cur["selected"], 128)
-            manifest = q / f"curate_{tag}f{floor}" / "curated.csv"
-            m = _run("pretrain", q / f"pre_{tag}f{floor}", [*base, f"data.subset={manifest}",
-                                                          f"trainer.max_epochs={sub_epochs}"])
+            manifest = q / f"curate_{key}" / "curated.csv"
+            m = _run("pretrain", q / f"pre_{key}", [*base, f"data.subset={manifest}",
+                                                  f"trainer.max_epochs={sub_epochs}"])
             checks = cur["self_checks"]
-            row[f"curated_{tag}f{floor}"] = m["test"]["overall"]["accuracy"]
-            row[f"warnings_{tag}f{floor}"] = len(checks["warnings"])
-            row[f"warning_texts_{tag}f{floor}"] = checks["warnings"]
-            row[f"min_class_ratio_{tag}f{floor}"] = min(g["share_ratio"]
-                                                        for g in checks["by"]["class"]["groups"].values())
-            row[f"dedup_share_{tag}f{floor}"] = checks["dedup_share"]
+            row[f"curated_{key}"] = m["test"]["overall"]["accuracy"]
+            row[f"warnings_{key}"] = len(checks["warnings"])
+            row[f"warning_texts_{key}"] = checks["warnings"]
+            row[f"min_class_ratio_{key}"] = min(g["share_ratio"] for g in checks["by"]["class"]["groups"].values())
+            row[f"dedup_share_{key}"] = checks["dedup_share"]
     random_ids = np.random.default_rng(seed).choice(pool_ids, size=cur["selected"], replace=False)
     manifest = q / "random.csv"
     manifest.write_text("id\n" + "".join(f"{i}\n" for i in random_ids))
@@ -391,8 +393,32 @@ def _load_range(s: dict) -> str:
 
 
 def _curated_label(key: str) -> str:
-    """'f0.5' -> 'curated, floor 0.5'; 'dino_f0.5' -> 'curated (DINO embeddings), floor 0.5'."""
-    return f"curated{' (DINO embeddings)' if key.startswith('dino_') else ''}, floor {key.split('f')[-1]}"
+    """'f0.5' -> 'curated, floor 0.5'; 'dino_f0.5' -> 'curated (DINO embeddings), floor 0.5'; a --variants name
+    -> 'curated, <name>'."""
+    dino, key = key.startswith("dino_"), key.removeprefix("dino_")
+    what = f"floor {key[1:]}" if _is_floor(key) else key
+    return f"curated{' (DINO embeddings)' if dino else ''}, {what}"
+
+
+def _is_floor(key: str) -> bool:
+    try:
+        float(key.removeprefix("dino_")[1:])
+    except ValueError:
+        return False
+    return key.removeprefix("dino_").startswith("f")
+
+
+def _variants(pairs: list[str]) -> dict[str, list[str]]:
+    """NAME=OVERRIDE[;OVERRIDE...] -> {name: [overrides]}; a malformed pair is refused."""
+    out = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        overrides = [o for o in value.split(";") if o]
+        if not name.isidentifier() or not overrides or any("=" not in o for o in overrides):
+            raise SystemExit(f"--variants {pair!r}: expected NAME=KEY=VALUE[;KEY=VALUE...], e.g. "
+                             f"closest=curation.within_cluster=closest")
+        out[name] = overrides
+    return out
 
 
 def _pairs(option: str, pairs: list[str], recipes: list[str]) -> dict[str, int]:
@@ -412,6 +438,9 @@ def main() -> None:
     p.add_argument("--sets", nargs="+", default=["mnist_global", "uci_digits_region", "fashion_mnist"],
                    help="sets: the recipes")
     p.add_argument("--floors", nargs="+", default=["0.0", "0.25", "0.5"], help="sets: curation.balance_floor values")
+    p.add_argument("--variants", nargs="+", default=[], metavar="NAME=OVERRIDES",
+                   help="sets: more curations beside the floors, each NAME=KEY=VALUE[;KEY=VALUE...] of curate "
+                        "overrides, e.g. closest=curation.within_cluster=closest")
     p.add_argument("--embedders", nargs="+", default=["supervised"], choices=["supervised", "dino"],
                    help="sets: whose embeddings curate (dino: a `pretrain method=dino` run on the same train split)")
     p.add_argument("--epochs", nargs="+", default=[], metavar="NAME=E",
@@ -444,7 +473,8 @@ def main() -> None:
         epochs = RECIPE_EPOCHS | _pairs("--epochs", args.epochs, args.sets)
         limits = _pairs("--train-limit", args.train_limit, args.sets)
         results["sets"] = {d: [sets(args.out, d, args.fraction, seed, tuple(args.floors), tuple(args.embedders),
-                                    epochs.get(d, SETS_EPOCHS), limits.get(d)) for seed in args.seeds]
+                                    epochs.get(d, SETS_EPOCHS), limits.get(d), _variants(args.variants))
+                               for seed in args.seeds]
                            for d in args.sets}
     if "skew" in args.parts:
         results["skew"] = skew(args.out, args.fraction, args.skew_seeds)
@@ -466,7 +496,9 @@ def main() -> None:
         lines.append("")
     if "sets" in results:
         floors = sorted({k[len("curated_"):] for runs in results["sets"].values() for k in runs[0]
-                         if k.startswith("curated_")}, key=lambda f: (f.startswith("dino"), float(f.split("f")[-1])))
+                         if k.startswith("curated_")},
+                        key=lambda f: (f.startswith("dino"), not _is_floor(f),
+                                       float(f.removeprefix("dino_")[1:]) if _is_floor(f) else f))
         lines += ["Curated 20% against random 20% and all, at equal steps (ResNet-18, test accuracy, mean +- sd "
                   "over seeds; class ratio: the smallest class's curated share over its pool share):", "",
                   "| recipe | all | " + " | ".join(_curated_label(f) for f in floors) + " | random | "
