@@ -160,26 +160,34 @@ RECIPE_EPOCHS = {"fashion_mnist": 2}
 
 def sets(out: Path, data: str, fraction: float, seed: int, floors: tuple[str, ...] = ("0.0", "0.25", "0.5"),
          embedders: tuple[str, ...] = ("supervised",), epochs: int = SETS_EPOCHS,
-         train_limit: int | None = None, variants: dict[str, list[str]] | None = None) -> dict:
+         train_limit: int | None = None, variants: dict[str, list[str]] | None = None,
+         imbalance: float | None = None) -> dict:
     """One seed of the curated-vs-random-vs-full comparison on one recipe (see the module docstring). ``embedders``:
     whose embeddings curate: supervised (the full-data model) and/or dino (a `pretrain method=dino` run on the same
     train split, labels unused). ``epochs``: of the full-data run (the subsets take as many steps). ``train_limit``:
     the pool is a class-stratified random ``train_limit`` of the train split (a ``data.subset`` manifest drawn with
     the seed), val and test stay whole. Runs with other than the default epochs or a limit sit in their own folder
     (``<data>_e<epochs>_n<limit>``). ``variants``: more curations, name -> curate overrides (on the defaults), each
-    trained and scored as a floor is (keys ``curated_<name>``)."""
+    trained and scored as a floor is (keys ``curated_<name>``). ``imbalance``: a long-tailed pool, class i of C (in
+    label order) keeps ``imbalance ** (-i / (C - 1))`` of its images (the first all, the last 1 / imbalance; then
+    scaled to ``train_limit`` when given), as a redundant, uneven pool is; val and test stay whole and even."""
     from fmtransfer.config import compose_stage
     from fmtransfer.data import RecipeDataModule, load_recipe
     from fmtransfer.tasks.pretrain import epochs_for_steps
 
-    name = data + (f"_e{epochs}" if epochs != SETS_EPOCHS else "") + (f"_n{train_limit}" if train_limit else "")
+    name = data + (f"_e{epochs}" if epochs != SETS_EPOCHS else "") + (f"_n{train_limit}" if train_limit else "") \
+        + (f"_lt{imbalance:g}" if imbalance else "")
     q = out / "sets" / name / f"s{seed}"
     q.mkdir(parents=True, exist_ok=True)
     dm = RecipeDataModule(load_recipe(compose_stage("pretrain", [f"data={data}", "run_dir=/tmp/x"]).data))
     table = dm.prepare()
     train_rows = dm.rows("train")
     pool_ids, pool = table.ids[train_rows], []
-    if train_limit and train_limit < len(train_rows):
+    if imbalance:
+        pool_ids = _long_tailed_ids(pool_ids, table.targets[train_rows], imbalance, train_limit, seed)
+        (q / "pool.csv").write_text("id\n" + "".join(f"{i}\n" for i in pool_ids))
+        pool = [f"data.subset={q / 'pool.csv'}"]
+    elif train_limit and train_limit < len(train_rows):
         pool_ids = _stratified_ids(pool_ids, table.targets[train_rows], train_limit, seed)
         (q / "pool.csv").write_text("id\n" + "".join(f"{i}\n" for i in pool_ids))
         pool = [f"data.subset={q / 'pool.csv'}"]
@@ -187,6 +195,7 @@ def sets(out: Path, data: str, fraction: float, seed: int, floors: tuple[str, ..
             "logger=none", f"seed={seed}", "trainer.enable_progress_bar=false"]
     full = _run("pretrain", q / "full", [*base, *pool])
     row: dict = {"data": data, "seed": seed, "epochs": epochs, "train_limit": train_limit, "pool": len(pool_ids),
+                 "imbalance": imbalance,
                  "steps": full["global_step"], "full": full["test"]["overall"]["accuracy"],
                  "test_n": full["data"]["splits"]["test"]}
     for embedder in embedders:
@@ -220,6 +229,20 @@ def sets(out: Path, data: str, fraction: float, seed: int, floors: tuple[str, ..
     row.update(random=m["test"]["overall"]["accuracy"], subset=int(cur["selected"]))
     print("sets", row, flush=True)
     return row
+
+
+def _long_tailed_ids(ids: np.ndarray, targets: np.ndarray, imbalance: float, limit: int | None,
+                     seed: int) -> np.ndarray:
+    """A long-tailed draw of ``ids``: class i of C (label order) keeps ``imbalance ** (-i / (C - 1))`` of its count,
+    all scaled down to ``limit`` images when given; drawn with ``seed``."""
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(targets, return_counts=True)
+    keep = counts * imbalance ** (-np.arange(len(classes)) / max(len(classes) - 1, 1))
+    if limit and keep.sum() > limit:
+        keep *= limit / keep.sum()
+    keep = np.maximum(np.floor(keep).astype(int), 1)
+    return np.sort(np.concatenate([rng.choice(ids[targets == c], size=k, replace=False)
+                                   for c, k in zip(classes, keep, strict=True)]))
 
 
 def _stratified_ids(ids: np.ndarray, targets: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -449,6 +472,9 @@ def main() -> None:
     p.add_argument("--train-limit", nargs="+", default=[], metavar="NAME=N",
                    help="sets: curate from a class-stratified random N of a recipe's train split (val and test "
                         "whole), e.g. fashion_mnist=14000 where the whole split takes too long on CPU")
+    p.add_argument("--imbalance", nargs="+", default=[], metavar="NAME=R",
+                   help="sets: a long-tailed pool of a recipe's train split, the first class whole and the last at "
+                        "1/R of its images (val and test whole and even), e.g. mnist_global=10")
     p.add_argument("--fraction", type=float, default=0.2)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="quality: one full comparison per seed")
     p.add_argument("--skew-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="skew: curation seeds")
@@ -472,8 +498,9 @@ def main() -> None:
     if "sets" in args.parts:
         epochs = RECIPE_EPOCHS | _pairs("--epochs", args.epochs, args.sets)
         limits = _pairs("--train-limit", args.train_limit, args.sets)
+        tails = _pairs("--imbalance", args.imbalance, args.sets)
         results["sets"] = {d: [sets(args.out, d, args.fraction, seed, tuple(args.floors), tuple(args.embedders),
-                                    epochs.get(d, SETS_EPOCHS), limits.get(d), _variants(args.variants))
+                                    epochs.get(d, SETS_EPOCHS), limits.get(d), _variants(args.variants), tails.get(d))
                                for seed in args.seeds]
                            for d in args.sets}
     if "skew" in args.parts:
@@ -509,6 +536,7 @@ def main() -> None:
                 v = [r[key] for r in runs]
                 return f"{np.mean(v):.4f} +- {np.std(v, ddof=1) if len(v) > 1 else 0:.4f}"
             limit = f", pool {runs[0]['pool']:,} of the train split" if runs[0].get("train_limit") else ""
+            limit += f", long-tailed {runs[0]['imbalance']:g}:1" if runs[0].get("imbalance") else ""
             lines.append(f"| {data} ({runs[0].get('epochs', SETS_EPOCHS)} epochs, {runs[0]['steps']} steps{limit}) | "
                          f"{ms('full')} | "
                          + " | ".join(ms(f"curated_{f}") if f"curated_{f}" in runs[0] else "-" for f in floors)
