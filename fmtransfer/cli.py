@@ -10,7 +10,9 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -45,6 +47,10 @@ POSITIONAL_KEYS: dict[str, tuple[str, ...]] = {"registry": ("action", "artifact"
 # keys a user types that mean something else to Hydra (`region`: the pipeline's recipe group, `stage`: the stage's
 # name), as the stage's own keys
 KEY_ALIASES: dict[str, dict[str, str]] = {"registry": {"region": "region_name", "stage": "release_stage"}}
+
+# registry actions that only read and print: they get a scratch run dir, removed when they end, instead of a new
+# outputs/registry/<time> folder per question (lineage writes its graph and promote / rollback / add keep theirs)
+READ_ONLY_ACTIONS: dict[str, tuple[str, ...]] = {"registry": ("list", "show", "verify", "history")}
 
 # stages whose `adapter=<file>` names a file, not an option of the `adapter` config group (adapt's methods);
 # the dispatcher passes it on as `adapter_file=<file>`
@@ -105,8 +111,8 @@ def _load(stage: str) -> Callable:
     return getattr(importlib.import_module(module), func)
 
 
-def _summary(result: StageResult) -> str:
-    lines = [f"run dir: {result.run_dir}"]
+def _summary(result: StageResult, scratch: bool = False) -> str:
+    lines = [] if scratch else [f"run dir: {result.run_dir}"]
     for key in ("report", "model", "output"):
         if key in result.outputs:
             lines.append(f"{key + ':':8s} {result.outputs[key]}")
@@ -131,9 +137,23 @@ def positional_overrides(stage: str, args: list[str]) -> list[str]:
             else a for a in args]
 
 
+def scratch_run(stage: str, args: list[str]) -> bool:
+    """Whether ``args`` (after :func:`positional_overrides`) ask ``stage`` for an action that only reads, with no run
+    dir of the user's and no sweep: such a run needs no folder of its own."""
+    actions = READ_ONLY_ACTIONS.get(stage)
+    if not actions or any(a in ("-m", "--multirun") or a.startswith(("hydra.run.dir=", "run_dir=", "-"))
+                          for a in args):
+        return False
+    action = next((a.split("=", 1)[1].strip("'\"") for a in args if a.startswith("action=")), "list")
+    return action in actions
+
+
 def run_stage(stage: str, args: list[str]) -> None:
     """Run ``stage`` as a Hydra app with ``args`` as its command line."""
     args = positional_overrides(stage, args)
+    scratch = tempfile.mkdtemp(prefix=f"fmtransfer-{stage}-") if scratch_run(stage, args) else None
+    if scratch:
+        args = [*args, f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
     import hydra
     from omegaconf.errors import MissingMandatoryValue
 
@@ -163,7 +183,7 @@ def run_stage(stage: str, args: list[str]) -> None:
             key = "adapter" if e.full_key == "adapter_file" else e.full_key  # what the user types
             print(f"fmtransfer {stage}: error: missing value for {key!r}: pass {key}=...", file=sys.stderr)
             raise SystemExit(2) from None
-        print(_summary(result))
+        print(_summary(result, scratch=scratch is not None))
 
     if stage in ADAPTER_FILE_STAGES:
         args = [f"adapter_file={a.split('=', 1)[1]}" if a.startswith("adapter=") else a for a in args]
@@ -172,6 +192,8 @@ def run_stage(stage: str, args: list[str]) -> None:
         app()
     finally:  # Hydra skips its end-of-run callbacks when the stage exits with status 2: the run dir's lock goes here
         release_all()
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -399,6 +399,22 @@ def test_positional_words_become_the_action_and_artifact():
     assert positional_overrides("pretrain", ["region=x"]) == ["region=x"]
 
 
+def test_only_a_read_only_registry_question_runs_in_a_scratch_dir():
+    from fmtransfer.cli import positional_overrides, scratch_run
+
+    def scratch(*words):
+        return scratch_run("registry", positional_overrides("registry", list(words)))
+
+    assert scratch() and scratch("list", "kind=onnx") and scratch("show", "0123456") and scratch("verify")
+    assert scratch("history", "region=uci")
+    assert not scratch("lineage", "0123456")  # writes lineage.png into its run dir
+    assert not scratch("promote", "0123456", "region=uci") and not scratch("rollback", "region=uci")
+    assert not scratch("add", "runs/x")
+    assert not scratch("list", "hydra.run.dir=/tmp/mine") and not scratch("list", "run_dir=/tmp/mine")
+    assert not scratch("list", "--cfg", "job") and not scratch("-m", "list")
+    assert not scratch_run("pretrain", ["data=mnist_global"])
+
+
 @pytest.mark.e2e
 def test_cli_registry(tmp_path, registry_path):
     onnx = export_run(tmp_path / "v1", "uci", do_no_harm=BEATS)
@@ -422,6 +438,13 @@ def test_cli_registry(tmp_path, registry_path):
     assert listed.returncode == 0 and sha[:12] in listed.stdout and str(onnx) in listed.stdout
     none = cli("rollback", "region=uci")
     assert none.returncode == 2 and "no earlier production artifact" in none.stderr
+    # a question that only reads leaves no outputs/registry/<time> folder behind
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    asked = subprocess.run([sys.executable, "-m", "fmtransfer", "registry", "list"], cwd=cwd, env=env,
+                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert asked.returncode == 0 and sha[:12] in asked.stdout and "run dir:" not in asked.stdout, asked.stderr
+    assert list(cwd.iterdir()) == []
 
 
 def _write(path: Path, data: bytes) -> Path:
