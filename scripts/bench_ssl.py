@@ -17,7 +17,7 @@ Sections (``--sections``):
   (``experiment=demo``) and DINO (``pretrain method=dino``) per ``--archs``; models are scored by
   ``evaluate protocol=knn|linear``, raw pixels by the same ``fmtransfer.models.probes`` functions.
 - ``regional``: LoRA on uci_digits_region at n = 25, 50, 100 over the supervised base, the DINO ResNet-18 base,
-  and the DINO base with ``regional_pretrain.epochs=N`` (pretrained once per seed, then ``regional_pretrain.reuse``:
+  and the DINO base and the supervised base each with ``regional_pretrain.epochs=N`` (pretrained once per seed, then ``regional_pretrain.reuse``:
   the pretraining reads no labels, so it is the same for every n). The bases are those of the first seed.
 - ``throughput``: DINO training images (not crops) per second of ``pretrain method=dino`` (Lightning) against a
   plain PyTorch loop built from the same ``fmtransfer.models.dino`` / ``fmtransfer.data.multicrop`` objects (backbone,
@@ -236,7 +236,8 @@ def features(bench: Bench) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- regional
 
 def regional(bench: Bench) -> dict[str, Any]:
-    """LoRA at each n and seed over the supervised base, the DINO base, and the DINO base + regional pretraining."""
+    """LoRA at each n and seed over the supervised base, the DINO base, the DINO base + regional pretraining and the
+    supervised base + regional pretraining."""
     args, runs = bench.args, model_runs(bench)
     if REGIONAL_ARCH not in runs["DINO"]:
         raise SystemExit(f"--sections regional needs a DINO {REGIONAL_ARCH} (add it to --archs, or --dino-model "
@@ -247,9 +248,11 @@ def regional(bench: Bench) -> dict[str, Any]:
     # do_no_harm.folds=0: the K-fold check costs K fits and is not what this grid measures (test accuracy is)
     common = [f"data={REGION_DATA}", "adapter=lora", "logger=none", "checkpoints=1", "do_no_harm.folds=0", *steps,
               *quick_train(args)]
+    regional_pre = [f"regional_pretrain.epochs={args.regional_epochs}", "regional_pretrain.compare=false"]
+    # the last arm is what `pipeline regional_pretrain.epochs=N` does: regional DINO over the supervised global model
     arms = {"supervised": (bases["supervised"], []), "DINO": (bases["DINO"], []),
-            "DINO + regional": (bases["DINO"], [f"regional_pretrain.epochs={args.regional_epochs}",
-                                                "regional_pretrain.compare=false"])}
+            "DINO + regional": (bases["DINO"], regional_pre),
+            "supervised + regional": (bases["supervised"], regional_pre)}
     rows: dict[str, Any] = {}
     for arm, (base, extra) in arms.items():
         rows[arm] = {"base": str(base), "overrides": [*common, *extra], "sizes": {}}
