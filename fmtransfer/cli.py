@@ -138,11 +138,10 @@ def positional_overrides(stage: str, args: list[str]) -> list[str]:
 
 
 def scratch_run(stage: str, args: list[str]) -> bool:
-    """Whether ``args`` (after :func:`positional_overrides`) ask ``stage`` for an action that only reads, with no run
-    dir of the user's and no sweep: such a run needs no folder of its own."""
+    """Whether ``args`` (after :func:`positional_overrides`) ask ``stage`` for an action that only reads, with no
+    run dir, sweep or other Hydra setting of the user's: such a run needs no folder of its own."""
     actions = READ_ONLY_ACTIONS.get(stage)
-    if not actions or any(a in ("-m", "--multirun") or a.startswith(("hydra.run.dir=", "run_dir=", "-"))
-                          for a in args):
+    if not actions or any(a.startswith(("-", "hydra.", "run_dir=")) for a in args):  # flags, sweeps, Hydra's own keys
         return False
     action = next((a.split("=", 1)[1].strip("'\"") for a in args if a.startswith("action=")), "list")
     return action in actions

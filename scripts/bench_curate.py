@@ -13,7 +13,9 @@ sets: on every real recipe here (--sets; mnist_global, uci_digits_region and fas
     the same number of steps; the test accuracy of each, the curation's self-check warnings, dedup share and its
     smallest class share ratio. --train-limit NAME=N curates a class-stratified random N of the train split instead
     (val and test whole; the table says so). --embedders supervised dino also curates with a DINO run's embeddings
-    (`pretrain method=dino`, 8 epochs, on the same train split, labels unused).
+    (`pretrain method=dino`, 8 epochs, on the same train split, labels unused). --variants NAME=KEY=VALUE[;...] adds
+    curations with other curate settings; --imbalance NAME=R draws a long-tailed pool (the first class whole, the
+    last at 1/R; val and test even), the case curation is meant for.
 skew: duplicate one class of the global train split 20x with small noise, curate, and compare the class shares
     of the pool and the curated subset (and what dedup removed), over 5 curation seeds, with the default levels
     and with the earlier default [100, 20, 5].
@@ -185,10 +187,9 @@ def sets(out: Path, data: str, fraction: float, seed: int, floors: tuple[str, ..
     pool_ids, pool = table.ids[train_rows], []
     if imbalance:
         pool_ids = _long_tailed_ids(pool_ids, table.targets[train_rows], imbalance, train_limit, seed)
-        (q / "pool.csv").write_text("id\n" + "".join(f"{i}\n" for i in pool_ids))
-        pool = [f"data.subset={q / 'pool.csv'}"]
     elif train_limit and train_limit < len(train_rows):
         pool_ids = _stratified_ids(pool_ids, table.targets[train_rows], train_limit, seed)
+    if len(pool_ids) < len(train_rows):  # a drawn pool: the runs read it as a manifest
         (q / "pool.csv").write_text("id\n" + "".join(f"{i}\n" for i in pool_ids))
         pool = [f"data.subset={q / 'pool.csv'}"]
     base = [f"data={data}", "backbone=resnet18", f"trainer.max_epochs={epochs}", "loader.batch_size=128",
@@ -437,7 +438,7 @@ def _variants(pairs: list[str]) -> dict[str, list[str]]:
     for pair in pairs:
         name, _, value = pair.partition("=")
         overrides = [o for o in value.split(";") if o]
-        if not name.isidentifier() or not overrides or any("=" not in o for o in overrides):
+        if not name.isidentifier() or _is_floor(name) or not overrides or any("=" not in o for o in overrides):
             raise SystemExit(f"--variants {pair!r}: expected NAME=KEY=VALUE[;KEY=VALUE...], e.g. "
                              f"closest=curation.within_cluster=closest")
         out[name] = overrides
@@ -499,8 +500,9 @@ def main() -> None:
         epochs = RECIPE_EPOCHS | _pairs("--epochs", args.epochs, args.sets)
         limits = _pairs("--train-limit", args.train_limit, args.sets)
         tails = _pairs("--imbalance", args.imbalance, args.sets)
+        variants = _variants(args.variants)  # refused before anything trains
         results["sets"] = {d: [sets(args.out, d, args.fraction, seed, tuple(args.floors), tuple(args.embedders),
-                                    epochs.get(d, SETS_EPOCHS), limits.get(d), _variants(args.variants), tails.get(d))
+                                    epochs.get(d, SETS_EPOCHS), limits.get(d), variants, tails.get(d))
                                for seed in args.seeds]
                            for d in args.sets}
     if "skew" in args.parts:

@@ -17,7 +17,7 @@ Sections (``--sections``):
   (``experiment=demo``) and DINO (``pretrain method=dino``) per ``--archs``; models are scored by
   ``evaluate protocol=knn|linear``, raw pixels by the same ``fmtransfer.models.probes`` functions.
 - ``regional``: LoRA on uci_digits_region at n = 25, 50, 100 over the supervised base, the DINO ResNet-18 base,
-  and the DINO base and the supervised base each with ``regional_pretrain.epochs=N`` (pretrained once per seed, then ``regional_pretrain.reuse``:
+  and each of them with ``regional_pretrain.epochs=N`` (pretrained once per seed, then ``regional_pretrain.reuse``:
   the pretraining reads no labels, so it is the same for every n). The bases are those of the first seed.
 - ``throughput``: DINO training images (not crops) per second of ``pretrain method=dino`` (Lightning) against a
   plain PyTorch loop built from the same ``fmtransfer.models.dino`` / ``fmtransfer.data.multicrop`` objects (backbone,

@@ -40,7 +40,8 @@ def test_curation_variants_are_parsed_and_a_malformed_one_is_refused(bench):
                             "both=curation.stratify_by=label;curation.within_cluster=closest"]) == {
         "closest": ["curation.within_cluster=closest"],
         "both": ["curation.stratify_by=label", "curation.within_cluster=closest"]}
-    for bad in ("closest", "closest=", "closest=curation.within_cluster", "not a name=a=b"):
+    for bad in ("closest", "closest=", "closest=curation.within_cluster", "not a name=a=b",
+                "f1=curation.within_cluster=closest"):  # a name that reads as a floor's key
         with pytest.raises(SystemExit, match="--variants"):
             bench._variants([bad])
     assert bench._curated_label("f0.5") == "curated, floor 0.5"

@@ -412,6 +412,7 @@ def test_only_a_read_only_registry_question_runs_in_a_scratch_dir():
     assert not scratch("add", "runs/x")
     assert not scratch("list", "hydra.run.dir=/tmp/mine") and not scratch("list", "run_dir=/tmp/mine")
     assert not scratch("list", "--cfg", "job") and not scratch("-m", "list")
+    assert not scratch("list", "hydra.output_subdir=.cfg")  # a Hydra setting of the user's is kept as given
     assert not scratch_run("pretrain", ["data=mnist_global"])
 
 
