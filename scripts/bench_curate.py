@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -445,14 +446,22 @@ def _variants(pairs: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def _pairs(option: str, pairs: list[str], recipes: list[str]) -> dict[str, int]:
-    """NAME=N pairs -> {recipe: N}; a malformed pair or a recipe not in --sets is refused."""
+def _pairs(option: str, pairs: list[str], recipes: list[str], ratio: bool = False) -> dict[str, float]:
+    """NAME=N pairs -> {recipe: N} (whole N >= 1; with ``ratio``, any number N > 1, e.g. 2.5); a malformed pair or a
+    recipe not in --sets is refused."""
     out = {}
     for pair in pairs:
         name, _, value = pair.partition("=")
-        if name not in recipes or not value.isdigit() or int(value) < 1:
-            raise SystemExit(f"{option} {pair!r}: expected NAME=N with NAME one of --sets {recipes} and N >= 1")
-        out[name] = int(value)
+        try:
+            number = float(value) if ratio else int(value)
+        except ValueError:
+            number = None
+        if name not in recipes or number is None or not math.isfinite(number) \
+                or not (number > 1 if ratio else number >= 1):
+            expected = "a number R > 1" if ratio else "a whole N >= 1"
+            raise SystemExit(f"{option} {pair!r}: expected NAME={'R' if ratio else 'N'} with NAME one of --sets "
+                             f"{recipes} and {expected}")
+        out[name] = number
     return out
 
 
@@ -499,7 +508,7 @@ def main() -> None:
     if "sets" in args.parts:
         epochs = RECIPE_EPOCHS | _pairs("--epochs", args.epochs, args.sets)
         limits = _pairs("--train-limit", args.train_limit, args.sets)
-        tails = _pairs("--imbalance", args.imbalance, args.sets)
+        tails = _pairs("--imbalance", args.imbalance, args.sets, ratio=True)
         variants = _variants(args.variants)  # refused before anything trains
         results["sets"] = {d: [sets(args.out, d, args.fraction, seed, tuple(args.floors), tuple(args.embedders),
                                     epochs.get(d, SETS_EPOCHS), limits.get(d), variants, tails.get(d))

@@ -48,4 +48,11 @@ def test_curation_variants_are_parsed_and_a_malformed_one_is_refused(bench):
     assert bench._curated_label("dino_f0.25") == "curated (DINO embeddings), floor 0.25"
     assert bench._curated_label("label") == "curated, label" and not bench._is_floor("fancy")
     with pytest.raises(SystemExit, match="--imbalance"):
-        bench._pairs("--imbalance", ["mnist_global=ten"], ["mnist_global"])
+        bench._pairs("--imbalance", ["mnist_global=ten"], ["mnist_global"], ratio=True)
+    assert bench._pairs("--imbalance", ["mnist_global=2.5"], ["mnist_global"], ratio=True) == {"mnist_global": 2.5}
+    for bad in ("mnist_global=1", "mnist_global=0.5", "mnist_global=inf", "mnist_global=nan", "uci=3"):
+        with pytest.raises(SystemExit, match="--imbalance"):  # 1 is no tail; below 1 is backwards
+            bench._pairs("--imbalance", [bad], ["mnist_global"], ratio=True)
+    assert bench._pairs("--epochs", ["mnist_global=16"], ["mnist_global"]) == {"mnist_global": 16}
+    with pytest.raises(SystemExit, match="--epochs"):
+        bench._pairs("--epochs", ["mnist_global=2.5"], ["mnist_global"])
